@@ -1,0 +1,8 @@
+"""s4fusion: the S4Fusion infrared-visible image fusion network, its training,
+evaluation and tools."""
+
+from .models import S4Fusion, S4FusionConfig
+
+__version__ = "0.1.0"
+
+__all__ = ["S4Fusion", "S4FusionConfig", "__version__"]

@@ -1,0 +1,87 @@
+"""Cross-Modal Spatial Awareness (CMSA): Patch Mark, Interleaving, Cross SS2D,
+Recovering (paper section 3.3; RELEASED-MODEL-FACTS.md 2.7, 3.3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .ss2d import NUM_DIRECTIONS, GatedScanBranch, uniform_
+
+
+class PatchMark(nn.Module):
+    """One mark per position from both modalities: m = W [a_ir; a_vi] (bias-free).
+
+    ``mark_proj`` (d, 2d), infrared channels first.
+    """
+
+    def __init__(self, d_inner: int) -> None:
+        super().__init__()
+        self.mark_proj = uniform_((d_inner, 2 * d_inner), (2 * d_inner) ** -0.5)
+
+    def forward(self, a_ir: torch.Tensor, a_vi: torch.Tensor) -> torch.Tensor:
+        """a_ir, a_vi (b, d, L) -> mark (b, d, L)."""
+        d = a_ir.shape[1]
+        return torch.einsum("bcl,dc->bdl", a_ir, self.mark_proj[:, :d]) + torch.einsum(
+            "bcl,dc->bdl", a_vi, self.mark_proj[:, d:]
+        )
+
+
+class CMSABlock(GatedScanBranch):
+    """The CMSA block: shared input branch, Patch Mark, Cross SS2D scan over the
+    interleaved sequences (infrared token first at every position, in every one of
+    the four directions), Recovering, shared output branch. Returns the two outputs
+    without residual.
+
+    Per modality: ``x_proj_weight`` (infrared) and ``y_proj_weight`` (visible), each
+    (K, R+2N, d), computing delta (low rank), B and C from the *unmarked* features.
+    Shared: delta up-projection and bias, A, D, the mark, in/out projections, conv.
+    """
+
+    def __init__(self, dim: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float) -> None:
+        super().__init__(dim, d_state, expand, dt_rank, d_conv, eps)
+        rows = dt_rank + 2 * d_state
+        self.x_proj_weight = uniform_((NUM_DIRECTIONS, rows, self.d_inner), self.d_inner**-0.5)
+        self.y_proj_weight = uniform_((NUM_DIRECTIONS, rows, self.d_inner), self.d_inner**-0.5)
+        self.patch_mark = PatchMark(self.d_inner)
+
+    def scan_inputs(self, a_ir: torch.Tensor, a_vi: torch.Tensor):
+        """a_ir, a_vi (b, d, H, W) -> u (b, 2, d, L), delta (b, 2, K, d, L), B, C (b, 2, K, N, L)
+        in row-major position order (modality 0 = infrared)."""
+        b, d, H, W = a_ir.shape
+        a_ir = a_ir.reshape(b, d, H * W)
+        a_vi = a_vi.reshape(b, d, H * W)
+        d_ir, B_ir, C_ir = self.project(a_ir, self.x_proj_weight)
+        d_vi, B_vi, C_vi = self.project(a_vi, self.y_proj_weight)
+        mark = self.patch_mark(a_ir, a_vi)
+        u = torch.stack([a_ir + mark, a_vi + mark], dim=1)
+        return u, torch.stack([d_ir, d_vi], 1), torch.stack([B_ir, B_vi], 1), torch.stack([C_ir, C_vi], 1)
+
+    def cross_ss2d(self, a_ir: torch.Tensor, a_vi: torch.Tensor) -> torch.Tensor:
+        """Patch Mark, Interleaving, Cross SS2D and Recovering: a_ir, a_vi (b, d, H, W)
+        -> (b, 2, d, H*W), modality 0 = infrared."""
+        H, W = a_ir.shape[-2:]
+        return self.scan(*self.scan_inputs(a_ir, a_vi), H, W)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (infrared), y (visible): (b, H, W, C) each -> (out_x, out_y), same shapes."""
+        a_x, z_x = self.branch_in(x)
+        a_y, z_y = self.branch_in(y)
+        o = self.cross_ss2d(a_x, a_y)
+        return self.branch_out(o[:, 0], z_x), self.branch_out(o[:, 1], z_y)
+
+
+class CMSA(nn.Module):
+    """``depth`` CMSA blocks with residuals on each stream; output F = x + y."""
+
+    def __init__(self, dim: int, depth: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(CMSABlock(dim, d_state, expand, dt_rank, d_conv, eps) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, trace: dict | None = None, name: str = "") -> torch.Tensor:
+        for j, block in enumerate(self.blocks):
+            u, v = block(x, y)
+            if trace is not None:
+                trace[f"{name}.block{j}.out_x"], trace[f"{name}.block{j}.out_y"] = u, v
+            x, y = x + u, y + v
+        return x + y

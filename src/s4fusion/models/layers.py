@@ -1,0 +1,85 @@
+"""Embedding, resampling and output layers of S4Fusion (channels last between modules)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Conv (kernel ``patch_size``, stride ``stride``, no padding) + LayerNorm.
+    (b, in_chans, H, W) -> (b, h, w, dim), h = (H - patch_size) // stride + 1."""
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int, stride: int, eps: float) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=stride)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(img).permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood -> channels (order: (even,even), (odd,even), (even,odd),
+    (odd,odd) as (row, col)), LayerNorm(4C), Linear 4C -> 2C.
+    (b, H, W, C) -> (b, H/2, W/2, 2C)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] % 2 or x.shape[2] % 2:
+            raise ValueError(f"patch merging needs an even token grid, got {tuple(x.shape[1:3])}")
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class PatchExpand(nn.Module):
+    """Linear 2c -> 4c, channels split as (p1, p2, c) onto a 2x2 neighbourhood,
+    LayerNorm(c). (b, h, w, 2c) -> (b, 2h, 2w, c)."""
+
+    def __init__(self, dim_out: int, eps: float) -> None:
+        super().__init__()
+        self.expand = nn.Linear(2 * dim_out, 4 * dim_out, bias=False)
+        self.norm = nn.LayerNorm(dim_out, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, _ = x.shape
+        c = self.norm.normalized_shape[0]
+        x = self.expand(x).view(b, h, w, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c)
+        return self.norm(x)
+
+
+class FoldHead(nn.Module):
+    """Final patch expanding, Fold and output projection.
+
+    Linear dim -> fold_chans * patch_size**2 (no bias), then ``F.fold`` of the
+    overlapping patches (overlaps are summed, not averaged) onto the padded image
+    grid, then a 1x1 conv fold_chans -> out_chans. No activation, no clamp.
+
+    ``norm`` is the released ``final_up.norm`` LayerNorm(fold_chans): the released
+    forward never applies it. It is kept so that released checkpoints load strictly
+    and the parameter count matches the release; it receives no gradient.
+    """
+
+    def __init__(self, dim: int, fold_chans: int, out_chans: int, patch_size: int, stride: int, eps: float):
+        super().__init__()
+        self.patch_size, self.stride = patch_size, stride
+        self.expand = nn.Linear(dim, fold_chans * patch_size**2, bias=False)
+        self.norm = nn.LayerNorm(fold_chans, eps=eps)
+        self.out_conv = nn.Conv2d(fold_chans, out_chans, 1)
+
+    def fold_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, h, w, dim) -> (b, fold_chans*p*p, h*w)."""
+        b, h, w, _ = x.shape
+        return self.expand(x).permute(0, 3, 1, 2).reshape(b, -1, h * w)
+
+    def fold(self, cols: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.fold(cols, size, kernel_size=self.patch_size, stride=self.stride)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """x (b, h, w, dim) -> image (b, out_chans, H, W) with H, W = size."""
+        return self.out_conv(self.fold(self.fold_input(x), size))

@@ -1,0 +1,128 @@
+"""SS2D (VMamba's 2-D selective scan) and the VSS block."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+
+NUM_DIRECTIONS = 4
+DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+def init_dt_bias(d_inner: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """softplus^-1 of a log-uniform step in [DT_MIN, DT_MAX), floored at DT_INIT_FLOOR."""
+    dt = torch.exp(
+        torch.rand(d_inner, generator=generator) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
+    ).clamp(min=DT_INIT_FLOOR)
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def uniform_(shape: tuple[int, ...], bound: float) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+
+class ScanParams(nn.Module):
+    """Per-direction parameters of a selective scan shared by SS2D and Cross SS2D.
+
+    ``dt_projs_weight`` (K, d, R) up-projects the low-rank delta; ``dt_projs_bias``
+    (K, d); ``A_logs`` (K*d, N) with A = -exp(A_logs); ``Ds`` (K*d,) skip.
+    Subclasses add the input projections (``x_proj_weight``: (K, R+2N, d)).
+    """
+
+    def __init__(self, d_inner: int, dt_rank: int, d_state: int) -> None:
+        super().__init__()
+        K = NUM_DIRECTIONS
+        self.d_inner, self.dt_rank, self.d_state = d_inner, dt_rank, d_state
+        self.dt_projs_weight = uniform_((K, d_inner, dt_rank), dt_rank**-0.5)
+        self.dt_projs_bias = nn.Parameter(torch.stack([init_dt_bias(d_inner) for _ in range(K)]))
+        A = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(K * d_inner, 1)
+        self.A_logs = nn.Parameter(A)
+        self.Ds = nn.Parameter(torch.ones(K * d_inner))
+        self.A_logs._no_weight_decay = True
+        self.Ds._no_weight_decay = True
+
+    def project(self, a: torch.Tensor, x_proj_weight: torch.Tensor):
+        """a (b, d, L) -> delta (b, K, d, L), B (b, K, N, L), C (b, K, N, L), all in
+        row-major position order (the projections are position-wise, so no unfolding
+        is needed before them)."""
+        R, N = self.dt_rank, self.d_state
+        P = torch.einsum("bdl,kcd->bkcl", a, x_proj_weight)  # (b, K, R+2N, L)
+        delta = torch.einsum("bkrl,kdr->bkdl", P[:, :, :R], self.dt_projs_weight)
+        return delta, P[:, :, R : R + N], P[:, :, R + N :]
+
+    def scan(self, u, delta, B, C, height: int, width: int) -> torch.Tensor:
+        """u (b, M, d, L), delta (b, M, K, d, L), B/C (b, M, K, N, L) -> (b, M, d, L)."""
+        return ops.cross_scan(
+            u,
+            delta,
+            -torch.exp(self.A_logs.float()),
+            B,
+            C,
+            self.Ds.float(),
+            self.dt_projs_bias.float().reshape(-1),
+            height,
+            width,
+        )
+
+
+class GatedScanBranch(ScanParams):
+    """What SS2D and Cross SS2D share around their scan: the input projection into
+    (x, z), the depthwise conv + SiLU, and the output LayerNorm, SiLU(z) gate and
+    output projection."""
+
+    def __init__(self, dim: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float) -> None:
+        d_inner = int(expand * dim)
+        super().__init__(d_inner, dt_rank, d_state)
+        self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
+        self.out_norm = nn.LayerNorm(d_inner, eps=eps)
+        self.out_proj = nn.Linear(d_inner, dim, bias=False)
+
+    def branch_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (b, H, W, C) -> a (b, d, H, W) after conv + SiLU, z (b, H, W, d)."""
+        xz = self.in_proj(x)
+        x_in, z = xz.chunk(2, dim=-1)
+        a = F.silu(self.conv2d(x_in.permute(0, 3, 1, 2)))
+        return a, z
+
+    def branch_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """y (b, d, L) scan output, z (b, H, W, d) -> (b, H, W, C)."""
+        b, H, W, d = z.shape
+        y = y.transpose(1, 2).reshape(b, H, W, d)
+        return self.out_proj(self.out_norm(y) * F.silu(z))
+
+
+class SS2D(GatedScanBranch):
+    """2-D selective scan over four directions (RELEASED-MODEL-FACTS.md 2.2, 3.2)."""
+
+    def __init__(self, dim: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float) -> None:
+        super().__init__(dim, d_state, expand, dt_rank, d_conv, eps)
+        self.x_proj_weight = uniform_((NUM_DIRECTIONS, dt_rank + 2 * d_state, self.d_inner), self.d_inner**-0.5)
+
+    def core(self, a: torch.Tensor) -> torch.Tensor:
+        """a (b, d, H, W) -> sum of the four direction scans (b, d, H*W)."""
+        b, d, H, W = a.shape
+        a = a.reshape(b, d, H * W)
+        delta, B, C = self.project(a, self.x_proj_weight)
+        return self.scan(a[:, None], delta[:, None], B[:, None], C[:, None], H, W)[:, 0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, H, W, C) -> (b, H, W, C)
+        a, z = self.branch_in(x)
+        return self.branch_out(self.core(a), z)
+
+
+class VSSBlock(nn.Module):
+    """x + SS2D(LayerNorm(x)), channels last."""
+
+    def __init__(self, dim: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.ss2d = SS2D(dim, d_state, expand, dt_rank, d_conv, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, H, W, C)
+        return x + self.ss2d(self.norm(x))

@@ -1,0 +1,163 @@
+"""Scan ops and their backends behind one dispatcher.
+
+Models call :func:`cross_scan` only; they never import a backend. A backend is a
+function with the signature of :func:`s4fusion.ops.reference.cross_scan_ref`
+registered under a name with the devices it serves and a probe saying whether
+it can run here.
+
+Choosing a backend, in order: the ``backend=`` argument, then
+:func:`set_backend` / the ``S4FUSION_SCAN_BACKEND`` environment variable, then
+the fastest available backend for the input's device (``auto``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .reference import cross_scan_ref, direction_orders, selective_scan_ref
+
+__all__ = [
+    "cross_scan",
+    "cross_scan_ref",
+    "selective_scan_ref",
+    "direction_orders",
+    "register_backend",
+    "available_backends",
+    "set_backend",
+    "get_backend",
+    "resolve_backend",
+    "BackendUnavailableError",
+]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A scan backend was requested that cannot run here."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    fn_loader: Callable[[], Callable]  # imports lazily, returns the cross_scan function
+    devices: tuple[str, ...]  # device types served, e.g. ("cuda",)
+    probe: Callable[[], Optional[str]]  # None when usable, else the reason it is not
+    priority: int  # higher wins in auto mode
+    how_to_get: str
+
+
+_BACKENDS: dict[str, Backend] = {}
+_forced: Optional[str] = None
+
+
+def register_backend(
+    name: str,
+    fn_loader: Callable[[], Callable],
+    devices: tuple[str, ...],
+    probe: Callable[[], Optional[str]],
+    priority: int,
+    how_to_get: str = "",
+) -> None:
+    _BACKENDS[name] = Backend(name, fn_loader, devices, probe, priority, how_to_get)
+
+
+def _no_reason() -> Optional[str]:
+    return None
+
+
+register_backend(
+    "reference",
+    lambda: cross_scan_ref,
+    devices=("cpu", "cuda", "mps", "xpu"),
+    probe=_no_reason,
+    priority=0,
+)
+
+# Fast backends register themselves from their own modules (imported here so
+# registration happens on package import; the heavy imports stay lazy).
+from . import backends as _backends  # noqa: E402,F401
+
+
+def available_backends(device_type: Optional[str] = None) -> list[str]:
+    """Names of the backends that can run here (optionally: on this device type)."""
+    out = []
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if device_type is not None and device_type not in b.devices:
+            continue
+        if b.probe() is None:
+            out.append(b.name)
+    return out
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for every later call (``None`` or ``"auto"``: choose by device)."""
+    global _forced
+    if name in (None, "auto"):
+        _forced = None
+        return
+    _check_name(name)
+    _forced = name
+
+
+def get_backend() -> str:
+    return _forced or os.environ.get("S4FUSION_SCAN_BACKEND", "auto") or "auto"
+
+
+def _check_name(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise BackendUnavailableError(
+            f"unknown scan backend {name!r}; known backends: {sorted(_BACKENDS)} (or 'auto')"
+        )
+    return _BACKENDS[name]
+
+
+def resolve_backend(device: torch.device, name: Optional[str] = None) -> str:
+    """The backend name that a call on ``device`` will use."""
+    name = name or get_backend()
+    if name != "auto":
+        b = _check_name(name)
+        if device.type not in b.devices:
+            raise BackendUnavailableError(
+                f"scan backend {name!r} runs on {b.devices}, not on {device.type!r}; "
+                f"use backend='auto' or one of {available_backends(device.type)}"
+            )
+        reason = b.probe()
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"scan backend {name!r} is not available: {reason}. {b.how_to_get}".strip()
+            )
+        return name
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if device.type in b.devices and b.probe() is None:
+            return b.name
+    return "reference"
+
+
+_loaded: dict[str, Callable] = {}
+
+
+def _load(name: str) -> Callable:
+    fn = _loaded.get(name)
+    if fn is None:
+        fn = _loaded[name] = _BACKENDS[name].fn_loader()
+    return fn
+
+
+def cross_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    height: int,
+    width: int,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """SS2D / Cross SS2D scan core; see :func:`s4fusion.ops.reference.cross_scan_ref`
+    for the exact semantics and layouts. ``backend`` forces one backend."""
+    name = resolve_backend(u.device, backend)
+    return _load(name)(u, delta, A, B, C, D, delta_bias, height, width)

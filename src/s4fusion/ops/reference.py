@@ -1,0 +1,132 @@
+"""Plain-PyTorch reference of the selective scan and of the 2-D cross scan.
+
+This module is the *specification*: every fast backend is tested against it.
+It runs on any device and dtype; the recurrent state is kept in float32 (or in
+the input dtype when that is wider, e.g. float64).
+
+Notation (RELEASED-MODEL-FACTS.md section 3):
+
+* ``selective_scan_ref`` is mamba's ``selective_scan_fn`` as S4Fusion calls it
+  (``z=None``, ``delta_softplus=True``): a channel ``ch`` uses B/C group
+  ``ch // (channels // groups)``; discretisation ``Abar = exp(delta * A)``,
+  ``Bbar = delta * B``.
+* ``cross_scan_ref`` is the SS2D / Cross SS2D core in *map layout*: inputs are
+  given per position in row-major order, the op unfolds the four scan
+  directions, interleaves the modalities (infrared first) per direction, scans,
+  un-interleaves and sums the four directions back in row-major order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NUM_DIRECTIONS = 4
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+) -> torch.Tensor:
+    """Selective scan with softplus on ``delta + delta_bias``.
+
+    Shapes: ``u``, ``delta`` (b, ch, T); ``A`` (ch, N); ``B``, ``C`` (b, G, N, T)
+    with ``ch % G == 0``; ``D``, ``delta_bias`` (ch,). Returns (b, ch, T) in
+    ``u.dtype``.
+    """
+    b, ch, T = u.shape
+    groups, N = B.shape[1], B.shape[2]
+    if ch % groups:
+        raise ValueError(f"channels ({ch}) must be a multiple of the B/C groups ({groups})")
+    sd = _state_dtype(u.dtype)
+    u_s = u.to(sd)
+    dt = F.softplus(delta.to(sd) + delta_bias.to(sd)[None, :, None])  # (b, ch, T)
+    Bx = B.to(sd).repeat_interleave(ch // groups, dim=1)  # (b, ch, N, T)
+    Cx = C.to(sd).repeat_interleave(ch // groups, dim=1)
+    dA = torch.exp(dt.unsqueeze(2) * A.to(sd)[None, :, :, None])  # (b, ch, N, T)
+    dBu = (dt * u_s).unsqueeze(2) * Bx  # (b, ch, N, T)
+    h = torch.zeros(b, ch, N, dtype=sd, device=u.device)
+    ys = []
+    for t in range(T):
+        h = dA[..., t] * h + dBu[..., t]
+        ys.append((h * Cx[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1) + D.to(sd)[None, :, None] * u_s
+    return y.to(u.dtype)
+
+
+def direction_orders(height: int, width: int, device=None) -> torch.Tensor:
+    """(4, L) long tensor: ``orders[k, t]`` is the row-major position of the t-th
+    token of scan direction k (0 row-major, 1 column-major, 2 and 3 their
+    reversals)."""
+    L = height * width
+    row = torch.arange(L, device=device)
+    col = torch.arange(L, device=device).view(height, width).t().reshape(-1)
+    return torch.stack([row, col, row.flip(0), col.flip(0)])
+
+
+def cross_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """SS2D (M = 1) or Cross SS2D (M = 2) scan core, map layout.
+
+    Args:
+        u: (b, M, d, L) scan input per modality (M = 2: infrared first), L = H*W
+            positions in row-major order.
+        delta: (b, M, K, d, L) raw delta of direction k at each position (before
+            bias and softplus).
+        A: (K*d, N) state matrix (negative), row ``k*d + c``.
+        B, C: (b, M, K, N, L) input/output projections of direction k.
+        D, delta_bias: (K*d,).
+    Returns:
+        (b, M, d, L): for each modality, the sum over the K directions of the scan
+        outputs put back at their row-major positions.
+    """
+    b, M, d, L = u.shape
+    K = delta.shape[2]
+    N = A.shape[1]
+    if height * width != L:
+        raise ValueError(f"height*width = {height * width} does not match L = {L}")
+    order = direction_orders(height, width, u.device)[:K]  # (K, L)
+    # Unfold directions: (b, M, K, d, L) in scan order.
+    u_seq = u[:, :, None, :, :].expand(b, M, K, d, L)
+    u_seq = torch.gather(u_seq, 4, order[None, None, :, None, :].expand(b, M, K, d, L))
+    dt_seq = torch.gather(delta, 4, order[None, None, :, None, :].expand(b, M, K, d, L))
+    B_seq = torch.gather(B, 4, order[None, None, :, None, :].expand(b, M, K, N, L))
+    C_seq = torch.gather(C, 4, order[None, None, :, None, :].expand(b, M, K, N, L))
+
+    # Interleave modalities along the token axis: token t of modality m -> t*M + m.
+    def interleave(x: torch.Tensor) -> torch.Tensor:  # (b, M, K, c, L) -> (b, K*c, L*M)
+        x = x.permute(0, 2, 3, 4, 1)  # (b, K, c, L, M)
+        return x.reshape(b, K * x.shape[2], L * M)
+
+    y = selective_scan_ref(
+        interleave(u_seq),
+        interleave(dt_seq),
+        A,
+        interleave(B_seq).view(b, K, N, L * M),
+        interleave(C_seq).view(b, K, N, L * M),
+        D,
+        delta_bias,
+    )
+    y = y.view(b, K, d, L, M).permute(0, 4, 1, 2, 3)  # (b, M, K, d, L) in scan order
+    out = torch.zeros(b, M, d, L, dtype=y.dtype, device=y.device)
+    for k in range(K):
+        out.index_add_(3, order[k], y[:, :, k])
+    return out
