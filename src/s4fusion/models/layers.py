@@ -53,6 +53,18 @@ class PatchExpand(nn.Module):
         return self.norm(x)
 
 
+class ReleasedUnusedNorm(nn.Module):
+    """The released ``final_up.norm`` LayerNorm(fold_chans), which the released
+    forward never applies. Its values are carried as buffers (not parameters: they
+    are never used or trained) so that released checkpoints load strictly and can be
+    exported again unchanged."""
+
+    def __init__(self, chans: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.ones(chans))
+        self.register_buffer("bias", torch.zeros(chans))
+
+
 class FoldHead(nn.Module):
     """Final patch expanding, Fold and output projection.
 
@@ -60,16 +72,15 @@ class FoldHead(nn.Module):
     overlapping patches (overlaps are summed, not averaged) onto the padded image
     grid, then a 1x1 conv fold_chans -> out_chans. No activation, no clamp.
 
-    ``norm`` is the released ``final_up.norm`` LayerNorm(fold_chans): the released
-    forward never applies it. It is kept so that released checkpoints load strictly
-    and the parameter count matches the release; it receives no gradient.
+    ``norm`` carries the never-applied released ``final_up.norm`` (see
+    :class:`ReleasedUnusedNorm`).
     """
 
-    def __init__(self, dim: int, fold_chans: int, out_chans: int, patch_size: int, stride: int, eps: float):
+    def __init__(self, dim: int, fold_chans: int, out_chans: int, patch_size: int, stride: int):
         super().__init__()
         self.patch_size, self.stride = patch_size, stride
         self.expand = nn.Linear(dim, fold_chans * patch_size**2, bias=False)
-        self.norm = nn.LayerNorm(fold_chans, eps=eps)
+        self.norm = ReleasedUnusedNorm(fold_chans)
         self.out_conv = nn.Conv2d(fold_chans, out_chans, 1)
 
     def fold_input(self, x: torch.Tensor) -> torch.Tensor:

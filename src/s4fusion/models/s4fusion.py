@@ -80,7 +80,7 @@ class S4Fusion(nn.Module):
             for d in cfg.dims
         )
         self.decoder = nn.ModuleList(DecoderStage(cfg, i) for i in range(cfg.num_scales))
-        self.head = FoldHead(cfg.dims[0], cfg.fold_chans, cfg.out_chans, cfg.patch_size, cfg.patch_stride, cfg.norm_eps)
+        self.head = FoldHead(cfg.dims[0], cfg.fold_chans, cfg.out_chans, cfg.patch_size, cfg.patch_stride)
         self.apply(_init_weights)
 
     # ------------------------------------------------------------------ sizes

@@ -60,11 +60,11 @@ class ScanParams(nn.Module):
         return ops.cross_scan(
             u,
             delta,
-            -torch.exp(self.A_logs.float()),
+            -torch.exp(self.A_logs),
             B,
             C,
-            self.Ds.float(),
-            self.dt_projs_bias.float().reshape(-1),
+            self.Ds,
+            self.dt_projs_bias.reshape(-1),
             height,
             width,
         )
