@@ -1,0 +1,143 @@
+"""Network behaviour beyond the golden set: sizes, batches, dtypes, gradients, counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from s4fusion import S4Fusion, S4FusionConfig
+from s4fusion.ops import set_backend
+
+SMALL = S4FusionConfig(dims=(8, 16, 32), depths=(1, 1, 1), decoder_depths=(1, 1, 1), cmsa_depth=1)
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    set_backend("reference")
+    yield
+    set_backend(None)
+
+
+def _released_key_lines(golden_dir):
+    lines = (golden_dir / "released_keys.txt").read_text().splitlines()
+    return [ln.split("\t") for ln in lines if ln and not ln.startswith("#")]
+
+
+@pytest.mark.parametrize(
+    "side,before,after",
+    [(50, 5, 6), (67, 3, 3), (229, 0, 0), (480, 0, 1), (640, 4, 5), (768, 0, 1), (1024, 4, 5), (2, 5, 6), (13, 0, 0)],
+)
+def test_padding_rule_matches_the_release(side, before, after):
+    top, bottom, left, right = S4Fusion(SMALL).padding_for(side, side)
+    assert (top, bottom) == (before, after) == (left, right)
+    assert (side + before + after) % 12 == 1
+
+
+def test_too_small_input_is_a_clear_error():
+    model = S4Fusion(SMALL)
+    with pytest.raises(ValueError, match="height 1 is too small"):
+        model(torch.rand(1, 1, 1, 30), torch.rand(1, 1, 1, 30))
+
+
+def test_bad_shapes_are_clear_errors():
+    model = S4Fusion(SMALL)
+    with pytest.raises(ValueError, match=r"same shape"):
+        model(torch.rand(1, 1, 20, 30), torch.rand(1, 1, 20, 31))
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        model(torch.rand(1, 3, 20, 30), torch.rand(1, 3, 20, 30))
+    with pytest.raises(TypeError, match="float"):
+        model(torch.zeros(1, 1, 20, 30, dtype=torch.uint8), torch.zeros(1, 1, 20, 30, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("size", [(17, 29), (30, 14), (25, 25), (2, 40)])
+def test_odd_and_non_square_sizes_pad_and_crop(size):
+    torch.manual_seed(0)
+    model = S4Fusion(SMALL).eval()
+    ir, vi = torch.rand(1, 1, *size), torch.rand(1, 1, *size)
+    with torch.no_grad():
+        out = model(ir, vi)
+        top, bottom, left, right = model.padding_for(*size)
+        full = model.forward_padded(F.pad(ir, (left, right, top, bottom)), F.pad(vi, (left, right, top, bottom)))
+    assert out.shape == (1, 1, *size)
+    assert torch.equal(out, full[:, :, top : top + size[0], left : left + size[1]])
+
+
+def test_batch_equals_single_images():
+    torch.manual_seed(1)
+    model = S4Fusion(SMALL).eval()
+    ir, vi = torch.rand(3, 1, 22, 27), torch.rand(3, 1, 22, 27)
+    with torch.no_grad():
+        batched = model(ir, vi)
+        single = torch.cat([model(ir[i : i + 1], vi[i : i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_run_matches_float32():
+    torch.manual_seed(2)
+    model = S4Fusion(SMALL).eval()
+    ir, vi = torch.rand(2, 1, 19, 23), torch.rand(2, 1, 19, 23)
+    with torch.no_grad():
+        out32 = model(ir, vi)
+        out64 = model.double()(ir.double(), vi.double())
+    assert out64.dtype == torch.float64
+    assert ((out32.double() - out64).norm() / out64.norm()).item() < 1e-5
+
+
+def _grads(model: S4Fusion) -> dict[str, bool]:
+    torch.manual_seed(3)
+    ir, vi = torch.rand(1, 1, 25, 25), torch.rand(1, 1, 25, 25)
+    model(ir, vi).square().mean().backward()
+    return {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()}
+
+
+def test_paper_topology_gives_every_parameter_a_gradient():
+    grads = _grads(S4Fusion(S4FusionConfig(topology="paper")))
+    assert all(grads.values()), [n for n, g in grads.items() if not g]
+
+
+def test_released_topology_leaves_exactly_the_unused_parameters(golden_dir):
+    from s4fusion.checkpoint import released_to_ours
+
+    model = S4Fusion()
+    grads = _grads(model)
+    without = {n for n, g in grads.items() if not g}
+    unused = {released_to_ours(k) for k, _shape, _n, mark in _released_key_lines(golden_dir) if mark == "UNUSED"}
+    # facts 1.3: 41 unused tensors; the two of final_up.norm are carried as buffers, not parameters
+    assert len(unused) == 41
+    buffers = {n for n, _ in model.named_buffers()}
+    assert unused - without == {"head.norm.weight", "head.norm.bias"} == buffers
+    assert without == unused - buffers
+    assert sum(p.numel() for n, p in model.named_parameters() if n in without) == 152_064
+
+
+def test_parameter_counts_match_the_facts():
+    model = S4Fusion()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_buffers = sum(b.numel() for b in model.buffers())
+    assert n_params + n_buffers == 3_562_981  # facts 1.1, all 304 state_dict tensors
+    assert len(model.state_dict()) == 304
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert [count(model.encoder_ir[i].blocks[0]) for i in range(3)] == [24_000, 72_192, 241_152]
+    assert [count(model.cmsa[i].blocks[0]) for i in range(3)] == [50_688, 148_032, 482_688]
+    assert [count(model.encoder_ir[i].merge) for i in range(2)] == [18_816, 74_496]
+    assert [count(model.decoder[i].expand) for i in (1, 2)] == [73_920, 18_528]
+    assert count(model.embed_ir) == 912
+    assert count(model.encoder_ir) == 502_848
+    assert count(model.decoder) == 501_984
+
+
+def test_initialisation_follows_the_release():
+    model = S4Fusion()
+    blk = model.cmsa[1].blocks[0]
+    d, N = blk.d_inner, blk.d_state
+    assert torch.equal(blk.A_logs[0], torch.log(torch.arange(1, N + 1, dtype=torch.float32)))
+    assert torch.equal(blk.Ds, torch.ones(4 * d))
+    dt = F.softplus(blk.dt_projs_bias)
+    assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
+    assert abs(blk.in_proj.weight.std().item() - 0.02) < 0.002
+    assert blk.x_proj_weight.abs().max() <= d**-0.5
+    assert blk.patch_mark.mark_proj.abs().max() <= (2 * d) ** -0.5
