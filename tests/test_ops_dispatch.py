@@ -1,0 +1,81 @@
+"""The scan dispatcher: backend choice, forcing, and errors that say what to do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from s4fusion import ops
+from s4fusion.ops import BackendUnavailableError, cross_scan, cross_scan_ref, resolve_backend, set_backend
+
+
+@pytest.fixture(autouse=True)
+def reset():
+    yield
+    set_backend(None)
+
+
+def _inputs(M=2, d=3, N=4, H=3, W=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L, K = H * W, 4
+    return (
+        torch.randn(1, M, d, L, generator=g),
+        torch.randn(1, M, K, d, L, generator=g),
+        -torch.rand(K * d, N, generator=g) - 0.5,
+        torch.randn(1, M, K, N, L, generator=g),
+        torch.randn(1, M, K, N, L, generator=g),
+        torch.randn(K * d, generator=g),
+        torch.randn(K * d, generator=g),
+        H,
+        W,
+    )
+
+
+def test_reference_is_always_available():
+    assert "reference" in ops.available_backends("cpu")
+    args = _inputs()
+    torch.testing.assert_close(cross_scan(*args, backend="reference"), cross_scan_ref(*args))
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(BackendUnavailableError, match=r"unknown scan backend 'fastest'.*reference"):
+        set_backend("fastest")
+
+
+def test_forced_backend_on_the_wrong_device_says_what_to_use():
+    with pytest.raises(BackendUnavailableError, match=r"'reference' runs on|not on 'meta'"):
+        resolve_backend(torch.device("meta"), "reference")
+
+
+def test_environment_variable_forces_a_backend(monkeypatch):
+    monkeypatch.setenv("S4FUSION_SCAN_BACKEND", "reference")
+    assert resolve_backend(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("S4FUSION_SCAN_BACKEND", "nope")
+    with pytest.raises(BackendUnavailableError, match="unknown scan backend 'nope'"):
+        cross_scan(*_inputs())
+
+
+def test_missing_backend_says_how_to_get_it():
+    ops.register_backend(
+        "test-missing", lambda: None, devices=("cpu",), probe=lambda: "library xyz is not installed",
+        priority=-1, how_to_get="pip install xyz",
+    )  # fmt: skip
+    try:
+        with pytest.raises(BackendUnavailableError, match=r"not available: library xyz is not installed\. pip install xyz"):
+            cross_scan(*_inputs(), backend="test-missing")
+        assert "test-missing" not in ops.available_backends()
+    finally:
+        ops._BACKENDS.pop("test-missing")
+
+
+def test_reference_scan_of_one_token_is_the_closed_form():
+    """With one position, each direction sees one step: y = C.(delta*u*B) + D*u with
+    delta = softplus(raw + bias); the four directions add up."""
+    u, delta, A, B, C, D, bias, _, _ = _inputs(M=1, H=1, W=1)
+    y = cross_scan_ref(u, delta, A, B, C, D, bias, 1, 1)
+    d = u.shape[2]
+    expected = torch.zeros_like(u)
+    for k in range(4):
+        dt = torch.nn.functional.softplus(delta[0, 0, k, :, 0] + bias[k * d : (k + 1) * d])
+        expected[0, 0, :, 0] += dt * u[0, 0, :, 0] * (B[0, 0, k, :, 0] * C[0, 0, k, :, 0]).sum() + D[k * d : (k + 1) * d] * u[0, 0, :, 0]
+    torch.testing.assert_close(y, expected)
