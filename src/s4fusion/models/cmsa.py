@@ -36,14 +36,18 @@ class CMSABlock(GatedScanBranch):
     Per modality: ``x_proj_weight`` (infrared) and ``y_proj_weight`` (visible), each
     (K, R+2N, d), computing delta (low rank), B and C from the *unmarked* features.
     Shared: delta up-projection and bias, A, D, the mark, in/out projections, conv.
+    With ``patch_mark=False`` (ablation, paper Table 3 Exp. 5) no mark is created
+    and the scan input is the unmarked features.
     """
 
-    def __init__(self, dim: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float) -> None:
+    def __init__(
+        self, dim: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float, patch_mark: bool = True
+    ) -> None:
         super().__init__(dim, d_state, expand, dt_rank, d_conv, eps)
         rows = dt_rank + 2 * d_state
         self.x_proj_weight = uniform_((NUM_DIRECTIONS, rows, self.d_inner), self.d_inner**-0.5)
         self.y_proj_weight = uniform_((NUM_DIRECTIONS, rows, self.d_inner), self.d_inner**-0.5)
-        self.patch_mark = PatchMark(self.d_inner)
+        self.patch_mark = PatchMark(self.d_inner) if patch_mark else None
 
     def scan_inputs(self, a_ir: torch.Tensor, a_vi: torch.Tensor):
         """a_ir, a_vi (b, d, H, W) -> u (b, 2, d, L), delta (b, 2, K, d, L), B, C (b, 2, K, N, L)
@@ -53,8 +57,11 @@ class CMSABlock(GatedScanBranch):
         a_vi = a_vi.reshape(b, d, H * W)
         d_ir, B_ir, C_ir = self.project(a_ir, self.x_proj_weight)
         d_vi, B_vi, C_vi = self.project(a_vi, self.y_proj_weight)
-        mark = self.patch_mark(a_ir, a_vi)
-        u = torch.stack([a_ir + mark, a_vi + mark], dim=1)
+        if self.patch_mark is None:
+            u = torch.stack([a_ir, a_vi], dim=1)
+        else:
+            mark = self.patch_mark(a_ir, a_vi)
+            u = torch.stack([a_ir + mark, a_vi + mark], dim=1)
         return u, torch.stack([d_ir, d_vi], 1), torch.stack([B_ir, B_vi], 1), torch.stack([C_ir, C_vi], 1)
 
     def cross_ss2d(self, a_ir: torch.Tensor, a_vi: torch.Tensor) -> torch.Tensor:
@@ -74,9 +81,21 @@ class CMSABlock(GatedScanBranch):
 class CMSA(nn.Module):
     """``depth`` CMSA blocks with residuals on each stream; output F = x + y."""
 
-    def __init__(self, dim: int, depth: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        d_state: int,
+        expand: float,
+        dt_rank: int,
+        d_conv: int,
+        eps: float,
+        patch_mark: bool = True,
+    ):
         super().__init__()
-        self.blocks = nn.ModuleList(CMSABlock(dim, d_state, expand, dt_rank, d_conv, eps) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            CMSABlock(dim, d_state, expand, dt_rank, d_conv, eps, patch_mark) for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, trace: dict | None = None, name: str = "") -> torch.Tensor:
         for j, block in enumerate(self.blocks):

@@ -11,6 +11,10 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 TOPOLOGIES = ("released", "paper")
+# "cmsa" is S4Fusion; the others are the fusion replacements of the paper's ablation
+# study (Table 3), defined in ablation.py.
+FUSIONS = ("cmsa", "add", "cnn", "cross_attention", "fssm")
+CROSS_ATTENTION_HEADS = 8  # heads of the cross-attention ablation (the authors' default)
 
 
 @dataclass
@@ -20,6 +24,10 @@ class S4FusionConfig:
     ``topology``: ``"released"`` is exactly the authors' released network (the
     finest-scale CMSA exists but its output is discarded); ``"paper"`` feeds that
     output to the decoder as the paper's text describes (facts section 1.4).
+
+    ``fusion`` selects the module at every scale (``"cmsa"`` or an ablation of
+    ``FUSIONS``, see ``s4fusion.models.ablation``); ``patch_mark=False`` removes the
+    Patch Mark from the CMSA blocks (paper Table 3, Exp. 5).
     """
 
     in_chans: int = 1  # channels of each source image (infrared, visible Y)
@@ -31,13 +39,15 @@ class S4FusionConfig:
     patch_stride: int = 3  # overlapping patch embedding stride (patches overlap by size - stride)
     fold_chans: int = 12  # channels of the folded map before the 1x1 output conv
     ss2d_d_state: int = 12  # state size N of the VSS blocks
-    cmsa_d_state: int = 18  # state size N of the CMSA blocks
-    cmsa_depth: int = 3  # CMSA blocks per scale
+    cmsa_d_state: int = 18  # state size N of the CMSA blocks (and of the "fssm" ablation blocks)
+    cmsa_depth: int = 3  # CMSA blocks per scale (layers / blocks of the "cross_attention" / "fssm" ablations)
     expand: float = 1.5  # d_inner = int(expand * C)
     d_conv: int = 3  # depthwise conv kernel inside SS2D / Cross SS2D
     dt_rank_divisor: int = 16  # dt_rank = ceil(C / dt_rank_divisor)
     norm_eps: float = 1e-5  # every LayerNorm
     topology: str = "released"
+    fusion: str = "cmsa"  # fusion module at every scale, one of FUSIONS
+    patch_mark: bool = True  # CMSA blocks add the Patch Mark to the scan input
 
     def __post_init__(self) -> None:
         self.dims = tuple(int(d) for d in self.dims)
@@ -56,6 +66,17 @@ class S4FusionConfig:
                 raise ValueError(f"each scale must double the width (patch merging 4C -> 2C): {self.dims}")
         if self.patch_stride > self.patch_size:
             raise ValueError("patch_stride must not exceed patch_size (patches must cover the image)")
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if not isinstance(self.patch_mark, bool):
+            raise ValueError(f"patch_mark must be true or false, got {self.patch_mark!r}")
+        if not self.patch_mark and self.fusion != "cmsa":
+            raise ValueError(f"patch_mark=False applies to fusion='cmsa' only; fusion={self.fusion!r} has no Patch Mark")
+        if self.fusion == "cross_attention" and any(d % CROSS_ATTENTION_HEADS for d in self.dims):
+            raise ValueError(
+                f"fusion='cross_attention' needs every width divisible by its {CROSS_ATTENTION_HEADS} heads, "
+                f"got dims {self.dims}"
+            )
 
     @property
     def num_scales(self) -> int:

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
+from .ablation import build_ablation_fusion
 from .cmsa import CMSA
 from .config import S4FusionConfig
 from .layers import FoldHead, OverlapPatchEmbed, PatchExpand, PatchMerging
@@ -75,10 +76,7 @@ class S4Fusion(nn.Module):
         self.embed_vi = OverlapPatchEmbed(*emb)
         self.encoder_ir = nn.ModuleList(EncoderStage(cfg, i) for i in range(cfg.num_scales))
         self.encoder_vi = nn.ModuleList(EncoderStage(cfg, i) for i in range(cfg.num_scales))
-        self.cmsa = nn.ModuleList(
-            CMSA(d, cfg.cmsa_depth, cfg.cmsa_d_state, cfg.expand, cfg.dt_rank(d), cfg.d_conv, cfg.norm_eps)
-            for d in cfg.dims
-        )
+        self.cmsa = nn.ModuleList(_fusion_module(cfg, d) for d in cfg.dims)
         self.decoder = nn.ModuleList(DecoderStage(cfg, i) for i in range(cfg.num_scales))
         self.head = FoldHead(cfg.dims[0], cfg.fold_chans, cfg.out_chans, cfg.patch_size, cfg.patch_stride)
         self.apply(_init_weights)
@@ -188,6 +186,15 @@ class S4Fusion(nn.Module):
     def released_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict under the released key names (``vmunet.`` prefix)."""
         return {ckpt.ours_to_released(k): v for k, v in self.state_dict().items()}
+
+
+def _fusion_module(cfg: S4FusionConfig, dim: int) -> nn.Module:
+    """The fusion module of one scale: CMSA, or the ablation replacement of ``cfg.fusion``."""
+    if cfg.fusion == "cmsa":
+        return CMSA(
+            dim, cfg.cmsa_depth, cfg.cmsa_d_state, cfg.expand, cfg.dt_rank(dim), cfg.d_conv, cfg.norm_eps, cfg.patch_mark
+        )
+    return build_ablation_fusion(cfg, dim)
 
 
 def _check_inputs(infrared: torch.Tensor, visible: torch.Tensor, chans: int) -> None:
