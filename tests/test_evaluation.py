@@ -164,6 +164,8 @@ def test_cddfuse_convention_has_no_nabf_or_ms_ssim_columns(pairs):
     result = evaluate(pairs / "ir", pairs / "vi", [baseline_method("max")], convention="cddfuse")
     assert result.metrics == DEFINED["cddfuse"]
     assert "Nabf" not in markdown_table(result) and "MS_SSIM" not in per_image_csv(result)
+    with pytest.raises(EvaluationError, match="Nabf not defined in the cddfuse convention"):
+        evaluate(pairs / "ir", pairs / "vi", [baseline_method("max")], convention="cddfuse", metrics=["Nabf"])
 
 
 def test_parallel_workers_give_identical_scores(pairs):

@@ -164,7 +164,10 @@ def ref_mse(x: np.ndarray, y: np.ndarray) -> float:
 
 def fspecial_gaussian(n: int, sigma: float) -> np.ndarray:
     h = np.array(
-        [[math.exp(-((i - (n - 1) / 2) ** 2 + (j - (n - 1) / 2) ** 2) / (2 * sigma * sigma)) for j in range(n)] for i in range(n)]
+        [
+            [math.exp(-((i - (n - 1) / 2) ** 2 + (j - (n - 1) / 2) ** 2) / (2 * sigma * sigma)) for j in range(n)]
+            for i in range(n)
+        ]
     )
     h[h < EPS * h.max()] = 0
     return h / h.sum()

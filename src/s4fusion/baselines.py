@@ -30,9 +30,7 @@ def _check_pair(infrared: np.ndarray, visible: np.ndarray) -> tuple[np.ndarray, 
     a = np.asarray(infrared, dtype=np.float64)
     b = np.asarray(visible, dtype=np.float64)
     if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(
-            f"baseline fusion needs two grey (H, W) images of the same size, got {a.shape} and {b.shape}"
-        )
+        raise ValueError(f"baseline fusion needs two grey (H, W) images of the same size, got {a.shape} and {b.shape}")
     return a, b
 
 

@@ -133,7 +133,9 @@ def match_inputs(ir: Path, vi: Path, methods: Sequence[Method], skip_missing: bo
     if ir.is_file() or vi.is_file():
         for role, p in [("infrared", ir), ("visible", vi)] + [(f"fused {m.name!r}", m.path) for m in folder_methods]:
             if not p.is_file():
-                raise EvaluationError(f"{role} {p} is not a file (with a file --ir, --vi and --fused must be files too)")
+                raise EvaluationError(
+                    f"{role} {p} is not a file (with a file --ir, --vi and --fused must be files too)"
+                )
         stem = ir.stem
         return Matching({stem: (ir, vi)}, {m.name: {stem: m.path} for m in folder_methods})
     ir_images = list_images(ir, "infrared", problems)
@@ -286,6 +288,12 @@ def evaluate(
     unknown = [m for m in names if m not in METRIC_NAMES]
     if unknown:
         raise EvaluationError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRIC_NAMES)}")
+    undefined = [m for m in names if m not in DEFINED[convention]]
+    if undefined:
+        raise EvaluationError(
+            f"{', '.join(undefined)} not defined in the {convention} convention (CDDFuse's Evaluator has no "
+            "Nabf or MS-SSIM); use --convention matlab for them"
+        )
     matching = match_inputs(Path(ir), Path(vi), methods, skip_missing)
     tasks = [
         _Task(

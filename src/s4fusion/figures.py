@@ -68,9 +68,7 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) 
     return right - left, bottom - top
 
 
-def _panel(
-    image: Image.Image, width: int, boxes: Sequence[ZoomBox], what: str
-) -> Image.Image:
+def _panel(image: Image.Image, width: int, boxes: Sequence[ZoomBox], what: str) -> Image.Image:
     """One panel: the image scaled to ``width`` with box outlines, and its zoom strip below."""
     image = image.convert("RGB")
     scale = width / image.width
@@ -93,7 +91,9 @@ def _panel(
         crop = image.crop((box.x, box.y, box.x + box.width, box.y + box.height))
         crop_h = max(1, round(box.height * slot / box.width))
         crop = crop.resize((slot, crop_h), Image.Resampling.NEAREST if slot >= box.width else Image.Resampling.LANCZOS)
-        ImageDraw.Draw(crop).rectangle([0, 0, slot - 1, crop_h - 1], outline=ZOOM_COLOURS[i % len(ZOOM_COLOURS)], width=_FRAME)
+        ImageDraw.Draw(crop).rectangle(
+            [0, 0, slot - 1, crop_h - 1], outline=ZOOM_COLOURS[i % len(ZOOM_COLOURS)], width=_FRAME
+        )
         crops.append(crop)
     strip_h = max(c.height for c in crops)
     out = Image.new("RGB", (width, height + _GAP + strip_h), _BACKGROUND)
@@ -213,36 +213,40 @@ def comparison_grid(
 
     check_methods(methods)
     ir, vi = Path(ir), Path(vi)
+    folder_methods = [m for m in methods if m.path is not None]
+    # One entry per row: (label, infrared file, visible file, {method name: fused file}).
+    pairs: list[tuple[str, Path, Path, dict[str, Path]]]
     if ir.is_file() or vi.is_file():
         if images:
             raise EvaluationError("--image selects pairs in folders; with --ir/--vi files leave it out")
-        for role, p in [("infrared", ir), ("visible", vi)] + [(f"fused {m.name!r}", m.path) for m in methods if m.path]:
+        for role, p in [("infrared", ir), ("visible", vi)] + [(f"fused {m.name!r}", m.path) for m in folder_methods]:
             if not p.is_file():
-                raise EvaluationError(f"{role} {p} is not a file (with a file --ir, --vi and --fused must be files too)")
-        pairs = [(ir.stem, ir, vi, {m.name: m.path for m in methods if m.path})]
+                raise EvaluationError(
+                    f"{role} {p} is not a file (with a file --ir, --vi and --fused must be files too)"
+                )
+        pairs = [(ir.stem, ir, vi, {m.name: m.path for m in folder_methods})]
     else:
         if not images:
             raise EvaluationError("with --ir/--vi folders, name the pairs to show with --image NAME (repeatable)")
         problems: list[str] = []
-        listings = {"infrared": list_images(ir, "infrared", problems), "visible": list_images(vi, "visible", problems)}
-        for m in methods:
-            if m.path is not None:
-                listings[m.name] = list_images(m.path, f"fused {m.name!r}", problems)
-        missing = [f"{stem}: no {role} image" for stem in images for role, found in listings.items() if stem not in found]
+        sources = {"infrared": list_images(ir, "infrared", problems), "visible": list_images(vi, "visible", problems)}
+        fused = {m.name: list_images(m.path, f"fused {m.name!r}", problems) for m in folder_methods}
+        missing = [f"{s}: no {role} image" for s in images for role, found in sources.items() if s not in found]
+        missing += [f"{s}: no image of {name!r}" for s in images for name, found in fused.items() if s not in found]
         if missing:
             raise EvaluationError("cannot build the grid:\n  " + "\n  ".join(missing + problems))
         pairs = [
-            (stem, listings["infrared"][stem], listings["visible"][stem], {m.name: listings[m.name][stem] for m in methods if m.path})
-            for stem in images
+            (s, sources["infrared"][s], sources["visible"][s], {name: found[s] for name, found in fused.items()})
+            for s in images
         ]
     rows = []
-    for stem, ir_path, vi_path, fused in pairs:
+    for _, ir_path, vi_path, fused_paths in pairs:
         row = [_open(ir_path, "L"), _open(vi_path, "RGB")]
         for m in methods:
             if m.baseline is not None:
                 row.append(Image.fromarray(baseline_image(m.baseline, ir_path, vi_path), "L"))
             else:
-                row.append(_open(fused[m.name]))
+                row.append(_open(fused_paths[m.name]))
         rows.append(row)
     titles = ["Infrared", "Visible"] + [m.name for m in methods]
     return make_grid(rows, titles, row_labels=[p[0] for p in pairs], zoom=zoom, panel_width=panel_width)

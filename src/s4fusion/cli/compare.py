@@ -38,7 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="[NAME=]PATH",
         help="folder (or file) of one method's fused images; repeatable; NAME defaults to the folder name",
     )
-    p.add_argument("--baseline", action="append", default=[], choices=sorted(BASELINES), help="add a reference fusion; repeatable")
+    p.add_argument(
+        "--baseline", action="append", default=[], choices=sorted(BASELINES), help="add a reference fusion; repeatable"
+    )
     p.add_argument(
         "--image",
         action="append",

@@ -57,8 +57,9 @@ def _matlab_metrics() -> dict[str, Callable[[_Grey, _Grey], float]]:
         "SD": lambda u, d: basic.standard_deviation(d[0]),
         "SF": lambda u, d: basic.spatial_frequency(d[0]),
         "AG": lambda u, d: basic.average_gradient_matlab(d[0]),
-        "MI": lambda u, d: information.mutual_information_matlab(u[0], u[1])
-        + information.mutual_information_matlab(u[0], u[2]),
+        "MI": lambda u, d: (
+            information.mutual_information_matlab(u[0], u[1]) + information.mutual_information_matlab(u[0], u[2])
+        ),
         "SCD": lambda u, d: basic.scd_matlab(*d),
         "CC": lambda u, d: basic.cc_matlab(*d),
         "PSNR": lambda u, d: basic.psnr_matlab(*d),
@@ -89,8 +90,9 @@ def _cddfuse_metrics() -> dict[str, Callable[[_Grey], float]]:
         "SD": lambda d: basic.standard_deviation(d[0]),
         "SF": lambda d: basic.spatial_frequency(d[0]),
         "AG": lambda d: basic.average_gradient_cddfuse(d[0]),
-        "MI": lambda d: information.mutual_information_nats(d[0], d[1])
-        + information.mutual_information_nats(d[0], d[2]),
+        "MI": lambda d: (
+            information.mutual_information_nats(d[0], d[1]) + information.mutual_information_nats(d[0], d[2])
+        ),
         "SCD": lambda d: basic.scd_cddfuse(*d),
         "CC": lambda d: basic.cc_cddfuse(*d),
         "PSNR": lambda d: basic.psnr_cddfuse(*d),

@@ -56,20 +56,14 @@ def uniform_filter_float32(x: np.ndarray, size: int) -> np.ndarray:
     for axis in (0, 1):
         pad = [(0, 0), (0, 0)]
         pad[axis] = (before, after)
-        line = np.pad(out, pad, mode="symmetric").astype(np.float64)
+        line = np.moveaxis(np.pad(out, pad, mode="symmetric").astype(np.float64), axis, 0)
         n = out.shape[axis]
-
-        def take(start: int, stop: int) -> np.ndarray:
-            index = [slice(None), slice(None)]
-            index[axis] = slice(start, stop)
-            return line[tuple(index)]
-
-        first = take(0, 1)
+        running = line[0:1].copy()
         for t in range(1, size):
-            first = first + take(t, t + 1)
-        steps = take(size, size + n - 1) - take(0, n - 1)
-        running = np.cumsum(np.concatenate([first, steps], axis=axis), axis=axis)
-        out = (running / size).astype(np.float32)
+            running += line[t : t + 1]
+        steps = line[size : size + n - 1] - line[0 : n - 1]
+        running = np.cumsum(np.concatenate([running, steps], axis=0), axis=0)
+        out = np.moveaxis(running / size, 0, axis).astype(np.float32)
     return out
 
 

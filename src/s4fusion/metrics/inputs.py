@@ -63,7 +63,9 @@ def _to_hwc(x: np.ndarray, channels_first: bool, name: str) -> np.ndarray:
             x = x[0]
         if x.ndim == 3:
             if x.shape[0] not in (1, 3):
-                raise ValueError(f"{name}: tensor of shape {tuple(shape)} is not (H,W), (C,H,W) or (1,C,H,W) with C in 1, 3")
+                raise ValueError(
+                    f"{name}: tensor of shape {tuple(shape)} is not (H,W), (C,H,W) or (1,C,H,W) with C in 1, 3"
+                )
             x = np.moveaxis(x, 0, -1)
     if x.ndim == 3 and x.shape[-1] == 1:
         x = x[..., 0]

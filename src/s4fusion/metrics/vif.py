@@ -13,7 +13,9 @@ _EPS = 1e-10
 _SCALES = 4
 
 
-def _scale_sums(mu1: np.ndarray, rr: np.ndarray, mu2: np.ndarray, s2: np.ndarray, rd: np.ndarray) -> tuple[float, float]:
+def _scale_sums(
+    mu1: np.ndarray, rr: np.ndarray, mu2: np.ndarray, s2: np.ndarray, rd: np.ndarray
+) -> tuple[float, float]:
     """Numerator and denominator sums of one scale from the filtered moments.
 
     ``rr`` and ``rd`` are the filtered ``R*R`` and ``R*D``; ``s2`` is the variance
