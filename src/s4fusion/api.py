@@ -1,0 +1,421 @@
+"""Fusing images from Python: ``s4fusion.fuse`` and ``fuse_images``.
+
+``fuse(infrared, visible)`` takes one pair in any of these forms (the two may
+differ) and returns the fused image in the form of ``visible``:
+
+==========================  ===========================================  ==========================================
+``visible`` given as         accepted layouts                             result
+==========================  ===========================================  ==========================================
+path (``str``/``PathLike``)  any file :mod:`s4fusion.io` reads             numpy float32, (H, W, 3) or (H, W), [0, 1]
+numpy array                  (H, W) grey or (H, W, 3|4); uint8, uint16,   numpy, same dtype as ``visible`` (uint8 /
+                             float in [0, 1]                              uint16 rounded half up, float in [0, 1])
+PIL image                    any mode                                     PIL image, ``RGB`` or ``L`` (8-bit)
+torch tensor                 (H, W), (C, H, W), (B, C, H, W), C = 1 or 3;  tensor of the same layout with C = 3 or 1,
+                             float in [0, 1] or uint8                     ``visible``'s dtype and device
+==========================  ===========================================  ==========================================
+
+The infrared image may have any of these forms too (tensors (H, W), (1, H, W)
+or (B, 1, H, W)); it is normalised to [0, 1] by ``ir_norm`` (see :mod:`s4fusion.io`).
+The network sees the infrared image and the visible Y channel; the output is
+colour (the fused Y with the visible image's Cr/Cb, released ``YCrCb2RGB``)
+unless ``gray=True`` or the visible image is grey. Outputs are clamped to [0, 1];
+call the model itself for the raw, unclamped network output.
+
+Large images are fused tile by tile when a whole-image pass would not fit the
+memory budget (:mod:`s4fusion.tiling`); ``tile=0`` never tiles, ``tile=N`` forces
+N-pixel tiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import io, ops, tiling
+from .models import S4Fusion
+
+__all__ = [
+    "FusionError",
+    "PRECISIONS",
+    "WEIGHTS_FILE",
+    "default_weights",
+    "example_pair",
+    "load_model",
+    "resolve_device",
+    "prepare_pair",
+    "PreparedPair",
+    "fuse_luma",
+    "fuse_prepared",
+    "fuse",
+    "fuse_images",
+]
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+WEIGHTS_FILE = "s4fusion.safetensors"
+_RELEASED_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt", ".tar")
+PathLike = Union[str, os.PathLike]
+
+
+class FusionError(ValueError):
+    """A pair cannot be fused (sizes differ, too small, bad option, non-finite
+    output); the message names the inputs and says what to do."""
+
+
+# ------------------------------------------------------------------- weights
+def default_weights() -> Path:
+    """The weights file bundled with the package (``s4fusion/weights/s4fusion.safetensors``).
+
+    Raises FileNotFoundError saying that weights must be given when this
+    installation has none."""
+    path = Path(os.fspath(importlib.resources.files("s4fusion") / "weights" / WEIGHTS_FILE))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no bundled S4Fusion weights in this installation ({path} does not exist); "
+            "give weights explicitly: --weights FILE on the command line, or model=FILE / an S4Fusion "
+            "instance in Python (FILE: a .safetensors file or folder written by save_pretrained, or the "
+            "authors' released checkpoint .pth/.pkl)"
+        )
+    return path
+
+
+def example_pair() -> tuple[Path, Path]:
+    """(infrared, visible) paths of the bundled example pair (MSRS 00123D crop,
+    see ``s4fusion/data/example/LICENSE.md``)."""
+    root = importlib.resources.files("s4fusion") / "data" / "example"
+    return Path(os.fspath(root / "ir.png")), Path(os.fspath(root / "vi.png"))
+
+
+def resolve_device(device: Union[str, torch.device, None] = None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU; otherwise the named
+    device, which must exist."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FusionError(f"device {device!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'")
+    return dev
+
+
+def load_model(weights: Union[PathLike, None] = None, device: Union[str, torch.device, None] = None) -> S4Fusion:
+    """Load a network for inference (eval mode, on ``device``).
+
+    ``weights``: a ``.safetensors`` file or folder written by ``save_pretrained``,
+    or the authors' released checkpoint (``.pth``, ``.pkl``, ...); None: the
+    bundled weights (:func:`default_weights`). Raises CheckpointError for a missing,
+    unreadable, mismatched or non-finite checkpoint."""
+    path = Path(weights) if weights is not None else default_weights()
+    if path.suffix.lower() in _RELEASED_SUFFIXES:
+        model = S4Fusion.from_released_checkpoint(path)
+    else:
+        model = S4Fusion.from_pretrained(path)
+    return model.eval().to(resolve_device(device))
+
+
+def _model(model: Union[S4Fusion, PathLike, None], device: Union[str, torch.device, None]) -> S4Fusion:
+    if isinstance(model, S4Fusion):
+        if device is not None:
+            target = resolve_device(device)
+            if next(model.parameters()).device != target:
+                model = model.to(target)
+        return model
+    return load_model(model, device)
+
+
+# ------------------------------------------------------------------- inputs
+@dataclass
+class PreparedPair:
+    """One pair ready for the network. ``infrared``, ``y``: (H, W) float32 in [0, 1];
+    ``cr``, ``cb``: the visible chroma (H, W), None when the visible image is grey."""
+
+    infrared: np.ndarray
+    y: np.ndarray
+    cr: Optional[np.ndarray]
+    cb: Optional[np.ndarray]
+    name: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.infrared.shape  # (H, W)
+
+
+def _tensor_to_hwc(t: torch.Tensor, name: str) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dim() == 3:
+        if t.shape[0] not in (1, 3, 4):
+            raise FusionError(f"{name}: tensor of shape {tuple(t.shape)}: expected (C, H, W) with C = 1, 3 or 4")
+        t = t.permute(1, 2, 0)
+    elif t.dim() != 2:
+        raise FusionError(f"{name}: tensor of shape {tuple(t.shape)}: expected (H, W) or (C, H, W)")
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.numpy()
+
+
+def _infrared(src: Any, norm: str, percentiles: Sequence[float], name: str) -> np.ndarray:
+    if isinstance(src, (str, os.PathLike)):
+        return io.read_infrared(src, norm, percentiles)
+    if isinstance(src, Image.Image):
+        return io.infrared_from_pil(src, norm, percentiles, name)
+    if isinstance(src, torch.Tensor):
+        src = _tensor_to_hwc(src, name)
+    if isinstance(src, np.ndarray):
+        return io.infrared_from_array(src, norm, percentiles, name)
+    raise FusionError(f"{name}: unsupported input type {type(src).__name__}; give a path, numpy array, PIL image or tensor")
+
+
+def _visible(src: Any, name: str) -> np.ndarray:
+    if isinstance(src, (str, os.PathLike)):
+        return io.read_visible(src)
+    if isinstance(src, Image.Image):
+        return io.visible_from_pil(src, name)
+    if isinstance(src, torch.Tensor):
+        src = _tensor_to_hwc(src, name)
+    if isinstance(src, np.ndarray):
+        return io.visible_from_array(src, name)
+    raise FusionError(f"{name}: unsupported input type {type(src).__name__}; give a path, numpy array, PIL image or tensor")
+
+
+def _label(src: Any, default: str) -> str:
+    return os.fspath(src) if isinstance(src, (str, os.PathLike)) else default
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W[, 3]) float32 -> ``size`` (H', W') with antialiased bicubic, clamped to [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(image))
+    t = t[None, None] if t.dim() == 2 else t.permute(2, 0, 1)[None]
+    t = F.interpolate(t, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0.0, 1.0)
+    return (t[0, 0] if image.ndim == 2 else t[0].permute(1, 2, 0)).contiguous().numpy()
+
+
+def prepare_pair(
+    infrared: Any,
+    visible: Any,
+    *,
+    ir_norm: str = "auto",
+    ir_percentiles: Sequence[float] = io.DEFAULT_PERCENTILES,
+    resize_visible: bool = False,
+    resize_hint: str = "resize_visible=True",
+) -> PreparedPair:
+    """Read / convert one pair (any accepted form) into network inputs.
+
+    Raises :class:`s4fusion.io.ImageError` for unreadable inputs and
+    :class:`FusionError` when the sizes differ and ``resize_visible`` is off
+    (``resize_hint`` names the option in the message)."""
+    ir_name, vi_name = _label(infrared, "infrared"), _label(visible, "visible")
+    ir = _infrared(infrared, ir_norm, ir_percentiles, ir_name)
+    vi = _visible(visible, vi_name)
+    if ir.shape != vi.shape[:2]:
+        if not resize_visible:
+            (h, w), (vh, vw) = ir.shape, vi.shape[:2]
+            raise FusionError(
+                f"infrared {ir_name} is {w}x{h} (width x height) but visible {vi_name} is {vw}x{vh}; "
+                f"the images must be registered pairs of the same size. Use {resize_hint} to resize the "
+                "visible image to the infrared size (only if they show the same field of view)"
+            )
+        vi = _resize(vi, ir.shape)
+    if vi.ndim == 3:
+        y, cr, cb = io.rgb_to_ycrcb(vi[..., 0], vi[..., 1], vi[..., 2])
+    else:
+        y, cr, cb = vi, None, None
+    return PreparedPair(ir, np.ascontiguousarray(y, np.float32), cr, cb, f"{ir_name} + {vi_name}")
+
+
+# ------------------------------------------------------------------ running
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision not in PRECISIONS:
+        raise FusionError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def fuse_luma(
+    model: S4Fusion,
+    infrared: torch.Tensor,
+    visible_y: torch.Tensor,
+    *,
+    tile: Union[str, int] = "auto",
+    tile_overlap: int = tiling.DEFAULT_OVERLAP,
+    memory_budget: Optional[int] = None,
+    precision: str = "fp32",
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> torch.Tensor:
+    """The network on a batch: (B, 1, H, W) infrared and visible Y in [0, 1] ->
+    (B, 1, H, W) float32 fused Y on the model's device, unclamped.
+
+    ``tile``: ``"auto"`` tiles only what does not fit ``memory_budget`` bytes (default
+    :func:`s4fusion.tiling.memory_budget`), splitting the batch first; ``0`` never
+    tiles; ``N`` uses N-pixel tiles. Raises :class:`FusionError` for an image
+    smaller than the network minimum or a non-finite output."""
+    device = next(model.parameters()).device
+    infrared = infrared.to(device=device, dtype=torch.float32)
+    visible_y = visible_y.to(device=device, dtype=torch.float32)
+    batch, _, height, width = infrared.shape
+    try:
+        model.padding_for(height, width)
+    except ValueError as e:
+        raise FusionError(f"{width}x{height} (width x height) image: {e}") from e
+    if tile == "auto":
+        budget = memory_budget or tiling.memory_budget(device)
+        fused_scan = ops.resolve_backend(device) != "reference"
+        side = tiling.choose_tile(model.config, height, width, budget, tile_overlap, fused_scan)
+        per_pass = tiling.estimate_bytes(model.config, height, width, 1, fused_scan)
+        chunk = batch if side is not None else max(1, min(batch, budget // max(per_pass, 1)))
+    elif isinstance(tile, int) and tile >= 0:
+        side, chunk = (tile or None), batch
+    else:
+        raise FusionError(f"tile must be 'auto', 0 (never tile) or a tile size in pixels, got {tile!r}")
+    outs = []
+    with torch.inference_mode(), _autocast(device, precision):
+        for first in range(0, batch, chunk):
+            ir, vi = infrared[first : first + chunk], visible_y[first : first + chunk]
+            if side is None:
+                out = model(ir, vi)
+            else:
+                out = tiling.tiled_forward(model, ir, vi, side, tile_overlap, progress=progress)
+            outs.append(out.float())
+    fused = torch.cat(outs)
+    if not torch.isfinite(fused).all():
+        hint = " (fp16 overflow is likely: use precision 'fp32' or 'bf16')" if precision == "fp16" else ""
+        raise FusionError(f"the network output holds NaN or infinite values{hint}; check the weights and inputs")
+    return fused
+
+
+def _compose(fused_y: np.ndarray, pair: PreparedPair, gray: bool) -> np.ndarray:
+    """Fused Y (H, W) unclamped -> float32 (H, W, 3) colour or (H, W) grey in [0, 1]."""
+    if gray or pair.cr is None:
+        return np.clip(fused_y, 0.0, 1.0).astype(np.float32)
+    r, g, b = io.ycrcb_to_rgb(fused_y, pair.cr, pair.cb)
+    return np.stack([r, g, b], axis=-1).astype(np.float32)
+
+
+def fuse_prepared(
+    model: S4Fusion,
+    pairs: Sequence[PreparedPair],
+    *,
+    gray: bool = False,
+    **run_options: Any,
+) -> list[np.ndarray]:
+    """Fuse prepared pairs of one size in one batch (:func:`fuse_luma` options) and
+    compose the outputs: float32 (H, W, 3) colour or (H, W) grey in [0, 1]."""
+    if not pairs:
+        return []
+    sizes = {p.size for p in pairs}
+    if len(sizes) != 1:
+        raise FusionError(f"one batch must hold pairs of one size, got sizes {sorted(sizes)}")
+    ir = torch.from_numpy(np.stack([p.infrared for p in pairs]))[:, None]
+    y = torch.from_numpy(np.stack([p.y for p in pairs]))[:, None]
+    fused = fuse_luma(model, ir, y, **run_options).cpu().numpy()[:, 0]
+    return [_compose(f, p, gray) for f, p in zip(fused, pairs)]
+
+
+# ------------------------------------------------------------------- outputs
+def _as_kind(image: np.ndarray, like: Any) -> Any:
+    """Float [0, 1] result (H, W[, 3]) -> the form of the visible input ``like``."""
+    if isinstance(like, (str, os.PathLike)):
+        return image
+    if isinstance(like, Image.Image):
+        return Image.fromarray(io.quantize(image, 8), "RGB" if image.ndim == 3 else "L")
+    if isinstance(like, np.ndarray):
+        if like.dtype == np.uint8:
+            return io.quantize(image, 8)
+        if like.dtype == np.uint16:
+            return io.quantize(image, 16)
+        return image.astype(like.dtype if like.dtype.kind == "f" else np.float32)
+    if isinstance(like, torch.Tensor):
+        if like.dtype == torch.uint8:
+            t = torch.from_numpy(io.quantize(image, 8))
+        else:
+            t = torch.from_numpy(image).to(like.dtype if like.is_floating_point() else torch.float32)
+        if like.dim() == 3:
+            t = t.permute(2, 0, 1) if t.dim() == 3 else t[None]
+        return t.to(like.device)
+    raise FusionError(f"unsupported visible input type {type(like).__name__}")
+
+
+def _items(x: Any) -> list:
+    return list(x) if isinstance(x, torch.Tensor) and x.dim() == 4 else [x]
+
+
+def fuse_images(
+    infrared: Sequence[Any],
+    visible: Sequence[Any],
+    model: Union[S4Fusion, PathLike, None] = None,
+    *,
+    gray: bool = False,
+    ir_norm: str = "auto",
+    ir_percentiles: Sequence[float] = io.DEFAULT_PERCENTILES,
+    resize_visible: bool = False,
+    batch_size: int = 4,
+    tile: Union[str, int] = "auto",
+    tile_overlap: int = tiling.DEFAULT_OVERLAP,
+    memory_budget: Optional[int] = None,
+    device: Union[str, torch.device, None] = None,
+    precision: str = "fp32",
+) -> list:
+    """Fuse a list of pairs; equal-size pairs run in batches of ``batch_size``.
+
+    ``infrared[i]`` and ``visible[i]`` form pair i (any forms :func:`fuse` takes);
+    result i has the form of ``visible[i]``. ``model``: an :class:`S4Fusion`, a
+    weights path, or None for the bundled weights; ``device`` None keeps a given
+    model where it is (else CUDA when available). The first bad pair raises."""
+    if len(infrared) != len(visible):
+        raise FusionError(f"{len(infrared)} infrared images but {len(visible)} visible images")
+    if batch_size < 1:
+        raise FusionError(f"batch_size must be >= 1, got {batch_size}")
+    net = _model(model, device)
+    prepared = [
+        prepare_pair(i, v, ir_norm=ir_norm, ir_percentiles=ir_percentiles, resize_visible=resize_visible)
+        for i, v in zip(infrared, visible)
+    ]
+    run = dict(tile=tile, tile_overlap=tile_overlap, memory_budget=memory_budget, precision=precision)
+    results: list = [None] * len(prepared)
+    for indices in _batches([p.size for p in prepared], batch_size):
+        outs = fuse_prepared(net, [prepared[k] for k in indices], gray=gray, **run)
+        for k, out in zip(indices, outs):
+            results[k] = _as_kind(out, visible[k])
+    return results
+
+
+def _batches(sizes: Sequence[tuple[int, int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices grouped by size (first appearance order), in chunks of ``batch_size``."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, s in enumerate(sizes):
+        groups.setdefault(s, []).append(k)
+    for members in groups.values():
+        for first in range(0, len(members), batch_size):
+            yield members[first : first + batch_size]
+
+
+def fuse(
+    infrared: Any,
+    visible: Any,
+    model: Union[S4Fusion, PathLike, None] = None,
+    **options: Any,
+) -> Any:
+    """Fuse one infrared-visible pair; the result has the form of ``visible``.
+
+    Inputs: paths, numpy arrays, PIL images or tensors (see the module docstring);
+    a (B, C, H, W) tensor pair is fused as a batch. Options (:func:`fuse_images`):
+    ``gray``, ``ir_norm`` (``auto|minmax|percentile|scale``), ``ir_percentiles``,
+    ``resize_visible``, ``tile`` (``"auto"``, 0, N), ``tile_overlap``,
+    ``memory_budget`` (bytes), ``device``, ``precision`` (``fp32|bf16|fp16``),
+    ``batch_size``."""
+    irs, vis = _items(infrared), _items(visible)
+    if len(irs) != len(vis):
+        raise FusionError(f"infrared batch of {len(irs)} but visible batch of {len(vis)}")
+    out = fuse_images(irs, vis, model, **options)
+    if isinstance(visible, torch.Tensor) and visible.dim() == 4:
+        return torch.stack(out)
+    return out[0]
+
