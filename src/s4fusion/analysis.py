@@ -186,7 +186,8 @@ def delta_statistics(
     ``(name, infrared, visible)``, each image (1, H, W) or (1, 1, H, W) in [0, 1].
 
     Every CMSA runs, including the finest one whose output the released decoder
-    discards. The model must use CMSA fusion (``config.fusion == "cmsa"``)."""
+    discards. The model must use CMSA fusion (``config.fusion == "cmsa"``); it is
+    put in eval mode."""
     if model.config.fusion != "cmsa":
         raise ValueError(
             f"the delta analysis needs CMSA fusion (Cross SS2D); this model has fusion={model.config.fusion!r}"
@@ -293,7 +294,8 @@ def cmsa_feature_maps(
     model: S4Fusion, infrared: torch.Tensor, visible: torch.Tensor
 ) -> tuple[list[LayerFeatures], torch.Tensor]:
     """Feature maps entering and leaving each fusion layer for one pair
-    (each (1, H, W) or (1, 1, H, W) in [0, 1]), and the fused image (H, W)."""
+    (each (1, H, W) or (1, 1, H, W) in [0, 1]), and the fused image (H, W).
+    The model is put in eval mode."""
     device = next(model.parameters()).device
     ir = infrared.reshape(1, 1, *infrared.shape[-2:]).to(device)
     vi = visible.reshape(1, 1, *visible.shape[-2:]).to(device)

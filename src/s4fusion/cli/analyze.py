@@ -93,6 +93,8 @@ def _load_model(args: argparse.Namespace):
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
     path = Path(args.weights)
     if path.is_dir() or path.suffix == ".safetensors":
         model = S4Fusion.from_pretrained(path)
