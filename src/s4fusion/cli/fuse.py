@@ -1,0 +1,340 @@
+"""``s4fusion fuse``: fuse infrared-visible pairs given as two files or two folders."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from .. import io, tiling
+from ..api import (
+    FusionError,
+    PreparedPair,
+    default_weights,
+    example_pair,
+    fuse_prepared,
+    load_model,
+    prepare_pair,
+    resolve_device,
+)
+from ..checkpoint import CheckpointError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LIST_LIMIT = 20  # names shown per category in reports
+
+DESCRIPTION = """\
+Fuse infrared-visible image pairs with S4Fusion.
+
+  s4fusion fuse --ir IR_FILE --vi VI_FILE --out FUSED.png [--weights W]
+  s4fusion fuse --ir IR_FOLDER --vi VI_FOLDER --out OUT_FOLDER [--weights W]
+  s4fusion fuse --example --out fused.png --weights W
+
+Folders are matched by file name without extension (ir/0001.tif pairs with
+vi/0001.jpg); names without a partner are reported. Each output is named after
+its pair (<name>.png in folder mode). The output is colour (fused Y with the
+visible image's chroma) unless --gray or the visible image is grey.
+
+Infrared normalisation (--ir-norm): auto = 8-bit / 255 as released, anything
+deeper (16-bit, radiometric 14-bit in 16, float) min-max stretched; minmax;
+percentile = clip to the --ir-percentiles (default 1 99) then stretch; scale =
+divide by the type's range (255 / 65535).
+
+Inputs are never overwritten; outputs are written atomically (temporary file,
+then rename) and existing outputs are kept unless --overwrite (or skipped with
+--skip-existing, to resume an interrupted folder run). One bad pair does not
+stop the others. Exit code: 0 all fused, 1 some pair failed (each is listed
+with its reason), 2 nothing could start (bad options, weights, output folder).
+"""
+
+
+class UsageError(Exception):
+    """The run cannot start: bad options, paths or output folder."""
+
+
+@dataclass
+class Job:
+    infrared: Path
+    visible: Path
+    output: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.infrared} + {self.visible}"
+
+
+def _tile(value: str) -> Union[str, int]:
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto', 0 or a tile size in pixels, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"tile size must be >= 0, got {n}")
+    return n
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fuse",
+        help="fuse infrared-visible image pairs (files or folders)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("inputs and outputs")
+    src.add_argument("--ir", type=Path, help="infrared image file, or folder of infrared images")
+    src.add_argument("--vi", type=Path, help="visible image file, or folder of visible images")
+    src.add_argument("--example", action="store_true", help="fuse the bundled example pair instead of --ir/--vi")
+    src.add_argument(
+        "--out", type=Path, required=True,
+        help="output file (pair mode; .png .tif .jpg .bmp) or folder (folder mode, or pair mode with an existing "
+        "folder / trailing slash: <visible name>.png inside it)",
+    )
+    src.add_argument(
+        "--weights", type=Path,
+        help="weights: .safetensors file/folder (save_pretrained) or the released .pth/.pkl checkpoint; "
+        "default: the weights bundled with the package",
+    )
+    img = p.add_argument_group("images")
+    img.add_argument("--gray", action="store_true", help="write the grey fused image instead of colour")
+    img.add_argument("--bits", type=int, choices=(8, 16), default=8, help="bits per sample of the output (default 8)")
+    img.add_argument("--ir-norm", choices=io.IR_NORMS, default="auto", help="infrared normalisation (default auto)")
+    img.add_argument(
+        "--ir-percentiles", type=float, nargs=2, metavar=("LOW", "HIGH"), default=io.DEFAULT_PERCENTILES,
+        help="percentiles for --ir-norm percentile (default 1 99)",
+    )
+    img.add_argument(
+        "--resize-visible", action="store_true",
+        help="resize a visible image whose size differs from its infrared image (antialiased bicubic)",
+    )
+    run = p.add_argument_group("running")
+    run.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N (default auto)")
+    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute precision")
+    run.add_argument("--batch-size", type=_positive_int, default=4, help="pairs of one size per batch (default 4)")
+    run.add_argument(
+        "--tile", type=_tile, default="auto",
+        help="auto: tile only images that would not fit the memory budget; 0: never tile; N: N-pixel tiles",
+    )
+    run.add_argument(
+        "--tile-overlap", type=int, default=tiling.DEFAULT_OVERLAP,
+        help=f"minimum overlap of neighbouring tiles in pixels (default {tiling.DEFAULT_OVERLAP})",
+    )
+    run.add_argument(
+        "--memory-budget", type=float, metavar="GIB",
+        help="memory for one pass in GiB (default: 60%% of available RAM, 80%% of free GPU memory)",
+    )
+    safe = p.add_argument_group("existing outputs").add_mutually_exclusive_group()
+    safe.add_argument("--skip-existing", action="store_true", help="skip pairs whose output exists (resume a run)")
+    safe.add_argument("--overwrite", action="store_true", help="replace existing outputs (never inputs)")
+    p.set_defaults(func=run_fuse)
+
+
+# ------------------------------------------------------------------ planning
+def _images(folder: Path) -> tuple[dict[str, Path], list[str]]:
+    """Image files of ``folder`` by name stem, and notes on files not used."""
+    by_stem: dict[str, list[Path]] = {}
+    notes = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or not entry.is_file():
+            continue
+        if entry.suffix.lower() not in io.READ_EXTENSIONS:
+            notes.append(f"{entry}: not an image extension {io.READ_EXTENSIONS}")
+            continue
+        by_stem.setdefault(entry.stem, []).append(entry)
+    found = {}
+    for stem, paths in by_stem.items():
+        if len(paths) > 1:
+            notes.append(f"{', '.join(map(str, paths))}: several files share the name {stem!r}; keep one")
+        else:
+            found[stem] = paths[0]
+    return found, notes
+
+
+def _folder_jobs(ir_dir: Path, vi_dir: Path, out_dir: Path) -> tuple[list[Job], list[str]]:
+    irs, notes_ir = _images(ir_dir)
+    vis, notes_vi = _images(vi_dir)
+    notes = notes_ir + notes_vi
+    notes += [f"{irs[s]}: no visible image named {s}.* in {vi_dir}" for s in sorted(set(irs) - set(vis))]
+    notes += [f"{vis[s]}: no infrared image named {s}.* in {ir_dir}" for s in sorted(set(vis) - set(irs))]
+    jobs = [Job(irs[s], vis[s], out_dir / f"{s}.png") for s in sorted(set(irs) & set(vis))]
+    return jobs, notes
+
+
+def _check_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"output folder {folder} cannot be created ({e}); choose another --out") from e
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"output folder {folder} is not writable ({e.strerror or e}); fix its permissions or choose another --out"
+        ) from e
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Job], list[str]]:
+    """Jobs and notes (unmatched or ignored files) from the arguments; raises
+    :class:`UsageError` for inconsistent paths, an output that is an input, or an
+    output folder that cannot be written."""
+    if args.example:
+        if args.ir or args.vi:
+            raise UsageError("--example fuses the bundled pair: give it without --ir/--vi")
+        ir, vi = example_pair()
+    else:
+        if args.ir is None or args.vi is None:
+            raise UsageError("give --ir and --vi (two files or two folders), or --example")
+        ir, vi = args.ir, args.vi
+    for name, path in (("--ir", ir), ("--vi", vi)):
+        if not path.exists():
+            raise UsageError(f"{name} {path} does not exist")
+    out: Path = args.out
+    if ir.is_dir() and vi.is_dir():
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; in folder mode --out must be a folder")
+        if _same(out, ir) or _same(out, vi):
+            raise UsageError(f"--out {out} is an input folder; outputs could replace inputs: choose another folder")
+        _check_folder(out)
+        jobs, notes = _folder_jobs(ir, vi, out)
+        if not jobs:
+            raise UsageError(f"no pairs: no file name of {ir} matches one of {vi}" + "".join(f"\n  {n}" for n in notes))
+        return jobs, notes
+    if ir.is_dir() or vi.is_dir():
+        raise UsageError(f"--ir {ir} and --vi {vi} must both be files or both be folders")
+    if out.is_dir() or str(args.out).endswith(("/", os.sep)):
+        out = out / f"{vi.stem}.png"
+    ext = out.suffix.lower()
+    if ext not in io.WRITE_EXTENSIONS:
+        raise UsageError(f"--out {out}: cannot write '{ext or 'no extension'}' files; use one of {io.WRITE_EXTENSIONS}")
+    if args.bits == 16 and ext not in (".png", ".tif", ".tiff"):
+        raise UsageError(f"--out {out}: 16-bit output needs .png or .tif")
+    if _same(out, ir) or _same(out, vi):
+        raise UsageError(f"--out {out} is one of the inputs; inputs are never overwritten: choose another name")
+    _check_folder(out.parent)
+    return [Job(ir, vi, out)], []
+
+
+# ------------------------------------------------------------------- running
+def _reason(e: BaseException) -> str:
+    if isinstance(e, (io.ImageError, FusionError)):
+        return str(e)
+    text = f"{type(e).__name__}: {e}"
+    if "out of memory" in str(e).lower() or isinstance(e, MemoryError):
+        text += " (lower --batch-size, or set --memory-budget / --tile smaller)"
+    return text
+
+
+def _report(lines: list[str], title: str) -> None:
+    if not lines:
+        return
+    print(f"{title} ({len(lines)}):", file=sys.stderr)
+    for line in lines[:LIST_LIMIT]:
+        print(f"  {line}", file=sys.stderr)
+    if len(lines) > LIST_LIMIT:
+        print(f"  ... and {len(lines) - LIST_LIMIT} more", file=sys.stderr)
+
+
+def run_fuse(args: argparse.Namespace) -> int:
+    """Handler of ``s4fusion fuse``; returns the exit code."""
+    try:
+        weights = args.weights if args.weights is not None else default_weights()
+        device = resolve_device(args.device)
+        jobs, notes = plan(args)
+        model = load_model(weights, device)
+    except (UsageError, CheckpointError, FileNotFoundError, FusionError, io.ImageError) as e:
+        print(f"s4fusion fuse: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    _report(notes, "not fused (unmatched or ignored files)")
+
+    failures: list[str] = []
+    skipped = 0
+    todo = []
+    for job in jobs:
+        if job.output.exists():
+            if args.skip_existing:
+                skipped += 1
+                continue
+            if not args.overwrite:
+                failures.append(f"{job.label}: output {job.output} already exists (use --overwrite or --skip-existing)")
+                continue
+        todo.append(job)
+
+    from tqdm import tqdm
+
+    run_options = dict(
+        tile=args.tile,
+        tile_overlap=args.tile_overlap,
+        memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None,
+        precision=args.precision,
+    )
+    written: list[Path] = []
+    bar = tqdm(total=len(todo), unit="pair", desc="fusing", disable=None, file=sys.stderr)
+
+    def fused(batch: list[tuple[Job, PreparedPair]]) -> list[tuple[Job, np.ndarray]]:
+        """Run one batch; a failing batch is retried pair by pair."""
+        try:
+            outs = fuse_prepared(model, [p for _, p in batch], gray=args.gray, **run_options)
+            return [(job, out) for (job, _), out in zip(batch, outs)]
+        except Exception as e:
+            if len(batch) == 1:
+                failures.append(f"{batch[0][0].label}: {_reason(e)}")
+                return []
+            return [r for item in batch for r in fused([item])]
+
+    pending: list[tuple[Job, PreparedPair]] = []
+
+    def flush() -> None:
+        for job, image in fused(pending):
+            try:
+                written.append(io.write_image(job.output, image, args.bits, overwrite=args.overwrite))
+            except Exception as e:
+                failures.append(f"{job.label}: {_reason(e)}")
+        bar.update(len(pending))
+        pending.clear()
+
+    try:
+        for job in todo:
+            try:
+                pair = prepare_pair(
+                    job.infrared, job.visible, ir_norm=args.ir_norm, ir_percentiles=args.ir_percentiles,
+                    resize_visible=args.resize_visible, resize_hint="--resize-visible",
+                )
+            except Exception as e:
+                failures.append(f"{job.label}: {_reason(e)}")
+                bar.update(1)
+                continue
+            if pending and (pending[0][1].size != pair.size or len(pending) >= args.batch_size):
+                flush()
+            pending.append((job, pair))
+        flush()
+    finally:
+        bar.close()
+
+    where = str(jobs[0].output) if len(jobs) == 1 else str(jobs[0].output.parent)
+    summary = f"fused {len(written)} of {len(jobs)} pairs -> {where}"
+    if skipped:
+        summary += f"; skipped {skipped} with an existing output"
+    print(summary, file=sys.stderr)
+    _report(failures, "FAILED")
+    return EXIT_FAILED if failures else EXIT_OK
