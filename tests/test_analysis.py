@@ -295,3 +295,15 @@ def test_cli_params(capsys):
     assert main(["analyze", "params"]) == 0
     out = capsys.readouterr().out
     assert "3,562,957" in out and "fssm" in out and "no_patch_mark" in out
+
+
+def test_cli_default_weights_are_the_bundled_ones(dataset, capsys):
+    from s4fusion.api import default_weights
+
+    code = main(["analyze", "delta", "--data", str(dataset), "--limit", "1"])
+    try:
+        default_weights()
+    except FileNotFoundError:
+        assert code == 1 and "no bundled S4Fusion weights" in capsys.readouterr().err
+    else:
+        assert code == 0 and "weights bundled with the package" in capsys.readouterr().out

@@ -8,9 +8,10 @@
 * ``params``: the parameter count of every ablation variant next to S4Fusion's
   (paper Table 3; :data:`s4fusion.models.ablation.ABLATION_PRESETS`).
 
-Weights: a ``.safetensors`` file or folder written by ``save_pretrained`` (any
-configuration, ablations included) or the authors' released ``{'model': ...}``
-checkpoint (``model.pkl`` / ``.pth``). Exit codes: 0 done, 1 unusable input
+Weights (:func:`s4fusion.api.load_model`): a ``.safetensors`` file or folder
+written by ``save_pretrained`` (any configuration, ablations included), the
+authors' released ``{'model': ...}`` checkpoint (``model.pkl`` / ``.pth``), or by
+default the weights bundled with the package. Exit codes: 0 done, 1 unusable input
 (weights, images, output path).
 """
 
@@ -78,29 +79,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights",
-        required=True,
         metavar="W",
-        help="weights: .safetensors file/folder from save_pretrained, or the released model.pkl/.pth",
+        help="weights: .safetensors file/folder from save_pretrained, or the released model.pkl/.pth; "
+        "default: the weights bundled with the package",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
 
 
 def _load_model(args: argparse.Namespace):
-    import torch
+    from ..api import load_model
 
-    from ..models import S4Fusion
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; use --device cpu or auto")
-    path = Path(args.weights)
-    if path.is_dir() or path.suffix == ".safetensors":
-        model = S4Fusion.from_pretrained(path)
-    else:
-        model = S4Fusion.from_released_checkpoint(path)
-    return model.to(device).eval()
+    return load_model(args.weights, args.device)
 
 
 def _fail(message: str) -> int:
@@ -134,11 +123,11 @@ def _delta(args: argparse.Namespace) -> int:
     try:
         model = _load_model(args)
         report = delta_statistics_folder(model, args.data, limit=args.limit or None)
-    except (CheckpointError, DataError, ValueError) as e:
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as e:
         return _fail(str(e))
     for path, reason in report.problems:
         print(f"not used: {path}: {reason}", file=sys.stderr)
-    print(f"{len(report.images)} pairs from {args.data}, weights {args.weights}")
+    print(f"{len(report.images)} pairs from {args.data}, weights {args.weights or 'bundled with the package'}")
     print(format_delta_table(report.rows, "text"), end="")
     if model.config.topology == "released":
         print("(layer 0: its output is not used by the released decoder, so its weights are never trained)")
