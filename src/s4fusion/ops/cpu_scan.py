@@ -1,0 +1,557 @@
+"""Fast CPU backend of :func:`s4fusion.ops.cross_scan` (numba kernels).
+
+Same semantics and layouts as :func:`s4fusion.ops.reference.cross_scan_ref`
+(the specification): map layout in, map layout out, four scan directions
+(row-major, column-major and their reversals), modalities interleaved per
+direction (token ``t`` of modality ``m`` is step ``t * M + m``), and the outputs
+of the directions summed back at their row-major positions.
+
+How it runs:
+
+* One work unit = (batch element, direction k, block of channels). A unit walks
+  its direction's positions in chunks of ``_CHUNK`` positions; a chunk's inputs
+  are gathered by index arithmetic (position of step ``i`` of direction ``k``)
+  from the map-layout tensors into small unit-local buffers, scanned, and the
+  results scattered back to row-major positions. No unfolded, interleaved or
+  per-direction copy of the inputs is made.
+* The recurrence is vectorised over the channels of the block (SIMD lanes) with
+  the state index ``n`` and the steps sequential, so every sum is in a fixed
+  order (``fastmath`` is off). In float32 the exponentials and the softplus are
+  evaluated with the polynomial helpers below (a few ulp; the library calls would
+  not vectorise); in float64 with the C library.
+* The recovery sum: each direction writes its own output slice, then one pass
+  adds the four slices and the ``D`` skip at every position.
+* State in float32 for float32/bfloat16/float16 inputs (computed in float32,
+  returned in the input dtype), in float64 for float64 inputs.
+* Backward: reverse-time recurrence. When gradients are needed, the forward
+  stores the state at the start of every chunk (``N / (_CHUNK * M)`` of the size
+  of ``delta``); the backward recomputes the states of one chunk at a time from
+  it. Under ``torch.no_grad()`` (or when no input requires grad) nothing is stored.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+__all__ = ["cross_scan_cpu"]
+
+NUM_DIRECTIONS = 4
+_CHUNK = 64  # positions per chunk (a chunk has _CHUNK * M scan steps)
+_MAX_BLOCK = 32  # channels per work unit (SIMD lanes of the recurrence), at most
+_LANES = 8  # channel blocks are multiples of this (one AVX2 float32 vector)
+
+# ---------------------------------------------------------------- float32 math
+# exp: x = k ln2 + r, |r| <= ln2 / 2 (Cody-Waite split of ln2), exp(r) by its
+# degree-7 Taylor polynomial (truncation < 0.1 ulp), times 2^k built from the
+# exponent bits. Results below 2^-126 are flushed to zero.
+_F1 = np.float32(1.0)
+_F2 = np.float32(2.0)
+_F0 = np.float32(0.0)
+_HALF = np.float32(0.5)
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_LO = np.float32(-87.33654)  # ln(2^-126)
+_EXP_HI = np.float32(88.72283)  # ln(FLT_MAX)
+_K_MAX = np.float32(127.0)
+_INF = np.float32(np.inf)
+_T2, _T3, _T4, _T5, _T6, _T7 = (np.float32(1.0 / math.factorial(i)) for i in range(2, 8))
+# log1p(z) = 2 atanh(s), s = z / (2 + z) in [0, 1/3] for z in [0, 1]: odd series
+# up to s^17 (truncation < 2e-9 relative).
+_S3, _S5, _S7, _S9, _S11, _S13, _S15, _S17 = (np.float32(1.0 / i) for i in range(3, 18, 2))
+_SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: x above it -> x
+_THR32 = np.float32(_SOFTPLUS_THRESHOLD)
+
+
+@intrinsic
+def _int32_bits_as_float32(typingctx, i):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@njit(inline="always", cache=True)
+def _expf(x):
+    xc = x
+    if xc < _EXP_LO:
+        xc = _EXP_LO
+    if xc > _EXP_HI:
+        xc = _EXP_HI
+    kf = np.floor(xc * _LOG2E + _HALF)
+    r = xc - kf * _LN2_HI
+    r = r - kf * _LN2_LO
+    p = ((((((_T7 * r + _T6) * r + _T5) * r + _T4) * r + _T3) * r + _T2) * r + _F1) * r + _F1
+    if kf > _K_MAX:  # only near ln(FLT_MAX): 2^128 is not a float32, use 2 * 2^127
+        p = p * _F2
+        kf = _K_MAX
+    res = p * _int32_bits_as_float32((np.int32(kf) + np.int32(127)) << np.int32(23))
+    if x < _EXP_LO:
+        res = _F0
+    if x > _EXP_HI:
+        res = _INF
+    if x != x:
+        res = x
+    return res
+
+
+@njit(inline="always", cache=True)
+def _softplusf(x):
+    # softplus(x) = max(x, 0) + log1p(exp(-|x|))
+    z = _expf(-x if x > _F0 else x)
+    s = z / (_F2 + z)
+    s2 = s * s
+    p = (((((((_S17 * s2 + _S15) * s2 + _S13) * s2 + _S11) * s2 + _S9) * s2 + _S7) * s2 + _S5) * s2 + _S3) * s2
+    res = (x if x > _F0 else _F0) + _F2 * (p * s + s)
+    if x > _THR32:
+        res = x
+    return res
+
+
+def _exp(x):
+    """exp in the state dtype (float32: vectorisable polynomial, float64: libm)."""
+    return math.exp(x)
+
+
+def _softplus(x):
+    """softplus with torch's threshold (20) in the state dtype."""
+    return x if x > _SOFTPLUS_THRESHOLD else math.log1p(math.exp(x))
+
+
+def _softplus_grad(x):
+    """Derivative of :func:`_softplus` (logistic function; 1 above the threshold)."""
+    return 1.0 if x > _SOFTPLUS_THRESHOLD else 1.0 / (1.0 + math.exp(-x))
+
+
+def _is_f32(x) -> bool:
+    return isinstance(x, types.Float) and x.bitwidth == 32
+
+
+@overload(_exp, inline="always")
+def _ov_exp(x):
+    if _is_f32(x):
+        return lambda x: _expf(x)
+    return lambda x: math.exp(x)
+
+
+@overload(_softplus, inline="always")
+def _ov_softplus(x):
+    if _is_f32(x):
+        return lambda x: _softplusf(x)
+    return lambda x: x if x > _SOFTPLUS_THRESHOLD else math.log1p(math.exp(x))
+
+
+@overload(_softplus_grad)
+def _ov_softplus_grad(x):
+    if _is_f32(x):
+        return lambda x: _F1 if x > _THR32 else _F1 / (_F1 + _expf(-x))
+    return lambda x: 1.0 if x > _SOFTPLUS_THRESHOLD else 1.0 / (1.0 + math.exp(-x))
+
+
+# --------------------------------------------------------------- index maths
+@njit(inline="always", cache=True)
+def _position(k, i, L, H, W):
+    """Row-major position of step ``i`` of direction ``k`` (0 row-major, 1
+    column-major, 2 and 3 their reversals), as ``direction_orders``."""
+    if k >= 2:
+        i = L - 1 - i
+    if k == 1 or k == 3:
+        return (i % H) * W + i // H
+    return i
+
+
+@njit(cache=True)
+def _gather_chunk(u, delta, Bm, Cm, bias_l, bi, k, c0, cbn, pos, npos, xb, ub, Bb, Cb):
+    """Copy the chunk's inputs into step-major buffers (step s = i * M + m):
+    xb, ub (s, channel) = delta + bias, u; Bb, Cb (s, n)."""
+    M = u.shape[1]
+    N = Bm.shape[3]
+    for m in range(M):
+        for j in range(cbn):
+            c = c0 + j
+            bj = bias_l[j]
+            for ii in range(npos):
+                p = pos[ii]
+                xb[ii * M + m, j] = delta[bi, m, k, c, p] + bj
+                ub[ii * M + m, j] = u[bi, m, c, p]
+        for n in range(N):
+            for ii in range(npos):
+                p = pos[ii]
+                Bb[ii * M + m, n] = Bm[bi, m, k, n, p]
+                Cb[ii * M + m, n] = Cm[bi, m, k, n, p]
+
+
+def _units(b: int, K: int, d: int, threads: int) -> tuple[int, int]:
+    """(channel block size, number of blocks): blocks of at most _MAX_BLOCK
+    channels in multiples of _LANES, smaller when b * K * blocks would leave
+    threads idle."""
+    nblk = -(-d // _MAX_BLOCK)
+    while b * K * nblk < 2 * threads and nblk * _LANES < d:
+        nblk += 1
+    size = -(-d // nblk)
+    size = -(-size // _LANES) * _LANES
+    return size, -(-d // size)
+
+
+# ------------------------------------------------------------------- kernels
+@njit(nogil=True, fastmath=False, cache=True)
+def _forward_units(first, step, u, delta, A, Bm, Cm, bias, H, W, block, out_k, ckpt, save):
+    """Scan the work units first, first + step, ... of the (batch, direction,
+    channel block) units.
+
+    u (b, M, d, L), delta (b, M, K, d, L), A (K*d, N), Bm, Cm (b, M, K, N, L),
+    bias (K*d,) -> out_k (b, K, M, d, L): the scan output of direction k at each
+    row-major position, without the D skip. With ``save``, ckpt (b, K, chunks, N, d)
+    receives the state entering every chunk.
+    """
+    b, M, d, L = u.shape
+    K = delta.shape[2]
+    N = A.shape[1]
+    nblk = (d + block - 1) // block
+    nchunks = (L + _CHUNK - 1) // _CHUNK
+    steps = _CHUNK * M
+    for unit in range(first, b * K * nblk, step):
+        bi = unit // (K * nblk)
+        k = (unit // nblk) % K
+        c0 = (unit % nblk) * block
+        cbn = min(block, d - c0)
+        h = np.zeros((N, cbn), dtype=u.dtype)
+        Al = np.empty((N, cbn), dtype=u.dtype)
+        bias_l = np.empty(cbn, dtype=u.dtype)
+        for j in range(cbn):
+            bias_l[j] = bias[k * d + c0 + j]
+            for n in range(N):
+                Al[n, j] = A[k * d + c0 + j, n]
+        pos = np.empty(_CHUNK, dtype=np.int64)
+        xb = np.empty((steps, cbn), dtype=u.dtype)
+        ub = np.empty((steps, cbn), dtype=u.dtype)
+        yb = np.empty((steps, cbn), dtype=u.dtype)
+        Bb = np.empty((steps, N), dtype=u.dtype)
+        Cb = np.empty((steps, N), dtype=u.dtype)
+        dt = np.empty(cbn, dtype=u.dtype)
+        dtu = np.empty(cbn, dtype=u.dtype)
+        for ch in range(nchunks):
+            i0 = ch * _CHUNK
+            npos = min(_CHUNK, L - i0)
+            ns = npos * M
+            if save:
+                for n in range(N):
+                    for j in range(cbn):
+                        ckpt[bi, k, ch, n, c0 + j] = h[n, j]
+            for ii in range(npos):
+                pos[ii] = _position(k, i0 + ii, L, H, W)
+            _gather_chunk(u, delta, Bm, Cm, bias_l, bi, k, c0, cbn, pos, npos, xb, ub, Bb, Cb)
+            for s in range(ns):
+                for j in range(cbn):
+                    dt[j] = _softplus(xb[s, j])
+                    dtu[j] = dt[j] * ub[s, j]
+                    yb[s, j] = 0
+                for n in range(N):
+                    bn = Bb[s, n]
+                    cn = Cb[s, n]
+                    hn = h[n]
+                    an = Al[n]
+                    ys = yb[s]
+                    for j in range(cbn):
+                        hv = _exp(dt[j] * an[j]) * hn[j] + dtu[j] * bn
+                        hn[j] = hv
+                        ys[j] += hv * cn
+            for m in range(M):
+                for j in range(cbn):
+                    for ii in range(npos):
+                        out_k[bi, k, m, c0 + j, pos[ii]] = yb[ii * M + m, j]
+
+
+@njit(nogil=True, fastmath=False, cache=True)
+def _backward_units(
+    first, step, u, delta, A, Bm, Cm, bias, dout, H, W, block, groups, ckpt, du_k, ddelta, dA_part, dB_part, dC_part
+):
+    """Gradients of the scan part (the D skip is handled outside) for the work
+    units first, first + step, ... of the (batch, direction, group) units; group g
+    handles channel blocks g, g + groups, ... and accumulates its dB, dC
+    contribution in slot g.
+
+    Inputs as :func:`_forward_units`, dout (b, M, d, L), ckpt from the forward.
+    Outputs: du_k (b, K, M, d, L) per direction, ddelta (b, M, K, d, L),
+    dA_part (b, K*d, N), dB_part, dC_part (groups, b, M, K, N, L) zero-filled on
+    entry.
+    """
+    b, M, d, L = u.shape
+    K = delta.shape[2]
+    N = A.shape[1]
+    nblk = (d + block - 1) // block
+    nchunks = (L + _CHUNK - 1) // _CHUNK
+    steps = _CHUNK * M
+    for unit in range(first, b * K * groups, step):
+        bi = unit // (K * groups)
+        k = (unit // groups) % K
+        g = unit % groups
+        pos = np.empty(_CHUNK, dtype=np.int64)
+        xb = np.empty((steps, block), dtype=u.dtype)
+        ub = np.empty((steps, block), dtype=u.dtype)
+        dtb = np.empty((steps, block), dtype=u.dtype)
+        dyb = np.empty((steps, block), dtype=u.dtype)
+        Bb = np.empty((steps, N), dtype=u.dtype)
+        Cb = np.empty((steps, N), dtype=u.dtype)
+        hb = np.empty((steps + 1, N, block), dtype=u.dtype)
+        ab = np.empty((steps, N, block), dtype=u.dtype)
+        gBb = np.empty((steps, N, block), dtype=u.dtype)
+        gCb = np.empty((steps, N, block), dtype=u.dtype)
+        ddt = np.empty(block, dtype=u.dtype)
+        dus = np.empty(block, dtype=u.dtype)
+        for blk in range(g, nblk, groups):
+            c0 = blk * block
+            cbn = min(block, d - c0)
+            Al = np.empty((N, cbn), dtype=u.dtype)
+            bias_l = np.empty(cbn, dtype=u.dtype)
+            for j in range(cbn):
+                bias_l[j] = bias[k * d + c0 + j]
+                for n in range(N):
+                    Al[n, j] = A[k * d + c0 + j, n]
+            carry = np.zeros((N, cbn), dtype=u.dtype)  # a_{s+1} * dL/dh_{s+1}
+            dA_chunk = np.empty((N, cbn), dtype=u.dtype)
+            dA_total = np.zeros((N, cbn), dtype=np.float64)
+            for ch in range(nchunks - 1, -1, -1):
+                i0 = ch * _CHUNK
+                npos = min(_CHUNK, L - i0)
+                ns = npos * M
+                for ii in range(npos):
+                    pos[ii] = _position(k, i0 + ii, L, H, W)
+                _gather_chunk(u, delta, Bm, Cm, bias_l, bi, k, c0, cbn, pos, npos, xb, ub, Bb, Cb)
+                for m in range(M):
+                    for j in range(cbn):
+                        for ii in range(npos):
+                            dyb[ii * M + m, j] = dout[bi, m, c0 + j, pos[ii]]
+                # recompute the chunk's states from the stored entering state
+                for n in range(N):
+                    for j in range(cbn):
+                        hb[0, n, j] = ckpt[bi, k, ch, n, c0 + j]
+                for s in range(ns):
+                    for j in range(cbn):
+                        dtb[s, j] = _softplus(xb[s, j])
+                    for n in range(N):
+                        bn = Bb[s, n]
+                        for j in range(cbn):
+                            dtv = dtb[s, j]
+                            a = _exp(dtv * Al[n, j])
+                            ab[s, n, j] = a
+                            hb[s + 1, n, j] = a * hb[s, n, j] + dtv * ub[s, j] * bn
+                # reverse-time recurrence
+                dA_chunk[:, :] = 0
+                for s in range(ns - 1, -1, -1):
+                    for j in range(cbn):
+                        ddt[j] = 0
+                        dus[j] = 0
+                    for n in range(N):
+                        bn = Bb[s, n]
+                        cn = Cb[s, n]
+                        for j in range(cbn):
+                            dy = dyb[s, j]
+                            gs = dy * cn + carry[n, j]
+                            a = ab[s, n, j]
+                            gha = gs * hb[s, n, j] * a
+                            dtv = dtb[s, j]
+                            uv = ub[s, j]
+                            ddt[j] += gha * Al[n, j] + gs * uv * bn
+                            dA_chunk[n, j] += gha * dtv
+                            dus[j] += gs * dtv * bn
+                            gBb[s, n, j] = gs * dtv * uv
+                            gCb[s, n, j] = dy * hb[s + 1, n, j]
+                            carry[n, j] = a * gs
+                    for j in range(cbn):
+                        xb[s, j] = ddt[j] * _softplus_grad(xb[s, j])  # d loss / d delta
+                        ub[s, j] = dus[j]
+                for n in range(N):
+                    for j in range(cbn):
+                        dA_total[n, j] += dA_chunk[n, j]
+                for m in range(M):
+                    for j in range(cbn):
+                        c = c0 + j
+                        for ii in range(npos):
+                            p = pos[ii]
+                            ddelta[bi, m, k, c, p] = xb[ii * M + m, j]
+                            du_k[bi, k, m, c, p] = ub[ii * M + m, j]
+                    for n in range(N):
+                        for ii in range(npos):
+                            s = ii * M + m
+                            sb = gBb[s, n, 0]
+                            sc = gCb[s, n, 0]
+                            for j in range(1, cbn):
+                                sb += gBb[s, n, j]
+                                sc += gCb[s, n, j]
+                            p = pos[ii]
+                            dB_part[g, bi, m, k, n, p] += sb
+                            dC_part[g, bi, m, k, n, p] += sc
+            for j in range(cbn):
+                for n in range(N):
+                    dA_part[bi, k * d + c0 + j, n] = dA_total[n, j]
+
+
+# ------------------------------------------------------------------- wrapper
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _np(x: torch.Tensor) -> np.ndarray:
+    return x.detach().numpy()
+
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _run_units(fn: Callable, units: int, *args) -> None:
+    """Calls ``fn(first, step, *args)`` for first = 0 .. workers - 1 concurrently
+    (the numba functions release the GIL), workers = min(units,
+    torch.get_num_threads()); worker 0 runs in the calling thread."""
+    global _pool
+    workers = max(1, min(units, torch.get_num_threads()))
+    if workers == 1:
+        fn(0, 1, *args)
+        return
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < workers - 1:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="s4fusion-scan")
+        pool = _pool
+    futures = [pool.submit(fn, w, workers, *args) for w in range(1, workers)]
+    fn(0, workers, *args)
+    for f in futures:
+        f.result()
+
+
+def _check(u, delta, A, B, C, D, delta_bias, height: int, width: int) -> None:
+    if u.dim() != 4:
+        raise ValueError(f"cross_scan: u must be (b, M, d, L), got shape {tuple(u.shape)}")
+    b, M, d, L = u.shape
+    if delta.dim() != 5 or delta.shape[:2] != (b, M) or delta.shape[3:] != (d, L):
+        raise ValueError(f"cross_scan: delta must be (b, M, K, d, L) = ({b}, {M}, K, {d}, {L}), got {tuple(delta.shape)}")
+    K = delta.shape[2]
+    if not 1 <= K <= NUM_DIRECTIONS:
+        raise ValueError(f"cross_scan: K (delta.shape[2]) must be 1..{NUM_DIRECTIONS}, got {K}")
+    if A.dim() != 2 or A.shape[0] != K * d:
+        raise ValueError(f"cross_scan: A must be (K*d, N) = ({K * d}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (b, M, K, N, L):
+            raise ValueError(f"cross_scan: {name} must be (b, M, K, N, L) = {(b, M, K, N, L)}, got {tuple(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if tuple(t.shape) != (K * d,):
+            raise ValueError(f"cross_scan: {name} must be (K*d,) = ({K * d},), got {tuple(t.shape)}")
+    if height * width != L:
+        raise ValueError(f"cross_scan: height*width = {height}*{width} = {height * width} does not match L = {L}")
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
+        if t.device.type != "cpu":
+            raise ValueError(f"cross_scan (cpu backend): {name} is on {t.device}, expected the CPU")
+        if not t.is_floating_point():
+            raise ValueError(f"cross_scan (cpu backend): {name} must be a floating tensor, got {t.dtype}")
+
+
+def _scan_forward(u, delta, A, B, C, D, delta_bias, height, width, save):
+    """Runs the kernels on state-dtype contiguous tensors. Returns (out, ckpt)."""
+    b, M, d, L = u.shape
+    K, N = delta.shape[2], A.shape[1]
+    block, nblk = _units(b, K, d, torch.get_num_threads())
+    nchunks = -(-L // _CHUNK)
+    out_k = torch.empty(b, K, M, d, L, dtype=u.dtype)
+    ckpt = torch.empty((b, K, nchunks, N, d) if save else (1, 1, 1, 1, 1), dtype=u.dtype)
+    _run_units(
+        _forward_units, b * K * nblk,
+        _np(u), _np(delta), _np(A), _np(B), _np(C), _np(delta_bias), height, width, block, _np(out_k), _np(ckpt), save,
+    )  # fmt: skip
+    return _recover(out_k, u, D), ckpt
+
+
+def _recover(per_direction: torch.Tensor, x: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+    """The recovery sum: per_direction (b, K, M, d, L) summed over K, plus the
+    D skip of every direction, (sum_k D[k*d + c]) * x (b, M, d, L)."""
+    K, d = per_direction.shape[1], per_direction.shape[3]
+    return per_direction.sum(1).addcmul_(x, D.view(K, d).sum(0).view(1, 1, d, 1))
+
+
+class _CrossScanCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, height, width):
+        sd = _state_dtype(u.dtype)
+        ctx.dtypes = tuple(t.dtype for t in (u, delta, A, B, C, D, delta_bias))
+        ts = tuple(t.detach().to(sd).contiguous() for t in (u, delta, A, B, C, D, delta_bias))
+        out, ckpt = _scan_forward(*ts, height, width, save=True)
+        ctx.save_for_backward(*ts, ckpt)
+        ctx.hw = (height, width)
+        return out.to(u.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        u, delta, A, B, C, D, delta_bias, ckpt = ctx.saved_tensors
+        height, width = ctx.hw
+        b, M, d, L = u.shape
+        K, N = delta.shape[2], A.shape[1]
+        dout = grad_out.detach().to(u.dtype).contiguous()
+        threads = torch.get_num_threads()
+        block, nblk = _units(b, K, d, threads)
+        groups = max(1, min(nblk, -(-2 * threads // (b * K))))
+        du_k = torch.empty(b, K, M, d, L, dtype=u.dtype)
+        ddelta = torch.empty_like(delta)
+        dA_part = torch.empty(b, K * d, N, dtype=u.dtype)
+        dB_part = torch.zeros(groups, b, M, K, N, L, dtype=u.dtype)
+        dC_part = torch.zeros(groups, b, M, K, N, L, dtype=u.dtype)
+        _run_units(
+            _backward_units, b * K * groups,
+            _np(u), _np(delta), _np(A), _np(B), _np(C), _np(delta_bias), _np(dout), height, width, block, groups,
+            _np(ckpt), _np(du_k), _np(ddelta), _np(dA_part), _np(dB_part), _np(dC_part),
+        )  # fmt: skip
+        du = _recover(du_k, dout, D)
+        dD = (dout * u).sum(dim=(0, 1, 3)).repeat(K)
+        grads = (
+            du,
+            ddelta,
+            dA_part.sum(0),
+            dB_part.sum(0),
+            dC_part.sum(0),
+            dD,
+            ddelta.sum(dim=(0, 1, 4)).reshape(K * d),
+        )
+        out = tuple(
+            g.to(dt) if need else None for g, dt, need in zip(grads, ctx.dtypes, ctx.needs_input_grad[:7])
+        )
+        return out + (None, None)
+
+
+def cross_scan_cpu(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    height: int,
+    width: int,
+) -> torch.Tensor:
+    """SS2D (M = 1) or Cross SS2D (M = 2) scan core on the CPU, map layout.
+
+    Args and result exactly as :func:`s4fusion.ops.reference.cross_scan_ref`:
+    u (b, M, d, L), delta (b, M, K, d, L), A (K*d, N), B, C (b, M, K, N, L),
+    D, delta_bias (K*d,) -> (b, M, d, L) in ``u.dtype``. Differentiable in every
+    tensor input.
+    """
+    _check(u, delta, A, B, C, D, delta_bias, height, width)
+    inputs = (u, delta, A, B, C, D, delta_bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _CrossScanCPU.apply(*inputs, height, width)
+    sd = _state_dtype(u.dtype)
+    ts = tuple(t.detach().to(sd).contiguous() for t in inputs)
+    out, _ = _scan_forward(*ts, height, width, save=False)
+    return out.to(u.dtype)
