@@ -169,7 +169,8 @@ def test_16bit_inputs(tmp_path):
     assert torch.allclose(load_visible(tmp_path / "c16.tif"), torch.from_numpy(y_ref).float()[None], atol=1e-6)
     assert torch.allclose(load_infrared(tmp_path / "c16.tif"), torch.from_numpy(y_ref).float()[None], atol=1e-6)
     tifffile.imwrite(tmp_path / "g8.tif", (g16 // 256).astype(np.uint8))
-    assert torch.equal(load_infrared(tmp_path / "g8.tif"), torch.from_numpy((g16 // 256).astype(np.float32) / 255)[None])
+    g8 = torch.from_numpy((g16 // 256).astype(np.float32) / 255)[None]
+    assert torch.equal(load_infrared(tmp_path / "g8.tif"), g8)
 
     _png16_rgb(tmp_path / "c16.png", rgb16)
     with pytest.raises(DataError, match=r"c16\.png: 16-bit colour PNG is not supported"):

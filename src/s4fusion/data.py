@@ -48,10 +48,8 @@ same whatever the number of processes, and the number of steps per epoch is
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
-import struct
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
