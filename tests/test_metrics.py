@@ -596,7 +596,11 @@ def test_input_kinds_give_the_same_scores(crop, tmp_path):
         Image.fromarray(arr, mode).save(tmp_path / name)
         paths.append(tmp_path / name)
     from_files = evaluate_pair(*paths, metrics=["EN", "MI", "Qabf"])
-    assert base == as_float == as_tensor == from_files
+    # Grey levels held in floats (as CDDFuse's reader returns them) are taken as they are.
+    as_levels = evaluate_pair(
+        f.astype(np.float32), ir.astype(np.float64), vi.astype(np.float32), metrics=["EN", "MI", "Qabf"]
+    )
+    assert base == as_float == as_tensor == from_files == as_levels
     np.testing.assert_array_equal(read_grey(paths[2], "matlab"), matlab_grey(vi))
     np.testing.assert_array_equal(read_grey(paths[2], "cddfuse"), cddfuse_grey(vi))
 
@@ -606,7 +610,7 @@ def test_bad_inputs_raise_clear_errors(crop, tmp_path):
     with pytest.raises(ValueError, match="sizes differ"):
         evaluate_pair(f[:-1], ir, vi)
     with pytest.raises(ValueError, match=r"\[0, 1\] scale"):
-        evaluate_pair(f.astype(float), ir, vi)
+        evaluate_pair(f.astype(float) + 0.5, ir, vi)
     with pytest.raises(ValueError, match="unknown metric convention"):
         evaluate_pair(f, ir, vi, convention="octave")
     with pytest.raises(ValueError, match="unknown metric"):

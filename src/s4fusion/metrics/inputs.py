@@ -12,10 +12,12 @@ each convention scores (METRICS.md section 1).
 Accepted in-memory layouts: numpy arrays / PIL images ``(H, W)``, ``(H, W, 1)`` or
 ``(H, W, 3)`` (RGB order); torch tensors ``(H, W)``, ``(C, H, W)`` or
 ``(1, C, H, W)`` with ``C`` in {1, 3}. Dtypes: ``uint8`` (used as is), other
-integer types holding 0..255, or floats on the [0, 1] scale (the network's
-output), which are quantised as an 8-bit file would be:
-``floor(clip(255 v, 0, 255) + 0.5)``. The metrics are defined on 8-bit files, so a
-float image is never scored unquantised.
+integer types holding 0..255, or floats. Floats whose maximum is at most 2 are
+taken on the [0, 1] scale (the network's output, possibly overshooting 1) and
+quantised as an 8-bit file would be: ``floor(clip(255 v, 0, 255) + 0.5)``; floats
+with a larger maximum are accepted only if they hold integer grey levels 0..255
+(as ``read_grey(path, "cddfuse")`` and CDDFuse's reader return them). The metrics
+are defined on 8-bit files, so a float image is never scored unquantised.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ CONVENTIONS: tuple[str, ...] = ("matlab", "cddfuse")
 
 # MATLAB rgb2gray coefficients (first row of inv(NTSC transform)), METRICS.md section 1.
 _MATLAB_RGB2GRAY = (0.298936021293775, 0.587043074451121, 0.114020904255103)
-# A float input whose maximum exceeds this is almost surely on the 0..255 scale.
+# Float inputs with a maximum up to this are on the [0, 1] scale; above it they must be grey levels.
 _FLOAT_SCALE_LIMIT = 2.0
 
 PathLike = Union[str, os.PathLike]
@@ -94,12 +96,14 @@ def _quantise(x: np.ndarray, name: str) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise ValueError(f"{name}: image contains NaN or infinite values")
     hi = float(x.max())
-    if hi > _FLOAT_SCALE_LIMIT:
-        raise ValueError(
-            f"{name}: float image with maximum {hi:g}; float images must be on the [0, 1] scale "
-            "(divide by 255, or pass uint8 grey levels)"
-        )
-    return np.floor(np.clip(x * 255.0, 0.0, 255.0) + 0.5).astype(np.uint8)
+    if hi <= _FLOAT_SCALE_LIMIT:
+        return np.floor(np.clip(x * 255.0, 0.0, 255.0) + 0.5).astype(np.uint8)
+    if float(x.min()) >= 0 and hi <= 255 and np.array_equal(x, np.round(x)):
+        return x.astype(np.uint8)  # integer grey levels held in floats, as CDDFuse's reader returns them
+    raise ValueError(
+        f"{name}: float image with maximum {hi:g} that is not made of integer grey levels 0..255; "
+        "float images must be on the [0, 1] scale (divide by 255) or hold 8-bit grey levels"
+    )
 
 
 def rgb_to_grey(rgb: np.ndarray, convention: str) -> np.ndarray:
