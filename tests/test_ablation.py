@@ -6,6 +6,7 @@ every variant building, training a few steps and round-tripping its weights."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -320,3 +321,81 @@ def test_variant_trains_and_round_trips(name, tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded.eval()(ir, vi), model(ir, vi))
+
+
+# ------------------------------------------------- every variant through the trainer
+TRAINER_VARIANTS = {
+    "s4fusion": [],
+    "add": ["model.fusion=add"],
+    "cnn": ["model.fusion=cnn"],
+    "cross_attention": ["model.fusion=cross_attention", "model.cmsa_depth=2"],
+    "fssm": ["model.fusion=fssm", "model.cmsa_d_state=6"],
+    "no_patch_mark": ["model.patch_mark=false"],
+    "no_perception_loss": ["loss.w_per=0"],
+}
+
+
+# The trainer's freeze_unused_parameters probes the network in training mode with one
+# 13x13 pair, so the CNN variant's BatchNorm sees one value per channel at the
+# coarsest scale and raises; strict: this fails as soon as the trainer is fixed.
+CNN_PROBE = pytest.mark.xfail(
+    strict=True, raises=ValueError, reason="trainer.freeze_unused_parameters runs its probe in training mode"
+)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=CNN_PROBE) if n == "cnn" else n for n in sorted(TRAINER_VARIANTS)]
+)
+def test_variant_trains_with_the_trainer(name, tmp_path):
+    """Two optimizer steps of `s4fusion train`'s trainer on the tiny pairs (24x24
+    crops, the full loss with the ResNet-50 perception term), then the final
+    weights load with the variant's configuration."""
+    import json
+
+    from s4fusion.training import load_config, train
+
+    shared = Path(__file__).resolve().parents[1].parent / "shared"
+    resnet = shared / "weights" / "resnet50_imagenet_v1.safetensors"
+    if not resnet.is_file():
+        pytest.fail(f"reference material missing: {resnet}")
+    overrides = [
+        f"run_dir={json.dumps(str(tmp_path / 'run'))}",
+        f"data.train={json.dumps([str(shared / 'data' / 'tiny')])}",
+        "data.crop=24",
+        "data.workers=0",
+        "batch_size=2",
+        "epochs=1",
+        "max_steps=2",
+        'device="cpu"',
+        'precision="fp32"',
+        "model.dims=[8, 16, 32]",
+        "model.depths=[1, 1, 1]",
+        "model.decoder_depths=[1, 1, 1]",
+        "model.cmsa_depth=1",
+        f"loss.resnet_weights={json.dumps(str(resnet))}",
+        "progress=false",
+        "log_every=1",
+        "image_every=0",
+        "val_every=0",
+        "checkpoint_every=0",
+        "val_metrics=[]",
+    ] + TRAINER_VARIANTS[name]
+    config = load_config(None, overrides)
+    result = train(config)
+    assert result.step == 2
+    losses = [r for r in result.history if r.get("kind") == "train"]
+    assert len(losses) == 2 and all(math.isfinite(r["loss"]) for r in losses)
+    if name == "no_perception_loss":
+        assert config.loss.w_per == 0.0
+        # the entropy is still reported, but the total is the other three terms
+        r = losses[0]
+        cfg = config.loss
+        assert r["loss"] == pytest.approx(cfg.w_l1 * r["l1"] + cfg.w_ssim * r["ssim"] + cfg.w_grad * r["grad"], rel=1e-5)
+    loaded = S4Fusion.from_pretrained(result.final_weights)
+    assert loaded.config == config.model
+    expected = S4FusionConfig(dims=(8, 16, 32), depths=(1, 1, 1), decoder_depths=(1, 1, 1), cmsa_depth=1)
+    assert (loaded.config.fusion, loaded.config.patch_mark) == (
+        {"add": "add", "cnn": "cnn", "cross_attention": "cross_attention", "fssm": "fssm"}.get(name, "cmsa"),
+        name != "no_patch_mark",
+    )
+    assert loaded.config.dims == expected.dims
