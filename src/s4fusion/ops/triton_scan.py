@@ -2,43 +2,51 @@
 
 Same signature, layouts and semantics as
 :func:`s4fusion.ops.reference.cross_scan_ref` (the specification), with gradients
-of every tensor input. Inputs in float32, bfloat16 or float16 (any strides); the
-recurrent state, every accumulation and the returned gradients' arithmetic are
-float32; the output and the gradients come back in their tensor's dtype.
+of every tensor input. Inputs in float32, bfloat16 or float16, any strides; the
+recurrent state and every accumulation are float32; the output and the gradients
+come back in their tensor's dtype.
 
-Algorithm (no copy of the inputs is made; direction unfolding, modality
+Algorithm (no copy of the inputs is made: direction unfolding, modality
 interleaving and the recovery sum are index arithmetic inside the kernels):
 
-* The scan sequence of direction k is cut at image lines: rows for k = 0, 2,
-  columns for k = 1, 3, every line visited in scan order. Token t of a line is
-  modality ``t % M`` at step ``t // M`` (infrared first). Position of line j,
-  step i: ``base_k + j * line_step_k + i * pos_step_k`` (row-major index).
-* Forward, pass 1 (``_fwd_kernel``, ``WITH_Y=False``): every line from a zero
-  state, in parallel over (line, direction, batch, channel block): the line's
-  end state and its sum of steps ``dt``.
-* Pass 2 (``_line_combine_kernel``): a scan over the lines of each direction
-  gives every line its true start state ``h0_j`` (decay of a line:
+* The scan sequence of direction k is cut into chunks: every image line (rows
+  for k = 0, 2, columns for k = 1, 3, each visited in scan order) is cut into
+  segments of ``SEG`` steps (``SEG`` is chosen at run time so that there is
+  enough parallel work). Token t of a line is modality ``t % M`` at step
+  ``t // M`` (infrared first); step i of line j sits at row-major position
+  ``base_k + j * line_step_k + i * pos_step_k``.
+* Forward pass 1 (``_fwd_kernel``, ``WITH_Y=False``): every chunk from a zero
+  state, all in parallel: the chunk's end state and its sum of steps dt.
+* Pass 2 (``_chunk_combine_kernel``): a scan over the chunks of each direction
+  gives every chunk its true start state (a chunk decays a state by
   ``exp(A * sum dt)``).
-* Pass 3 (``_fwd_kernel``, ``WITH_Y=True``): every line again from ``h0_j``,
-  ``y = C.h + D u`` added atomically (float32) at its row-major position, so the
-  four directions sum in place.
-* Backward: ``_bwd_sweep_kernel`` walks each line forward from ``h0_j`` and
-  stores the state at the start of every block of ``TB`` steps, plus the
-  line-local adjoint it passes to the previous line; ``_line_combine_kernel``
-  (reversed) gives every line the adjoint arriving from the lines after it;
-  ``_bwd_kernel`` walks the blocks of every line backwards, recomputes the
-  block's states from its stored start and accumulates all gradients.
+* Pass 3 (``_fwd_kernel``, ``WITH_Y=True``): every chunk again from its start
+  state; ``y = C.h + D u`` is added atomically (float32) at its row-major
+  position, so the K directions sum in place.
+* Backward: ``_bwd_sweep_kernel`` walks every chunk from its start state and
+  stores the state entering each block of ``TB`` steps, and the adjoint the
+  chunk passes to the state before it; ``_chunk_combine_kernel`` (reversed)
+  gives every chunk the adjoint arriving from the chunks after it;
+  ``_bwd_kernel`` walks the blocks of every chunk backwards, recomputes each
+  block's states from the stored one and accumulates all gradients (B, C and u
+  atomically over channel blocks and directions; A, D and delta_bias as
+  per-program partial sums).
 
-Work layout in every scan kernel: a program owns ``G = 32 * num_warps`` lines
-(one per thread) and ``CB`` channels (in the thread), loops over the blocks of
-its lines; inside a block the ``TB * M`` tokens are unrolled (``tl.static_range``
-and tuples) and the state index n (``N`` is a compile-time constant) too, so the
-recurrence runs in registers, sequentially per thread. ``H``, ``W``, the number
-of lines and the size-dependent strides are runtime values that are not
-specialised on: one compiled kernel serves every image size.
+Work layout of the scan kernels: a program owns one segment of ``G = 32 *
+num_warps`` lines (one line per thread) of one direction and batch element, and
+``CB`` channels (inside the thread); it loops over the blocks of its segment and,
+per block, over the state index n (loads for n + 1 are issued before the work on
+n); the ``TB * M`` tokens of a block are unrolled (``tl.static_range`` and
+tuples), so the recurrence runs sequentially in registers. ``H``, ``W``, ``N``,
+``SEG`` and the size-dependent strides are runtime values that are not
+specialised on: one compiled kernel per dtype, M and block shape serves every
+image size.
 """
 
 from __future__ import annotations
+
+import inspect
+import os
 
 import torch
 import triton
@@ -47,24 +55,45 @@ import triton.language as tl
 __all__ = ["cross_scan_triton"]
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
+# One-instruction exp2 (results below 2**-126 flush to zero); the Triton
+# interpreter (TRITON_INTERPRET=1, used to check the kernels on a CPU) has no
+# inline PTX and uses tl.exp2.
+FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
-# Launch configuration: lines per program = 32 * NUM_WARPS, channels per thread,
-# scan steps per unrolled block (forward / backward, for M = 1; halved for M = 2).
+# Launch configuration: lines per program = 32 * NUM_WARPS; channels per thread;
+# scan steps per unrolled block for M = 1 (halved for M = 2); programs wanted per
+# scan kernel launch (lines are cut into segments until there are about as many).
 NUM_WARPS = 1
-FWD_CB, FWD_STEPS = 4, 8
+FWD_CB, FWD_STEPS = 4, 4
 BWD_CB, BWD_STEPS = 2, 8
-COMBINE_LINES, COMBINE_STATES = 64, 32
+COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 128, 32, 4
+TARGET_PROGRAMS = 4096
 
-_SIZE_ARGS = ["H", "W", "NL", "NBLK"]
-_STRIDES_U = ["su_b", "su_m", "su_c"]
-_STRIDES_D = ["sd_b", "sd_m", "sd_k", "sd_c"]
-_STRIDES_B = ["sb_b", "sb_m", "sb_k", "sb_n"]
-_STRIDES_C = ["sc_b", "sc_m", "sc_k", "sc_n"]
-_STRIDES_G = ["sg_b", "sg_m", "sg_c"]
+_SIZES = ["H", "W", "N", "NL", "NS", "SEG", "NBLK", "GRID0"]
+_STRIDES = [
+    "su_b", "su_m", "su_c", "sd_b", "sd_m", "sd_k", "sd_c", "sb_b", "sb_m", "sb_k", "sb_n",
+    "sc_b", "sc_m", "sc_k", "sc_n", "sg_b", "sg_m", "sg_c",
+]  # fmt: skip
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _scan_jit(fn):
+    """triton.jit without specialisation on sizes and size-dependent strides."""
+    names = inspect.signature(fn).parameters
+    return triton.jit(do_not_specialize=[a for a in _SIZES + _STRIDES if a in names])(fn)
+
+
+@triton.jit
+def _exp2(x):
+    if FAST_EXP2:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return tl.exp2(x)
 
 
 @triton.jit
@@ -72,7 +101,7 @@ def _softplus(x):
     """torch.nn.functional.softplus (beta 1, threshold 20) in float32."""
     e = tl.exp(tl.minimum(x, 20.0))
     z = 1.0 + e
-    # log1p(e) to full precision: log(z) * e / (z - 1), exact when z rounds to 1.
+    # log1p(e) to full precision: log(z) * e / (z - 1), and e where z rounds to 1
     lp = tl.where(z == 1.0, e, tl.log(z) * (e / (z - 1.0)))
     return tl.where(x > 20.0, x, lp)
 
@@ -104,44 +133,93 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _block_positions(i0, line_off, lmask, llen, pos_step, TB: tl.constexpr):
-    """Row-major positions (G,) and validity of the TB steps i0 .. i0+TB-1."""
+def _token_offsets(i0, line_off, lmask, llen, pos_step, M: tl.constexpr, TB: tl.constexpr):
+    """Row-major positions (G,) and validity (G,) of the TB*M tokens of the block
+    starting at step i0, token order (step, modality); steps past the line end
+    are invalid."""
     P = tl.tuple([])
     V = tl.tuple([])
     for s in tl.static_range(TB):
-        i = i0 + s
-        P = P + (line_off + i * pos_step,)
-        V = V + (lmask & (i < llen),)
+        for m in tl.static_range(M):
+            P = P + (line_off + (i0 + s) * pos_step,)
+            V = V + (lmask & (i0 + s < llen),)
     return P, V
+
+
+@triton.jit
+def _load_tokens(base_ptr, stride_m, stride_l, P, V, cmask, M: tl.constexpr, TB: tl.constexpr):
+    """(CB, G) float32 tiles of a (.., M, .., d, L) tensor at the block's tokens
+    (``base_ptr`` is (CB, 1) and points at batch/direction/channel)."""
+    X = tl.tuple([])
+    for s in tl.static_range(TB):
+        for m in tl.static_range(M):
+            msk = cmask[:, None] & V[s * M + m][None, :]
+            x = tl.load(base_ptr + m * stride_m + P[s * M + m][None, :] * stride_l, mask=msk, other=0.0)
+            X = X + (x.to(tl.float32),)
+    return X
+
+
+@triton.jit
+def _token_index(stride_m, stride_l, P, M: tl.constexpr, TB: tl.constexpr):
+    """(G,) element offsets ``m * stride_m + position * stride_l`` of the block's tokens."""
+    X = tl.tuple([])
+    for s in tl.static_range(TB):
+        for m in tl.static_range(M):
+            X = X + (m * stride_m + P[s * M + m] * stride_l,)
+    return X
+
+
+@triton.jit
+def _load_row(ptr, O, V, ok, NT: tl.constexpr):
+    """(1, G) float32 values of one n of a (b, M, K, N, L) tensor at the block's tokens."""
+    X = tl.tuple([])
+    for t in tl.static_range(NT):
+        X = X + (tl.load(ptr + O[t], mask=V[t] & ok, other=0.0).to(tl.float32)[None, :],)
+    return X
+
+
+@triton.jit
+def _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K: tl.constexpr, G: tl.constexpr):
+    """The program's direction, lines and segment: (k, j, lmask, line_off, llen,
+    pos_step, first step, end step, active, chunk slot row (1, G))."""
+    k = pid_bk % K
+    lg = pid0 // NS
+    sg = pid0 % NS
+    nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
+    j = lg * G + tl.arange(0, G)
+    lmask = j < nlines
+    line_off = base + j * line_step
+    lo = sg * SEG
+    hi = tl.minimum(lo + SEG, llen)
+    active = (lg * G < nlines) & (lo < llen)
+    row = (pid_bk.to(tl.int64) * NL + j[None, :]) * NS + sg
+    return k, j, lmask, line_off, llen, pos_step, lo, hi, active, row
 
 
 # ---------------------------------------------------------------------- forward
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + _STRIDES_U + _STRIDES_D + _STRIDES_B + _STRIDES_C)
+@_scan_jit
 def _fwd_kernel(
     u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr,
-    st_ptr,  # (b*K, NL, d, N) f32: pass 1 writes line-local end states; pass 3 reads start states (clobbered)
-    dts_ptr,  # (b*K, NL, d) f32: pass 1 writes the line sums of dt
+    st_ptr,  # (b*K, NL, NS, d, N) f32: pass 1 writes chunk-local end states; pass 3 reads start states (clobbered)
+    dts_ptr,  # (b*K, NL, NS, d) f32: pass 1 writes the chunk sums of dt
     out_ptr,  # (b, M, d, L) f32, zeroed: pass 3 adds y
-    H, W, NL, NBLK, d,
+    H, W, N, NL, NS, SEG, d,
     su_b, su_m, su_c, su_l,
     sd_b, sd_m, sd_k, sd_c, sd_l,
     sb_b, sb_m, sb_k, sb_n, sb_l,
     sc_b, sc_m, sc_k, sc_n, sc_l,
-    K: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
-    CB: tl.constexpr, G: tl.constexpr, TB: tl.constexpr, WITH_Y: tl.constexpr,
+    K: tl.constexpr, M: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
+    WITH_Y: tl.constexpr,
 ):  # fmt: skip
-    pid_l = tl.program_id(0)
+    NT: tl.constexpr = TB * M
     pid_bk = tl.program_id(1)
-    pid_c = tl.program_id(2)
+    k, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(
+        tl.program_id(0), pid_bk, NL, NS, SEG, H, W, K, G
+    )
     bi = (pid_bk // K).to(tl.int64)
-    k = pid_bk % K
-    nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
-    j = pid_l * G + tl.arange(0, G)
-    lmask = j < nlines
-    line_off = base + j * line_step
-    c = pid_c * CB + tl.arange(0, CB)
+    c = tl.program_id(2) * CB + tl.arange(0, CB)
     cmask = c < d
     kc = k * d + c
     lc = cmask[:, None] & lmask[None, :]
@@ -151,138 +229,145 @@ def _fwd_kernel(
     dl_base = dl_ptr + bi * sd_b + k * sd_k + c[:, None] * sd_c
     b_base = b_ptr + bi * sb_b + k * sb_k
     c_base = c_ptr + bi * sc_b + k * sc_k
-    st_off = (pid_bk.to(tl.int64) * NL + j[None, :]) * (d * N) + c[:, None] * N
+    st_ptrs = st_ptr + (row * d + c[:, None]) * N
     out_base = out_ptr + bi * (M * d * H * W) + c[:, None] * (H * W)
-    trip = tl.where(pid_l * G < nlines, llen, 0)
+    a2_ptrs = a2_ptr + kc * N
     dtsum = tl.zeros([CB, G], tl.float32)
-    for i0 in range(0, trip, TB):
-        P, V = _block_positions(i0, line_off, lmask, llen, pos_step, TB)
+    for i0 in range(lo, tl.where(active, hi, lo), TB):
+        P, V = _token_offsets(i0, line_off, lmask, llen, pos_step, M, TB)
+        DL = _load_tokens(dl_base, sd_m, sd_l, P, V, cmask, M, TB)
+        UU = _load_tokens(u_base, su_m, su_l, P, V, cmask, M, TB)
+        OB = _token_index(sb_m, sb_l, P, M, TB)
+        OC = _token_index(sc_m, sc_l, P, M, TB)
         DT = tl.tuple([])
         DTU = tl.tuple([])
         Y = tl.tuple([])
-        for s in tl.static_range(TB):
-            m2 = cmask[:, None] & V[s][None, :]
-            for m in tl.static_range(M):
-                dl = tl.load(dl_base + m * sd_m + P[s][None, :] * sd_l, mask=m2, other=0.0).to(tl.float32)
-                uu = tl.load(u_base + m * su_m + P[s][None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
-                dt = tl.where(m2, _softplus(dl + bias), 0.0)
-                DT = DT + (dt,)
-                DTU = DTU + (dt * uu,)
-                if WITH_Y:
-                    Y = Y + (dsk * uu,)
-                else:
-                    dtsum += dt
-        for n in tl.static_range(N):
-            a2 = tl.load(a2_ptr + kc * N + n, mask=cmask, other=0.0)[:, None]
+        for t in tl.static_range(NT):
+            dt = tl.where(cmask[:, None] & V[t][None, :], _softplus(DL[t] + bias), 0.0)
+            DT = DT + (dt,)
+            DTU = DTU + (dt * UU[t],)
+            Y = Y + (dsk * UU[t],)
+            dtsum += dt
+        # n = 0, then in iteration n the loads of n + 1
+        a2 = tl.load(a2_ptrs, mask=cmask, other=0.0)[:, None]
+        if WITH_Y:
+            h = tl.load(st_ptrs, mask=lc, other=0.0)
+            CV = _load_row(c_base, OC, V, True, NT)
+        else:
+            h = tl.load(st_ptrs, mask=lc & (i0 > lo), other=0.0)
+        BV = _load_row(b_base, OB, V, True, NT)
+        for n in range(N):
+            ok = n + 1 < N
+            a2_nx = tl.load(a2_ptrs + n + 1, mask=cmask & ok, other=0.0)[:, None]
+            BV_nx = _load_row(b_base + (n + 1) * sb_n, OB, V, ok, NT)
             if WITH_Y:
-                h = tl.load(st_ptr + st_off + n, mask=lc, other=0.0)
+                h_nx = tl.load(st_ptrs + n + 1, mask=lc & ok, other=0.0)
+                CV_nx = _load_row(c_base + (n + 1) * sc_n, OC, V, ok, NT)
             else:
-                h = tl.load(st_ptr + st_off + n, mask=lc & (i0 > 0), other=0.0)
+                h_nx = tl.load(st_ptrs + n + 1, mask=lc & ok & (i0 > lo), other=0.0)
             Y2 = tl.tuple([])
-            for s in tl.static_range(TB):
-                for m in tl.static_range(M):
-                    t: tl.constexpr = s * M + m
-                    bv = tl.load(b_base + m * sb_m + n * sb_n + P[s] * sb_l, mask=V[s], other=0.0).to(tl.float32)
-                    h = tl.exp2(DT[t] * a2) * h + DTU[t] * bv[None, :]
-                    if WITH_Y:
-                        cv = tl.load(c_base + m * sc_m + n * sc_n + P[s] * sc_l, mask=V[s], other=0.0)
-                        Y2 = Y2 + (Y[t] + cv.to(tl.float32)[None, :] * h,)
-            tl.store(st_ptr + st_off + n, h, mask=lc)
+            for t in tl.static_range(NT):
+                h = _exp2(DT[t] * a2) * h + DTU[t] * BV[t]
+                if WITH_Y:
+                    Y2 = Y2 + (Y[t] + CV[t] * h,)
+            tl.store(st_ptrs + n, h, mask=lc)
+            a2 = a2_nx
+            BV = BV_nx
+            h = h_nx
             if WITH_Y:
                 Y = Y2
+                CV = CV_nx
         if WITH_Y:
             for s in tl.static_range(TB):
-                m2 = cmask[:, None] & V[s][None, :]
                 for m in tl.static_range(M):
-                    tl.atomic_add(out_base + m * (d * H * W) + P[s][None, :], Y[s * M + m], mask=m2, sem="relaxed")
+                    msk = cmask[:, None] & V[s * M + m][None, :]
+                    ptr = out_base + m * (d * H * W) + P[s * M + m][None, :]
+                    tl.atomic_add(ptr, Y[s * M + m], mask=msk, sem="relaxed")
     if not WITH_Y:
-        dts_off = (pid_bk.to(tl.int64) * NL + j[None, :]) * d + c[:, None]
-        tl.store(dts_ptr + dts_off, dtsum, mask=lc)
+        tl.store(dts_ptr + row * d + c[:, None], dtsum, mask=lc & active)
 
 
-@triton.jit(do_not_specialize=["H", "W", "NL"])
-def _line_combine_kernel(
-    v_ptr,  # (b*K, NL, d, N) f32: per-line local contribution
-    dts_ptr,  # (b*K, NL, d) f32: per-line sum of dt (decay of the line = exp(A * it))
+@_scan_jit
+def _chunk_combine_kernel(
+    v_ptr,  # (b*K, NL, NS, d, N) f32: per-chunk local contribution
+    dts_ptr,  # (b*K, NL, NS, d) f32: per-chunk sum of dt (a chunk decays by exp(A * it))
     a2_ptr,  # (K*d, N) f32: A * log2(e)
-    o_ptr,  # (b*K, NL, d, N) f32 out: exclusive scan over the lines (in scan or reverse order)
-    o2_ptr,  # optional second copy of the output (SAVE2)
-    H, W, NL, d,
-    K: tl.constexpr, N: tl.constexpr, REVERSE: tl.constexpr, SAVE2: tl.constexpr,
-    JB: tl.constexpr, SB: tl.constexpr,
+    o_ptr,  # (b*K, NL, NS, d, N) f32 out: exclusive scan over the chunks (scan order or reversed)
+    o2_ptr,  # second copy of the output (written when SAVE2)
+    H, W, N, NL, NS, SEG, d,
+    K: tl.constexpr, REVERSE: tl.constexpr, SAVE2: tl.constexpr, JB: tl.constexpr, SB: tl.constexpr,
 ):  # fmt: skip
-    """Forward: ``o_0 = 0, o_{j+1} = dec_j o_j + v_j``; reverse:
-    ``o_{nl-1} = 0, o_{j-1} = dec_j o_j + v_j``, with ``dec_j = exp(A * dts_j)``."""
+    """Over the chunk slots e = line * NS + segment of one direction (slots past a
+    line's last segment are identities): forward ``o_0 = 0, o_{e+1} = dec_e o_e +
+    v_e``; reverse ``o_last = 0, o_{e-1} = dec_e o_e + v_e``, ``dec_e = exp(A dts_e)``."""
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
     k = pid_bk % K
-    nl = H + (k % 2) * (W - H)
+    is_col = k % 2
+    nl = H + is_col * (W - H)
+    nseg = (W + is_col * (H - W) + SEG - 1) // SEG
+    ne = nl * NS
     s = pid_s * SB + tl.arange(0, SB)
     smask = s < d * N
     c = s // N
     a2 = tl.load(a2_ptr + k * d * N + s, mask=smask, other=0.0)
-    base = pid_bk.to(tl.int64) * NL * d * N
-    dbase = pid_bk.to(tl.int64) * NL * d
+    base = pid_bk.to(tl.int64) * NL * NS
     if REVERSE:
-        first = nl - 1
+        first = ne - 1
     else:
         first = 0
     zero = tl.zeros([SB], tl.float32)
-    tl.store(o_ptr + base + first * d * N + s, zero, mask=smask)
+    tl.store(o_ptr + (base + first) * d * N + s, zero, mask=smask)
     if SAVE2:
-        tl.store(o2_ptr + base + first * d * N + s, zero, mask=smask)
+        tl.store(o2_ptr + (base + first) * d * N + s, zero, mask=smask)
     carry = tl.zeros([SB], tl.float32)
-    for jb in range(0, nl, JB):
-        ii = jb + tl.arange(0, JB)
+    for eb in range(0, ne, JB):
+        ii = eb + tl.arange(0, JB)
         if REVERSE:
-            jj = nl - 1 - ii
-            jo = nl - 2 - ii
+            ee = ne - 1 - ii
+            eo = ne - 2 - ii
         else:
-            jj = ii
-            jo = ii + 1
-        m2 = (ii < nl)[:, None] & smask[None, :]
-        v = tl.load(v_ptr + base + jj[:, None] * (d * N) + s[None, :], mask=m2, other=0.0)
-        ds = tl.load(dts_ptr + dbase + jj[:, None] * d + c[None, :], mask=m2, other=0.0)
+            ee = ii
+            eo = ii + 1
+        m2 = ((ii < ne) & (ee % NS < nseg))[:, None] & smask[None, :]
+        v = tl.load(v_ptr + (base + ee[:, None]) * (d * N) + s[None, :], mask=m2, other=0.0)
+        ds = tl.load(dts_ptr + (base + ee[:, None]) * d + c[None, :], mask=m2, other=0.0)
         dec = tl.exp2(a2[None, :] * ds)
         pa, pb = tl.associative_scan((dec, v), 0, _combine)
         incl = pa * carry[None, :] + pb
-        mo = (ii + 1 < nl)[:, None] & smask[None, :]
-        tl.store(o_ptr + base + jo[:, None] * (d * N) + s[None, :], incl, mask=mo)
+        mo = (ii + 1 < ne)[:, None] & smask[None, :]
+        tl.store(o_ptr + (base + eo[:, None]) * (d * N) + s[None, :], incl, mask=mo)
         if SAVE2:
-            tl.store(o2_ptr + base + jo[:, None] * (d * N) + s[None, :], incl, mask=mo)
-        # rows past the last line are identities, so the last row is the carry
-        carry = tl.sum(tl.where((ii == jb + JB - 1)[:, None], incl, 0.0), axis=0)
+            tl.store(o2_ptr + (base + eo[:, None]) * (d * N) + s[None, :], incl, mask=mo)
+        # rows past the last slot are identities, so the block's last row is the carry
+        carry = tl.sum(tl.where((ii == eb + JB - 1)[:, None], incl, 0.0), axis=0)
 
 
 # --------------------------------------------------------------------- backward
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + _STRIDES_U + _STRIDES_D + _STRIDES_B + _STRIDES_C + _STRIDES_G)
+@_scan_jit
 def _bwd_sweep_kernel(
     u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, bias_ptr, g_ptr,
-    hin_ptr,  # (b*K, NL, d, N) f32: state entering every line (forward pass 2)
-    ck_ptr,  # (b*K, NL, NBLK, d, N) f32 out: state entering every block of TB steps
-    p_ptr,  # (b*K, NL, d, N) f32 scratch: product of the decays since the line start
-    e_ptr,  # (b*K, NL, d, N) f32 out: adjoint that line j passes to the state before it
-    H, W, NL, NBLK, d,
+    hin_ptr,  # (b*K, NL, NS, d, N) f32: state entering every chunk (forward pass 2)
+    ck_ptr,  # (b*K, NL, NBLK, d, N) f32 out: state entering every block of TB steps of a line
+    p_ptr,  # (b*K, NL, NS, d, N) f32 scratch: product of the decays since the chunk start
+    e_ptr,  # (b*K, NL, NS, d, N) f32 out: adjoint that a chunk passes to the state before it
+    H, W, N, NL, NS, SEG, NBLK, d,
     su_b, su_m, su_c, su_l,
     sd_b, sd_m, sd_k, sd_c, sd_l,
     sb_b, sb_m, sb_k, sb_n, sb_l,
     sc_b, sc_m, sc_k, sc_n, sc_l,
     sg_b, sg_m, sg_c, sg_l,
-    K: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
-    CB: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
+    K: tl.constexpr, M: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
 ):  # fmt: skip
-    pid_l = tl.program_id(0)
+    NT: tl.constexpr = TB * M
     pid_bk = tl.program_id(1)
-    pid_c = tl.program_id(2)
+    k, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(
+        tl.program_id(0), pid_bk, NL, NS, SEG, H, W, K, G
+    )
     bi = (pid_bk // K).to(tl.int64)
-    k = pid_bk % K
-    nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
-    j = pid_l * G + tl.arange(0, G)
-    lmask = j < nlines
-    line_off = base + j * line_step
-    c = pid_c * CB + tl.arange(0, CB)
+    c = tl.program_id(2) * CB + tl.arange(0, CB)
     cmask = c < d
     kc = k * d + c
     lc = cmask[:, None] & lmask[None, :]
@@ -292,78 +377,67 @@ def _bwd_sweep_kernel(
     g_base = g_ptr + bi * sg_b + c[:, None] * sg_c
     b_base = b_ptr + bi * sb_b + k * sb_k
     c_base = c_ptr + bi * sc_b + k * sc_k
-    st_off = (pid_bk.to(tl.int64) * NL + j[None, :]) * (d * N) + c[:, None] * N
-    ck_off = (pid_bk.to(tl.int64) * NL + j[None, :]) * (NBLK * d * N) + c[:, None] * N
-    nblk = (llen + TB - 1) // TB
-    trip = tl.where(pid_l * G < nlines, nblk, 0)
-    for blk in range(0, trip):
-        P, V = _block_positions(blk * TB, line_off, lmask, llen, pos_step, TB)
+    st_off = (row * d + c[:, None]) * N
+    ck_ptrs = ck_ptr + ((pid_bk.to(tl.int64) * NL + j[None, :]) * NBLK * d + c[:, None]) * N
+    a2_ptrs = a2_ptr + kc * N
+    for i0 in range(lo, tl.where(active, hi, lo), TB):
+        P, V = _token_offsets(i0, line_off, lmask, llen, pos_step, M, TB)
+        DL = _load_tokens(dl_base, sd_m, sd_l, P, V, cmask, M, TB)
+        UU = _load_tokens(u_base, su_m, su_l, P, V, cmask, M, TB)
+        GY = _load_tokens(g_base, sg_m, sg_l, P, V, cmask, M, TB)
+        OB = _token_index(sb_m, sb_l, P, M, TB)
+        OC = _token_index(sc_m, sc_l, P, M, TB)
         DT = tl.tuple([])
         DTU = tl.tuple([])
-        GY = tl.tuple([])
-        for s in tl.static_range(TB):
-            m2 = cmask[:, None] & V[s][None, :]
-            for m in tl.static_range(M):
-                dl = tl.load(dl_base + m * sd_m + P[s][None, :] * sd_l, mask=m2, other=0.0).to(tl.float32)
-                uu = tl.load(u_base + m * su_m + P[s][None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
-                gy = tl.load(g_base + m * sg_m + P[s][None, :] * sg_l, mask=m2, other=0.0).to(tl.float32)
-                dt = tl.where(m2, _softplus(dl + bias), 0.0)
-                DT = DT + (dt,)
-                DTU = DTU + (dt * uu,)
-                GY = GY + (gy,)
-        for n in tl.static_range(N):
-            a2 = tl.load(a2_ptr + kc * N + n, mask=cmask, other=0.0)[:, None]
-            h = tl.load(hin_ptr + st_off + n, mask=lc & (blk == 0), other=0.0) + tl.load(
-                ck_ptr + ck_off + blk * (d * N) + n, mask=lc & (blk > 0), other=0.0
-            )
-            tl.store(ck_ptr + ck_off + n, h, mask=lc & (blk == 0))
-            pr = tl.load(p_ptr + st_off + n, mask=lc & (blk > 0), other=1.0)
-            e = tl.load(e_ptr + st_off + n, mask=lc & (blk > 0), other=0.0)
-            for s in tl.static_range(TB):
-                for m in tl.static_range(M):
-                    t: tl.constexpr = s * M + m
-                    bv = tl.load(b_base + m * sb_m + n * sb_n + P[s] * sb_l, mask=V[s], other=0.0).to(tl.float32)
-                    cv = tl.load(c_base + m * sc_m + n * sc_n + P[s] * sc_l, mask=V[s], other=0.0).to(tl.float32)
-                    a = tl.exp2(DT[t] * a2)
-                    h = a * h + DTU[t] * bv[None, :]
-                    pr = pr * a
-                    e += pr * (GY[t] * cv[None, :])
-            tl.store(ck_ptr + ck_off + (blk + 1) * (d * N) + n, h, mask=lc & (blk + 1 < nblk))
+        for t in tl.static_range(NT):
+            dt = tl.where(cmask[:, None] & V[t][None, :], _softplus(DL[t] + bias), 0.0)
+            DT = DT + (dt,)
+            DTU = DTU + (dt * UU[t],)
+        ck_blk = ck_ptrs + (i0 // TB) * (d * N)
+        for n in range(N):
+            a2 = tl.load(a2_ptrs + n, mask=cmask, other=0.0)[:, None]
+            h = tl.load(hin_ptr + st_off + n, mask=lc & (i0 == lo), other=0.0)
+            h += tl.load(ck_blk + n, mask=lc & (i0 > lo), other=0.0)
+            tl.store(ck_blk + n, h, mask=lc & (i0 == lo))
+            pr = tl.load(p_ptr + st_off + n, mask=lc & (i0 > lo), other=1.0)
+            e = tl.load(e_ptr + st_off + n, mask=lc & (i0 > lo), other=0.0)
+            BV = _load_row(b_base + n * sb_n, OB, V, True, NT)
+            CV = _load_row(c_base + n * sc_n, OC, V, True, NT)
+            for t in tl.static_range(NT):
+                a = _exp2(DT[t] * a2)
+                h = a * h + DTU[t] * BV[t]
+                pr = pr * a
+                e += pr * (GY[t] * CV[t])
+            tl.store(ck_blk + d * N + n, h, mask=lc & (i0 + TB < hi))
             tl.store(p_ptr + st_off + n, pr, mask=lc)
             tl.store(e_ptr + st_off + n, e, mask=lc)
 
 
-@triton.jit(do_not_specialize=_SIZE_ARGS + ["NLG"] + _STRIDES_U + _STRIDES_D + _STRIDES_B + _STRIDES_C + _STRIDES_G)
+@_scan_jit
 def _bwd_kernel(
     u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
     ck_ptr,  # (b*K, NL, NBLK, d, N) f32: state entering every block (sweep)
-    q_ptr,  # (b*K, NL, d, N) f32: adjoint arriving at every line's last token (clobbered)
+    q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at every chunk's last token (clobbered)
     gdl_ptr,  # (b, M, K, d, L) out, contiguous, delta's dtype
     gu_ptr,  # (b, M, d, L) f32, zeroed (atomic)
     gb_ptr, gc_ptr,  # (b, M, K, N, L) f32, zeroed (atomic)
-    ga_ptr,  # (b*K, NLG, d, N) f32, zeroed: per line group partial dL/dA
-    gdsk_ptr, gbias_ptr,  # (b*K, NLG, d) f32: per line group partial dL/dD, dL/d(delta_bias)
-    H, W, NL, NBLK, NLG, d,
+    ga_ptr,  # (b*K, GRID0, d, N) f32, zeroed: per program partial dL/dA
+    gdsk_ptr, gbias_ptr,  # (b*K, GRID0, d) f32 out: per program partial dL/dD, dL/d(delta_bias)
+    H, W, N, NL, NS, SEG, NBLK, GRID0, d,
     su_b, su_m, su_c, su_l,
     sd_b, sd_m, sd_k, sd_c, sd_l,
     sb_b, sb_m, sb_k, sb_n, sb_l,
     sc_b, sc_m, sc_k, sc_n, sc_l,
     sg_b, sg_m, sg_c, sg_l,
-    K: tl.constexpr, M: tl.constexpr, N: tl.constexpr,
-    CB: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
+    K: tl.constexpr, M: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
 ):  # fmt: skip
     NT: tl.constexpr = TB * M
-    pid_l = tl.program_id(0)
+    pid0 = tl.program_id(0)
     pid_bk = tl.program_id(1)
-    pid_c = tl.program_id(2)
-    bi = (pid_bk // K).to(tl.int64)
-    k = pid_bk % K
-    nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
+    k, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K, G)
     L = H * W
-    j = pid_l * G + tl.arange(0, G)
-    lmask = j < nlines
-    line_off = base + j * line_step
-    c = pid_c * CB + tl.arange(0, CB)
+    bi = (pid_bk // K).to(tl.int64)
+    c = tl.program_id(2) * CB + tl.arange(0, CB)
     cmask = c < d
     kc = k * d + c
     lc = cmask[:, None] & lmask[None, :]
@@ -378,85 +452,92 @@ def _bwd_kernel(
     gc_base = gc_ptr + (bi * M * K + k) * (N * L)
     gu_base = gu_ptr + bi * (M * d * L) + c[:, None] * L
     gdl_base = gdl_ptr + (bi * M * K + k) * (d * L) + c[:, None] * L
-    st_off = (pid_bk.to(tl.int64) * NL + j[None, :]) * (d * N) + c[:, None] * N
-    ck_off = (pid_bk.to(tl.int64) * NL + j[None, :]) * (NBLK * d * N) + c[:, None] * N
-    part = (pid_bk.to(tl.int64) * NLG + pid_l) * d + c
-    nblk = (llen + TB - 1) // TB
-    trip = tl.where(pid_l * G < nlines, nblk, 0)
+    q_ptrs = q_ptr + (row * d + c[:, None]) * N
+    ck_ptrs = ck_ptr + ((pid_bk.to(tl.int64) * NL + j[None, :]) * NBLK * d + c[:, None]) * N
+    a2_ptrs = a2_ptr + kc * N
+    part = (pid_bk.to(tl.int64) * GRID0 + pid0) * d + c
+    nb = tl.where(active, (hi - lo + TB - 1) // TB, 0)
     gd_acc = tl.zeros([CB, G], tl.float32)
     gbias_acc = tl.zeros([CB, G], tl.float32)
-    for ib in range(0, trip):
-        blk = nblk - 1 - ib
-        P, V = _block_positions(blk * TB, line_off, lmask, llen, pos_step, TB)
+    for ib in range(0, nb):
+        i0 = lo + (nb - 1 - ib) * TB
+        P, V = _token_offsets(i0, line_off, lmask, llen, pos_step, M, TB)
+        DL = _load_tokens(dl_base, sd_m, sd_l, P, V, cmask, M, TB)
+        UU = _load_tokens(u_base, su_m, su_l, P, V, cmask, M, TB)
+        GY = _load_tokens(g_base, sg_m, sg_l, P, V, cmask, M, TB)
+        OB = _token_index(sb_m, sb_l, P, M, TB)
+        OC = _token_index(sc_m, sc_l, P, M, TB)
+        OG = _token_index(K * N * L, 1, P, M, TB)
         DT = tl.tuple([])
         DTU = tl.tuple([])
-        GY = tl.tuple([])
-        GA = tl.tuple([])  # sum_n A g (h - x) per token, stored last token first
-        GB = tl.tuple([])  # sum_n g B per token, stored last token first
-        for s in tl.static_range(TB):
-            m2 = cmask[:, None] & V[s][None, :]
-            for m in tl.static_range(M):
-                dl = tl.load(dl_base + m * sd_m + P[s][None, :] * sd_l, mask=m2, other=0.0).to(tl.float32)
-                uu = tl.load(u_base + m * su_m + P[s][None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
-                gy = tl.load(g_base + m * sg_m + P[s][None, :] * sg_l, mask=m2, other=0.0).to(tl.float32)
-                dt = tl.where(m2, _softplus(dl + bias), 0.0)
-                DT = DT + (dt,)
-                DTU = DTU + (dt * uu,)
-                GY = GY + (gy,)
-                gd_acc += gy * uu
-                GA = GA + (tl.zeros([CB, G], tl.float32),)
-                GB = GB + (tl.zeros([CB, G], tl.float32),)
-        for n in tl.static_range(N):
-            a2 = tl.load(a2_ptr + kc * N + n, mask=cmask, other=0.0)[:, None]
-            h = tl.load(ck_ptr + ck_off + blk * (d * N) + n, mask=lc, other=0.0)
-            gnext = tl.load(q_ptr + st_off + n, mask=lc, other=0.0)
+        GA = tl.tuple([])  # sum over n of A g (h - x), per token
+        GB = tl.tuple([])  # sum over n of g B, per token
+        for t in tl.static_range(NT):
+            dt = tl.where(cmask[:, None] & V[t][None, :], _softplus(DL[t] + bias), 0.0)
+            DT = DT + (dt,)
+            DTU = DTU + (dt * UU[t],)
+            GA = GA + (tl.zeros([CB, G], tl.float32),)
+            GB = GB + (tl.zeros([CB, G], tl.float32),)
+            gd_acc += GY[t] * UU[t]
+        ck_blk = ck_ptrs + (i0 // TB) * (d * N)
+        # n = 0, then in iteration n the loads of n + 1
+        a2 = tl.load(a2_ptrs, mask=cmask, other=0.0)[:, None]
+        h = tl.load(ck_blk, mask=lc, other=0.0)
+        gnext = tl.load(q_ptrs, mask=lc, other=0.0)
+        BV = _load_row(b_base, OB, V, True, NT)
+        CV = _load_row(c_base, OC, V, True, NT)
+        for n in range(N):
+            ok = n + 1 < N
+            a2_nx = tl.load(a2_ptrs + n + 1, mask=cmask & ok, other=0.0)[:, None]
+            h_nx = tl.load(ck_blk + n + 1, mask=lc & ok, other=0.0)
+            gnext_nx = tl.load(q_ptrs + n + 1, mask=lc & ok, other=0.0)
+            BV_nx = _load_row(b_base + (n + 1) * sb_n, OB, V, ok, NT)
+            CV_nx = _load_row(c_base + (n + 1) * sc_n, OC, V, ok, NT)
             HS = tl.tuple([])
             AS = tl.tuple([])
-            BS = tl.tuple([])
-            for s in tl.static_range(TB):
-                for m in tl.static_range(M):
-                    t: tl.constexpr = s * M + m
-                    bv = tl.load(b_base + m * sb_m + n * sb_n + P[s] * sb_l, mask=V[s], other=0.0)
-                    bv = bv.to(tl.float32)[None, :]
-                    a = tl.exp2(DT[t] * a2)
-                    h = a * h + DTU[t] * bv
-                    HS = HS + (h,)
-                    AS = AS + (a,)
-                    BS = BS + (bv,)
-            GA2 = tl.tuple([])
+            for t in tl.static_range(NT):
+                a = _exp2(DT[t] * a2)
+                h = a * h + DTU[t] * BV[t]
+                HS = HS + (h,)
+                AS = AS + (a,)
+            GA2 = tl.tuple([])  # built last token first
             GB2 = tl.tuple([])
             gacc = tl.zeros([CB, G], tl.float32)
+            gb_n = gb_base + n * L
+            gc_n = gc_base + n * L
             for q in tl.static_range(NT):
-                t: tl.constexpr = NT - 1 - q
-                s: tl.constexpr = t // M
-                m: tl.constexpr = t % M
-                cv = tl.load(c_base + m * sc_m + n * sc_n + P[s] * sc_l, mask=V[s], other=0.0)
-                g = GY[t] * cv.to(tl.float32)[None, :] + gnext
-                r = HS[t] - DTU[t] * BS[t]  # = a_t h_{t-1}
-                gr = g * r
-                GA2 = GA2 + (GA[q] + gr * (a2 * LN2),)
-                GB2 = GB2 + (GB[q] + g * BS[t],)
-                gacc += gr * DT[t]
-                off_n = m * (K * N * L) + n * L + P[s]
-                tl.atomic_add(gb_base + off_n, tl.sum(g * DTU[t], axis=0), mask=V[s], sem="relaxed")
-                tl.atomic_add(gc_base + off_n, tl.sum(GY[t] * HS[t], axis=0), mask=V[s], sem="relaxed")
-                gnext = AS[t] * g
-            GA = GA2
-            GB = GB2
-            tl.store(q_ptr + st_off + n, gnext, mask=lc)
+                g = GY[NT - 1 - q] * CV[NT - 1 - q] + gnext  # dL/dh_t
+                gr = g * (HS[NT - 1 - q] - DTU[NT - 1 - q] * BV[NT - 1 - q])  # g * a_t h_{t-1}
+                GA2 = GA2 + (GA[NT - 1 - q] + gr * (a2 * LN2),)
+                GB2 = GB2 + (GB[NT - 1 - q] + g * BV[NT - 1 - q],)
+                gacc += gr * DT[NT - 1 - q]
+                gbv = tl.sum(g * DTU[NT - 1 - q], axis=0)
+                gcv = tl.sum(GY[NT - 1 - q] * HS[NT - 1 - q], axis=0)
+                tl.atomic_add(gb_n + OG[NT - 1 - q], gbv, mask=V[NT - 1 - q], sem="relaxed")
+                tl.atomic_add(gc_n + OG[NT - 1 - q], gcv, mask=V[NT - 1 - q], sem="relaxed")
+                gnext = AS[NT - 1 - q] * g
+            GA = tl.tuple([])
+            GB = tl.tuple([])
+            for t in tl.static_range(NT):
+                GA = GA + (GA2[NT - 1 - t],)
+                GB = GB + (GB2[NT - 1 - t],)
+            tl.store(q_ptrs + n, gnext, mask=lc)
             ga_old = tl.load(ga_ptr + part * N + n, mask=cmask, other=0.0)
             tl.store(ga_ptr + part * N + n, ga_old + tl.sum(gacc, axis=1), mask=cmask)
+            a2 = a2_nx
+            h = h_nx
+            gnext = gnext_nx
+            BV = BV_nx
+            CV = CV_nx
         for s in tl.static_range(TB):
-            m2 = cmask[:, None] & V[s][None, :]
             for m in tl.static_range(M):
-                t: tl.constexpr = s * M + m
-                q: tl.constexpr = NT - 1 - t
-                dl = tl.load(dl_base + m * sd_m + P[s][None, :] * sd_l, mask=m2, other=0.0).to(tl.float32)
-                uu = tl.load(u_base + m * su_m + P[s][None, :] * su_l, mask=m2, other=0.0).to(tl.float32)
-                gu = DT[t] * GB[q] + dsk * GY[t]
-                tl.atomic_add(gu_base + m * (d * L) + P[s][None, :], gu, mask=m2, sem="relaxed")
-                gdl = tl.where(m2, (uu * GB[q] + GA[q]) * _sigmoid(dl + bias), 0.0)
-                tl.store(gdl_base + m * (K * d * L) + P[s][None, :], gdl, mask=m2)
+                msk = cmask[:, None] & V[s * M + m][None, :]
+                pos = P[s * M + m][None, :]
+                gu = DT[s * M + m] * GB[s * M + m] + dsk * GY[s * M + m]
+                tl.atomic_add(gu_base + m * (d * L) + pos, gu, mask=msk, sem="relaxed")
+                gdt = UU[s * M + m] * GB[s * M + m] + GA[s * M + m]
+                gdl = tl.where(msk, gdt * _sigmoid(DL[s * M + m] + bias), 0.0)
+                tl.store(gdl_base + m * (K * d * L) + pos, gdl, mask=msk)
                 gbias_acc += gdl
     tl.store(gdsk_ptr + part, tl.sum(gd_acc, axis=1), mask=cmask)
     tl.store(gbias_ptr + part, tl.sum(gbias_acc, axis=1), mask=cmask)
@@ -496,8 +577,19 @@ def _check(u, delta, A, B, C, D, delta_bias, height: int, width: int) -> None:
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}; put every input on one device")
 
 
-def _grid(lines: int, b: int, K: int, d: int, cb: int) -> tuple[int, int, int]:
-    return (triton.cdiv(lines, 32 * NUM_WARPS), b * K, triton.cdiv(d, cb))
+def _steps(steps: int, M: int) -> int:
+    return max(1, steps // M)
+
+
+def _segments(H: int, W: int, b: int, K: int, d: int, M: int) -> tuple[int, int]:
+    """(SEG, NS): steps per chunk (a multiple of both block sizes) and chunk slots
+    per line, so that a scan kernel launch has about TARGET_PROGRAMS programs."""
+    longest = max(H, W)
+    unit = max(_steps(FWD_STEPS, M), _steps(BWD_STEPS, M))
+    programs = triton.cdiv(longest, 32 * NUM_WARPS) * b * K * triton.cdiv(d, FWD_CB)
+    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(longest, unit)))
+    seg = triton.cdiv(triton.cdiv(longest, splits), unit) * unit
+    return seg, triton.cdiv(longest, seg)
 
 
 class _CrossScan(torch.autograd.Function):
@@ -511,33 +603,33 @@ class _CrossScan(torch.autograd.Function):
         dsk = D.detach().to(f32).contiguous()
         bias = delta_bias.detach().to(f32).contiguous()
         NL = max(H, W)
-        tb = max(1, FWD_STEPS // M)
-        grid = _grid(NL, b, K, d, FWD_CB)
-        state = torch.empty(b * K, NL, d, N, device=dev, dtype=f32)
-        dts = torch.empty(b * K, NL, d, device=dev, dtype=f32)
+        seg, ns = _segments(H, W, b, K, d, M)
+        grid = (triton.cdiv(NL, 32 * NUM_WARPS) * ns, b * K, triton.cdiv(d, FWD_CB))
+        consts = dict(K=K, M=M, CB=FWD_CB, G=32 * NUM_WARPS, TB=_steps(FWD_STEPS, M), num_warps=NUM_WARPS)
+        sizes = (H, W, N, NL, ns, seg, d)
         strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride())
-        consts = dict(K=K, M=M, N=N, CB=FWD_CB, G=32 * NUM_WARPS, TB=tb, num_warps=NUM_WARPS)
-        _fwd_kernel[grid](u, delta, a2, B, C, dsk, bias, state, dts, state, H, W, NL, 0, d, *strides,
-                          WITH_Y=False, **consts)  # fmt: skip
+        state = torch.empty(b * K, NL, ns, d, N, device=dev, dtype=f32)
+        dts = torch.empty(b * K, NL, ns, d, device=dev, dtype=f32)
+        _fwd_kernel[grid](u, delta, a2, B, C, dsk, bias, state, dts, state, *sizes, *strides, WITH_Y=False, **consts)
         save = any(ctx.needs_input_grad[:7])
         start = torch.empty_like(state)
         saved_start = torch.empty_like(state) if save else start
-        _line_combine_kernel[(b * K, triton.cdiv(d * N, COMBINE_STATES))](
-            state, dts, a2, start, saved_start, H, W, NL, d,
-            K=K, N=N, REVERSE=False, SAVE2=save, JB=COMBINE_LINES, SB=COMBINE_STATES, num_warps=1,
+        _chunk_combine_kernel[(b * K, triton.cdiv(d * N, COMBINE_STATES))](
+            state, dts, a2, start, saved_start, *sizes,
+            K=K, REVERSE=False, SAVE2=save, JB=COMBINE_ROWS, SB=COMBINE_STATES, num_warps=COMBINE_WARPS,
         )  # fmt: skip
+        del state
         out = torch.zeros(b, M, d, L, device=dev, dtype=f32)
-        _fwd_kernel[grid](u, delta, a2, B, C, dsk, bias, start, dts, out, H, W, NL, 0, d, *strides,
-                          WITH_Y=True, **consts)  # fmt: skip
+        _fwd_kernel[grid](u, delta, a2, B, C, dsk, bias, start, dts, out, *sizes, *strides, WITH_Y=True, **consts)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, saved_start, dts)
-            ctx.hw = (H, W)
+            ctx.plan = (H, W, seg, ns)
         return out if u.dtype == f32 else out.to(u.dtype)
 
     @staticmethod
     def backward(ctx, gout):  # type: ignore[override]
         u, delta, A, B, C, D, delta_bias, start, dts = ctx.saved_tensors
-        H, W = ctx.hw
+        H, W, seg, ns = ctx.plan
         b, M, d, L = u.shape
         K, N = delta.shape[2], A.shape[1]
         dev, f32 = u.device, torch.float32
@@ -545,36 +637,35 @@ class _CrossScan(torch.autograd.Function):
         dsk = D.detach().to(f32).contiguous()
         bias = delta_bias.detach().to(f32).contiguous()
         NL = max(H, W)
-        tb = max(1, BWD_STEPS // M)
+        tb = _steps(BWD_STEPS, M)
         nblk = triton.cdiv(NL, tb)
-        grid = _grid(NL, b, K, d, BWD_CB)
-        nlg = grid[0]
-        consts = dict(K=K, M=M, N=N, CB=BWD_CB, G=32 * NUM_WARPS, TB=tb, num_warps=NUM_WARPS)
+        grid = (triton.cdiv(NL, 32 * NUM_WARPS) * ns, b * K, triton.cdiv(d, BWD_CB))
+        consts = dict(K=K, M=M, CB=BWD_CB, G=32 * NUM_WARPS, TB=tb, num_warps=NUM_WARPS)
         strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *gout.stride())
         ck = torch.empty(b * K, NL, nblk, d, N, device=dev, dtype=f32)
         prod = torch.empty_like(start)
         local = torch.empty_like(start)
-        _bwd_sweep_kernel[grid](u, delta, a2, B, C, bias, gout, start, ck, prod, local, H, W, NL, nblk, d,
-                                *strides, **consts)  # fmt: skip
+        _bwd_sweep_kernel[grid](u, delta, a2, B, C, bias, gout, start, ck, prod, local,
+                                H, W, N, NL, ns, seg, nblk, d, *strides, **consts)  # fmt: skip
         del prod
         arriving = torch.empty_like(start)
-        _line_combine_kernel[(b * K, triton.cdiv(d * N, COMBINE_STATES))](
-            local, dts, a2, arriving, arriving, H, W, NL, d,
-            K=K, N=N, REVERSE=True, SAVE2=False, JB=COMBINE_LINES, SB=COMBINE_STATES, num_warps=1,
+        _chunk_combine_kernel[(b * K, triton.cdiv(d * N, COMBINE_STATES))](
+            local, dts, a2, arriving, arriving, H, W, N, NL, ns, seg, d,
+            K=K, REVERSE=True, SAVE2=False, JB=COMBINE_ROWS, SB=COMBINE_STATES, num_warps=COMBINE_WARPS,
         )  # fmt: skip
         del local
         g_delta = torch.empty(b, M, K, d, L, device=dev, dtype=delta.dtype)
         g_u = torch.zeros(b, M, d, L, device=dev, dtype=f32)
         g_B = torch.zeros(b, M, K, N, L, device=dev, dtype=f32)
         g_C = torch.zeros(b, M, K, N, L, device=dev, dtype=f32)
-        g_A = torch.zeros(b * K, nlg, d, N, device=dev, dtype=f32)
-        g_D = torch.empty(b * K, nlg, d, device=dev, dtype=f32)
-        g_bias = torch.empty(b * K, nlg, d, device=dev, dtype=f32)
-        _bwd_kernel[grid](u, delta, a2, B, C, dsk, bias, gout, ck, arriving, g_delta, g_u, g_B, g_C, g_A, g_D,
-                          g_bias, H, W, NL, nblk, nlg, d, *strides, **consts)  # fmt: skip
-        g_A = g_A.view(b, K, nlg, d, N).sum((0, 2)).reshape(K * d, N)
-        g_D = g_D.view(b, K, nlg, d).sum((0, 2)).reshape(K * d)
-        g_bias = g_bias.view(b, K, nlg, d).sum((0, 2)).reshape(K * d)
+        g_A = torch.zeros(b * K, grid[0], d, N, device=dev, dtype=f32)
+        g_D = torch.empty(b * K, grid[0], d, device=dev, dtype=f32)
+        g_bias = torch.empty(b * K, grid[0], d, device=dev, dtype=f32)
+        _bwd_kernel[grid](u, delta, a2, B, C, dsk, bias, gout, ck, arriving, g_delta, g_u, g_B, g_C, g_A, g_D, g_bias,
+                          H, W, N, NL, ns, seg, nblk, grid[0], d, *strides, **consts)  # fmt: skip
+        g_A = g_A.view(b, K, grid[0], d, N).sum((0, 2)).reshape(K * d, N)
+        g_D = g_D.view(b, K, grid[0], d).sum((0, 2)).reshape(K * d)
+        g_bias = g_bias.view(b, K, grid[0], d).sum((0, 2)).reshape(K * d)
         return (
             g_u.to(u.dtype),
             g_delta,
