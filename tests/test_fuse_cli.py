@@ -338,8 +338,8 @@ def test_interrupted_run_resumes_with_skip_existing(tmp_path, weights, monkeypat
     assert ((out / "00020N.png").read_bytes(), (out / "00020N.png").stat().st_mtime_ns) == first
     clean = tmp_path / "clean"
     assert fuse_cli("--ir", ir, "--vi", vi, "--out", clean, "--weights", weights) == 0
-    for p in clean.iterdir():
-        assert np.array_equal(np.asarray(Image.open(p)), np.asarray(Image.open(out / p.name)))
+    for p in clean.iterdir():  # same results as an uninterrupted run (batched differently)
+        assert_close_levels(np.asarray(Image.open(p)), np.asarray(Image.open(out / p.name)))
 
 
 # ------------------------------------------------------------------ Python API

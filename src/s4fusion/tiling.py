@@ -50,6 +50,7 @@ __all__ = [
     "padded_size",
     "valid_tile",
     "tile_starts",
+    "fit_tile",
     "axis_weights",
     "estimate_bytes",
     "memory_budget",
@@ -105,6 +106,19 @@ def tile_starts(padded: int, tile: int, overlap: int, step: int) -> list[int]:
         raise ValueError(f"tile {tile} with overlap {overlap} leaves no room to advance (grid {step})")
     n = math.ceil(span / advance) + 1
     return [round(i * span / (n - 1)) * step for i in range(n)]
+
+
+def fit_tile(padded: int, tile: int, overlap: int, step: int) -> int:
+    """The smallest tile side (``tile`` minus a multiple of ``step``) that covers an
+    axis of length ``padded`` with as few tiles as ``tile`` does: the work is spread
+    evenly instead of giving a few tiles a very large overlap."""
+    if tile >= padded:
+        return padded
+    count = len(tile_starts(padded, tile, overlap, step))
+    side = tile
+    while side - step > 2 * overlap and len(tile_starts(padded, side - step, overlap, step)) <= count:
+        side -= step
+    return side
 
 
 def _ramp(u: torch.Tensor) -> torch.Tensor:
@@ -252,10 +266,10 @@ def tiled_forward(
     ir_p, vi_p = F.pad(infrared, pad), F.pad(visible, pad)
     hp, wp = ir_p.shape[-2:]
     tile = valid_tile(cfg, tile)
-    th, tw = min(tile, hp), min(tile, wp)
     if tile < max(hp, wp):  # the overlap matters only along an axis that is split
         overlap = _overlap(cfg, overlap, tile)
     step = cfg.pad_multiple
+    th, tw = fit_tile(hp, tile, overlap, step), fit_tile(wp, tile, overlap, step)
     ys, xs = tile_starts(hp, th, overlap, step), tile_starts(wp, tw, overlap, step)
 
     def weights(starts: list[int], length: int) -> list[torch.Tensor]:

@@ -290,6 +290,7 @@ def run_fuse(args: argparse.Namespace) -> int:
     )
     written: list[Path] = []
     bar = tqdm(total=len(todo), unit="pair", desc="fusing", disable=None, file=sys.stderr)
+    run_options["progress"] = lambda done, total: bar.set_postfix_str(f"tile {done}/{total}")
 
     def fused(batch: list[tuple[Job, PreparedPair]]) -> list[tuple[Job, np.ndarray]]:
         """Run one batch; a failing batch is retried pair by pair."""
