@@ -32,3 +32,35 @@ register_backend(
     priority=10,
     how_to_get="pip install numba",
 )
+
+
+_triton_reason: list[Optional[str]] = []  # the probe's answer, computed once per process
+
+
+def _triton_probe() -> Optional[str]:
+    if not _triton_reason:
+        import torch
+
+        if importlib.util.find_spec("triton") is None:
+            _triton_reason.append("triton is not installed")
+        elif not torch.cuda.is_available():
+            _triton_reason.append("no CUDA device is available")
+        else:
+            _triton_reason.append(None)
+    return _triton_reason[0]
+
+
+def _triton_loader():
+    from .triton_scan import cross_scan_triton
+
+    return cross_scan_triton
+
+
+register_backend(
+    "triton",
+    _triton_loader,
+    devices=("cuda",),
+    probe=_triton_probe,
+    priority=20,
+    how_to_get="install triton (it ships with PyTorch's CUDA wheels on Linux)",
+)

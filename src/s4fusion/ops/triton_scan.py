@@ -81,9 +81,11 @@ _STRIDES = [
 
 
 def _scan_jit(fn):
-    """triton.jit without specialisation on sizes and size-dependent strides."""
-    names = inspect.signature(fn).parameters
-    return triton.jit(do_not_specialize=[a for a in _SIZES + _STRIDES if a in names])(fn)
+    """triton.jit without specialisation on sizes, size-dependent strides and pointer
+    alignment (every access is a gather, so they would only multiply compilations)."""
+    names = list(inspect.signature(fn).parameters)
+    fixed = [a for a in names if a in _SIZES or a in _STRIDES or a == "d" or a.endswith("_ptr")]
+    return triton.jit(do_not_specialize=fixed)(fn)
 
 
 @triton.jit
@@ -535,8 +537,9 @@ def _bwd_kernel(
                 pos = P[s * M + m][None, :]
                 gu = DT[s * M + m] * GB[s * M + m] + dsk * GY[s * M + m]
                 tl.atomic_add(gu_base + m * (d * L) + pos, gu, mask=msk, sem="relaxed")
-                gdt = UU[s * M + m] * GB[s * M + m] + GA[s * M + m]
-                gdl = tl.where(msk, gdt * _sigmoid(DL[s * M + m] + bias), 0.0)
+                uu = tl.load(u_base + m * su_m + pos * su_l, mask=msk, other=0.0).to(tl.float32)
+                dl = tl.load(dl_base + m * sd_m + pos * sd_l, mask=msk, other=0.0).to(tl.float32)
+                gdl = tl.where(msk, (uu * GB[s * M + m] + GA[s * M + m]) * _sigmoid(dl + bias), 0.0)
                 tl.store(gdl_base + m * (K * d * L) + pos, gdl, mask=msk)
                 gbias_acc += gdl
     tl.store(gdsk_ptr + part, tl.sum(gd_acc, axis=1), mask=cmask)
