@@ -302,6 +302,17 @@ def test_existing_output_needs_overwrite(tmp_path, weights, capsys):
     assert Image.open(out).size == (64, 48)
 
 
+def test_bad_options_stop_before_fusing(tmp_path, weights, capsys):
+    base = ("--example", "--out", tmp_path / "f.png", "--weights", weights)
+    assert fuse_cli(*base, "--tile", "5") == 2
+    assert "tile size 5 is too small: tiles must be at least 13 pixels" in capsys.readouterr().err
+    assert fuse_cli(*base, "--ir-percentiles", "90", "10") == 2
+    assert "--ir-percentiles: percentiles must satisfy 0 <= low < high <= 100, got (90, 10)" in capsys.readouterr().err
+    assert fuse_cli(*base, "--out", tmp_path / "f.gif") == 2
+    assert "cannot write '.gif' files" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is absent")
 def test_cuda_requested_without_cuda(tmp_path, weights, capsys):
     assert fuse_cli("--example", "--out", tmp_path / "f.png", "--weights", weights, "--device", "cuda") == 2

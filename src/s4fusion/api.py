@@ -62,6 +62,7 @@ __all__ = [
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS_FILE = "s4fusion.safetensors"
 _RELEASED_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt", ".tar")
+_KINDS = "give a path, numpy array, PIL image or torch tensor"
 PathLike = Union[str, os.PathLike]
 
 
@@ -169,7 +170,7 @@ def _infrared(src: Any, norm: str, percentiles: Sequence[float], name: str) -> n
         src = _tensor_to_hwc(src, name)
     if isinstance(src, np.ndarray):
         return io.infrared_from_array(src, norm, percentiles, name)
-    raise FusionError(f"{name}: unsupported input type {type(src).__name__}; give a path, numpy array, PIL image or tensor")
+    raise FusionError(f"{name}: unsupported input type {type(src).__name__}; {_KINDS}")
 
 
 def _visible(src: Any, name: str) -> np.ndarray:
@@ -181,7 +182,7 @@ def _visible(src: Any, name: str) -> np.ndarray:
         src = _tensor_to_hwc(src, name)
     if isinstance(src, np.ndarray):
         return io.visible_from_array(src, name)
-    raise FusionError(f"{name}: unsupported input type {type(src).__name__}; give a path, numpy array, PIL image or tensor")
+    raise FusionError(f"{name}: unsupported input type {type(src).__name__}; {_KINDS}")
 
 
 def _label(src: Any, default: str) -> str:
@@ -368,7 +369,8 @@ def fuse_images(
     ``infrared[i]`` and ``visible[i]`` form pair i (any forms :func:`fuse` takes);
     result i has the form of ``visible[i]``. ``model``: an :class:`S4Fusion`, a
     weights path, or None for the bundled weights; ``device`` None keeps a given
-    model where it is (else CUDA when available). The first bad pair raises."""
+    model where it is (else CUDA when available), a named device moves the model
+    there. The first bad pair raises."""
     if len(infrared) != len(visible):
         raise FusionError(f"{len(infrared)} infrared images but {len(visible)} visible images")
     if batch_size < 1:

@@ -70,6 +70,7 @@ __all__ = [
     "visible_from_array",
     "visible_from_pil",
     "normalize_infrared",
+    "check_percentiles",
     "rgb_to_ycrcb",
     "ycrcb_to_rgb",
     "quantize",
@@ -229,7 +230,7 @@ def normalize_infrared(
         )
     v = values.astype(np.float64)
     if norm == "percentile":
-        lo_p, hi_p = _check_percentiles(percentiles, name)
+        lo_p, hi_p = check_percentiles(percentiles, name)
         lo, hi = (float(x) for x in np.percentile(v, [lo_p, hi_p]))
         if hi > lo:
             return np.clip((v - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
@@ -239,7 +240,8 @@ def normalize_infrared(
     return ((v - lo) / (hi - lo)).astype(np.float32)
 
 
-def _check_percentiles(percentiles: Sequence[float], name: str) -> tuple[float, float]:
+def check_percentiles(percentiles: Sequence[float], name: str = "percentiles") -> tuple[float, float]:
+    """The (low, high) percentiles as floats; raises ImageError unless 0 <= low < high <= 100."""
     try:
         lo, hi = (float(p) for p in percentiles)
     except (TypeError, ValueError):

@@ -288,7 +288,8 @@ def tiled_forward(
     total = batch * len(ys) * len(xs)
     for n, (b, i, j) in enumerate(itertools.product(range(batch), range(len(ys)), range(len(xs)))):
         y, x = ys[i], xs[j]
-        out = model.forward_padded(ir_p[b : b + 1, :, y : y + th, x : x + tw], vi_p[b : b + 1, :, y : y + th, x : x + tw])
+        window = (slice(b, b + 1), slice(None), slice(y, y + th), slice(x, x + tw))
+        out = model.forward_padded(ir_p[window], vi_p[window])
         w = (wy[i][:, None] * wx[j][None, :]).to(device=acc.device, dtype=acc_dtype)
         acc[b, :, y : y + th, x : x + tw] += out[0].to(acc_dtype) * w
         if b == 0:

@@ -260,9 +260,14 @@ def run_fuse(args: argparse.Namespace) -> int:
     try:
         weights = args.weights if args.weights is not None else default_weights()
         device = resolve_device(args.device)
+        io.check_percentiles(args.ir_percentiles, "--ir-percentiles")
+        if args.tile_overlap < 0 or (args.memory_budget is not None and args.memory_budget <= 0):
+            raise UsageError("--tile-overlap must be >= 0 and --memory-budget > 0")
         jobs, notes = plan(args)
         model = load_model(weights, device)
-    except (UsageError, CheckpointError, FileNotFoundError, FusionError, io.ImageError) as e:
+        if args.tile not in ("auto", 0):
+            tiling.valid_tile(model.config, args.tile)
+    except (UsageError, CheckpointError, FileNotFoundError, FusionError, io.ImageError, ValueError) as e:
         print(f"s4fusion fuse: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     _report(notes, "not fused (unmatched or ignored files)")
