@@ -1,0 +1,216 @@
+"""The Triton scan backend against the reference scan (float64, same inputs) and the
+golden network.
+
+GPU tests are marked ``gpu`` and skip without CUDA. One test runs the same kernels
+on the CPU in Triton's interpreter (tiny sizes, in a subprocess so that the
+interpreter mode cannot leak into other tests), so CI without a GPU checks the
+kernels' index arithmetic, chunking and gradients too.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from s4fusion import S4Fusion
+from s4fusion.ops import cross_scan_ref, set_backend
+
+triton = pytest.importorskip("triton", reason="the triton scan backend needs the triton package")
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
+
+F32_GOLDEN_TOL = 1e-5  # golden README section 5
+# relative L2 error of (output, gradients) against a float64 reference on the same inputs
+TOLERANCES = {
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (3e-3, 5e-3),
+    torch.bfloat16: (2e-2, 3e-2),
+}
+NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
+
+# (b, M, d, N, H, W): odd sizes; > 32 lines (two line groups); a 1-pixel-wide map
+CASES = [(2, 1, 6, 5, 7, 11), (1, 2, 9, 3, 13, 5), (1, 2, 4, 4, 37, 3), (3, 1, 5, 2, 1, 9)]
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def make_inputs(b, M, d, N, H, W, dtype, device, seed=0, K=4):
+    """Scan inputs like the network's: activations in ``dtype``, A, D, delta_bias float32."""
+    g = torch.Generator().manual_seed(seed)
+    L = H * W
+    act = [
+        torch.randn(b, M, d, L, generator=g),
+        0.5 * torch.randn(b, M, K, d, L, generator=g),
+    ]
+    A = -torch.exp(0.5 * torch.randn(K * d, N, generator=g))
+    BC = [torch.randn(b, M, K, N, L, generator=g) for _ in range(2)]
+    D = torch.randn(K * d, generator=g)
+    bias = 0.5 * torch.randn(K * d, generator=g)
+    u, delta = (t.to(device, dtype) for t in act)
+    B, C = (t.to(device, dtype) for t in BC)
+    return [t.requires_grad_() for t in (u, delta, A.to(device), B, C, D.to(device), bias.to(device))]
+
+
+def reference_and_grads(inputs, gout, H, W):
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = cross_scan_ref(*ref_in, H, W)
+    return ref, torch.autograd.grad(ref, ref_in, gout.double())
+
+
+# ------------------------------------------------------------------ on the GPU
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}M{}d{}N{}_{}x{}".format(*c))
+@pytest.mark.gpu
+@needs_cuda
+def test_matches_reference_forward_and_every_gradient(case, dtype):
+    from s4fusion.ops.triton_scan import cross_scan_triton
+
+    b, M, d, N, H, W = case
+    inputs = make_inputs(b, M, d, N, H, W, dtype, "cuda")
+    out = cross_scan_triton(*inputs, H, W)
+    assert out.dtype == dtype and out.shape == (b, M, d, H * W)
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+    grads = torch.autograd.grad(out, inputs, gout)
+    ref, ref_grads = reference_and_grads(inputs, gout, H, W)
+    out_tol, grad_tol = TOLERANCES[dtype]
+    assert rel(out, ref) < out_tol
+    for name, x, g, gr in zip(NAMES, inputs, grads, ref_grads):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        assert rel(g, gr) < grad_tol, (name, rel(g, gr))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_strided_inputs_give_the_contiguous_result():
+    """Slices and transposed views (as the network passes them) are read in place."""
+    from s4fusion.ops.triton_scan import cross_scan_triton
+
+    b, M, d, N, H, W = 2, 2, 6, 4, 9, 7
+    u, delta, A, B, C, D, bias = (t.detach() for t in make_inputs(b, M, d, N, H, W, torch.float32, "cuda"))
+    out = cross_scan_triton(u, delta, A, B, C, D, bias, H, W)
+    wide = torch.randn(b, M, 4, 3 + 2 * N, H * W, device="cuda")
+    wide[:, :, :, 3 : 3 + N], wide[:, :, :, 3 + N :] = B, C
+    delta_t = delta.transpose(-1, -2).contiguous().transpose(-1, -2)  # channels innermost in memory
+    strided = cross_scan_triton(u, delta_t, A, wide[:, :, :, 3 : 3 + N], wide[:, :, :, 3 + N :], D, bias, H, W)
+    assert not wide[:, :, :, 3 : 3 + N].is_contiguous() and not delta_t.is_contiguous()
+    assert rel(strided, out) < 1e-6
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_one_compiled_kernel_serves_every_image_size():
+    from s4fusion.ops import triton_scan
+
+    def variants() -> int:
+        kernels = (triton_scan._fwd_kernel, triton_scan._chunk_combine_kernel, triton_scan._bwd_kernel)
+        caches = [getattr(k, "device_caches", None) for k in kernels]
+        if any(c is None for c in caches):
+            pytest.skip("this triton version does not expose its kernel caches")
+        return sum(len(entry[0]) for c in caches for entry in c.values())
+
+    counts = []
+    for H, W in ((11, 13), (23, 6), (5, 41)):
+        inputs = make_inputs(1, 2, 8, 6, H, W, torch.float32, "cuda")
+        out = triton_scan.cross_scan_triton(*inputs, H, W)
+        torch.autograd.grad(out.sum(), inputs)
+        counts.append(variants())
+    assert counts[0] == counts[1] == counts[2]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_dispatcher_picks_triton_on_cuda():
+    from s4fusion.ops import available_backends, resolve_backend
+
+    assert "triton" in available_backends("cuda")
+    assert resolve_backend(torch.device("cuda")) == "triton"
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_golden_network_with_the_triton_backend(released_path, golden_inputs, golden_expected):
+    model = S4Fusion.from_released_checkpoint(released_path).cuda().eval()
+    set_backend("triton")
+    try:
+        with torch.no_grad():
+            fused = model(golden_inputs["infrared"].float().cuda(), golden_inputs["visible"].float().cuda())
+            padded = model.forward_padded(
+                golden_inputs["infrared_padded"].float().cuda(), golden_inputs["visible_padded"].float().cuda()
+            )
+    finally:
+        set_backend(None)
+    assert rel(fused.cpu(), golden_expected["fused"]) < F32_GOLDEN_TOL
+    assert rel(padded.cpu(), golden_expected["fused.padded"]) < F32_GOLDEN_TOL
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_network_gradients_match_the_reference_backend(released_path, golden_inputs):
+    """Every parameter's gradient through the whole network (scans fed the model's
+    own strided views), triton vs reference backend, float32."""
+    ir = golden_inputs["infrared"].float().cuda()
+    vi = golden_inputs["visible"].float().cuda()
+    grads = {}
+    for backend in ("reference", "triton"):
+        model = S4Fusion.from_released_checkpoint(released_path).cuda()
+        set_backend(backend)
+        try:
+            loss = (model(ir, vi) - 0.5 * (ir + vi)).abs().mean()
+            loss.backward()
+        finally:
+            set_backend(None)
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["reference"].keys() == grads["triton"].keys() and grads["reference"]
+    worst = max((rel(grads["triton"][n], g), n) for n, g in grads["reference"].items() if g.norm() > 0)
+    assert worst[0] < 1e-4, worst
+
+
+# ------------------------------------------------------- on the CPU (interpreter)
+
+INTERPRETER_CHECK = """
+import torch
+from s4fusion.ops import triton_scan as ts
+from s4fusion.ops.reference import cross_scan_ref
+ts.FWD_STEPS, ts.BWD_STEPS, ts.COMBINE_ROWS = 2, 2, 4  # several blocks, segments, combine blocks
+worst = 0.0
+for b, M, d, N, H, W in [(1, 2, 5, 3, 4, 3), (2, 1, 3, 2, 3, 5)]:
+    g = torch.Generator().manual_seed(H * W)
+    L, K = H * W, 4
+    x = [torch.randn(b, M, d, L, generator=g), 0.5 * torch.randn(b, M, K, d, L, generator=g),
+         -torch.exp(0.5 * torch.randn(K * d, N, generator=g)), torch.randn(b, M, K, N, L, generator=g),
+         torch.randn(b, M, K, N, L, generator=g), torch.randn(K * d, generator=g),
+         0.5 * torch.randn(K * d, generator=g)]
+    x = [t.requires_grad_() for t in x]
+    out = ts.cross_scan_triton(*x, H, W)
+    gout = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad(out, x, gout)
+    xr = [t.detach().double().requires_grad_() for t in x]
+    ref = cross_scan_ref(*xr, H, W)
+    refs = [ref] + list(torch.autograd.grad(ref, xr, gout.double()))
+    for a, r in zip([out, *grads], refs):
+        worst = max(worst, ((a.double() - r).norm() / r.norm()).item())
+print("WORST", worst)
+"""
+
+
+def test_kernels_in_the_triton_interpreter_match_the_reference():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    src = Path(__file__).resolve().parents[1] / "src"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH", "")) if p)
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(INTERPRETER_CHECK)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    worst = float(run.stdout.split("WORST")[-1])
+    assert worst < 1e-5, run.stdout
