@@ -72,6 +72,10 @@ _SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus: x above it -> x
 _THR32 = np.float32(_SOFTPLUS_THRESHOLD)
 
 
+_NEG_LN2_HI = np.float32(-0.693359375)
+_NEG_LN2_LO = np.float32(2.12194440e-4)
+
+
 @intrinsic
 def _int32_bits_as_float32(typingctx, i):
     sig = types.float32(types.int32)
@@ -82,17 +86,29 @@ def _int32_bits_as_float32(typingctx, i):
     return sig, codegen
 
 
-@njit(inline="always", cache=True)
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a * b + c rounded once (llvm.fma: IEEE fused multiply-add, vectorisable)."""
+    if not (isinstance(a, types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return a(a, a, a), codegen
+
+
+@njit(inline="always", error_model="numpy", cache=True)
 def _expf(x):
     xc = x
     if xc < _EXP_LO:
         xc = _EXP_LO
     if xc > _EXP_HI:
         xc = _EXP_HI
-    kf = np.floor(xc * _LOG2E + _HALF)
-    r = xc - kf * _LN2_HI
-    r = r - kf * _LN2_LO
-    p = ((((((_T7 * r + _T6) * r + _T5) * r + _T4) * r + _T3) * r + _T2) * r + _F1) * r + _F1
+    kf = np.floor(_fma(xc, _LOG2E, _HALF))
+    r = _fma(kf, _NEG_LN2_HI, xc)
+    r = _fma(kf, _NEG_LN2_LO, r)
+    p = _fma(_fma(_fma(_fma(_fma(_fma(_fma(_T7, r, _T6), r, _T5), r, _T4), r, _T3), r, _T2), r, _F1), r, _F1)
     if kf > _K_MAX:  # only near ln(FLT_MAX): 2^128 is not a float32, use 2 * 2^127
         p = p * _F2
         kf = _K_MAX
@@ -106,14 +122,14 @@ def _expf(x):
     return res
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", error_model="numpy", cache=True)
 def _softplusf(x):
     # softplus(x) = max(x, 0) + log1p(exp(-|x|))
     z = _expf(-x if x > _F0 else x)
     s = z / (_F2 + z)
     s2 = s * s
-    p = (((((((_S17 * s2 + _S15) * s2 + _S13) * s2 + _S11) * s2 + _S9) * s2 + _S7) * s2 + _S5) * s2 + _S3) * s2
-    res = (x if x > _F0 else _F0) + _F2 * (p * s + s)
+    p = _fma(_fma(_fma(_fma(_fma(_fma(_fma(_S17, s2, _S15), s2, _S13), s2, _S11), s2, _S9), s2, _S7), s2, _S5), s2, _S3)
+    res = (x if x > _F0 else _F0) + _F2 * _fma(p * s2, s, s)
     if x > _THR32:
         res = x
     return res
@@ -160,7 +176,7 @@ def _ov_softplus_grad(x):
 
 
 # --------------------------------------------------------------- index maths
-@njit(inline="always", cache=True)
+@njit(inline="always", error_model="numpy", cache=True)
 def _position(k, i, L, H, W):
     """Row-major position of step ``i`` of direction ``k`` (0 row-major, 1
     column-major, 2 and 3 their reversals), as ``direction_orders``."""
@@ -171,7 +187,7 @@ def _position(k, i, L, H, W):
     return i
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _gather_chunk(u, delta, Bm, Cm, bias_l, bi, k, c0, cbn, pos, npos, xb, ub, Bb, Cb):
     """Copy the chunk's inputs into step-major buffers (step s = i * M + m):
     xb, ub (s, channel) = delta + bias, u; Bb, Cb (s, n)."""
@@ -205,7 +221,7 @@ def _units(b: int, K: int, d: int, threads: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------- kernels
-@njit(nogil=True, fastmath=False, cache=True)
+@njit(nogil=True, fastmath=False, error_model="numpy", cache=True)
 def _forward_units(first, step, u, delta, A, Bm, Cm, bias, H, W, block, out_k, ckpt, save):
     """Scan the work units first, first + step, ... of the (batch, direction,
     channel block) units.
@@ -237,10 +253,12 @@ def _forward_units(first, step, u, delta, A, Bm, Cm, bias, H, W, block, out_k, c
         xb = np.empty((steps, cbn), dtype=u.dtype)
         ub = np.empty((steps, cbn), dtype=u.dtype)
         yb = np.empty((steps, cbn), dtype=u.dtype)
+        dtb = np.empty((steps, cbn), dtype=u.dtype)
+        dtub = np.empty((steps, cbn), dtype=u.dtype)
         Bb = np.empty((steps, N), dtype=u.dtype)
         Cb = np.empty((steps, N), dtype=u.dtype)
-        dt = np.empty(cbn, dtype=u.dtype)
-        dtu = np.empty(cbn, dtype=u.dtype)
+        xf, uf, yf = xb.reshape(steps * cbn), ub.reshape(steps * cbn), yb.reshape(steps * cbn)
+        dtf, dtuf = dtb.reshape(steps * cbn), dtub.reshape(steps * cbn)
         for ch in range(nchunks):
             i0 = ch * _CHUNK
             npos = min(_CHUNK, L - i0)
@@ -252,28 +270,31 @@ def _forward_units(first, step, u, delta, A, Bm, Cm, bias, H, W, block, out_k, c
             for ii in range(npos):
                 pos[ii] = _position(k, i0 + ii, L, H, W)
             _gather_chunk(u, delta, Bm, Cm, bias_l, bi, k, c0, cbn, pos, npos, xb, ub, Bb, Cb)
+            for q in range(ns * cbn):
+                dtq = _softplus(xf[q])
+                dtf[q] = dtq
+                dtuf[q] = dtq * uf[q]
+                yf[q] = 0
             for s in range(ns):
-                for j in range(cbn):
-                    dt[j] = _softplus(xb[s, j])
-                    dtu[j] = dt[j] * ub[s, j]
-                    yb[s, j] = 0
+                dt = dtb[s]
+                dtu = dtub[s]
+                ys = yb[s]
                 for n in range(N):
                     bn = Bb[s, n]
                     cn = Cb[s, n]
                     hn = h[n]
                     an = Al[n]
-                    ys = yb[s]
                     for j in range(cbn):
-                        hv = _exp(dt[j] * an[j]) * hn[j] + dtu[j] * bn
+                        hv = _fma(_exp(dt[j] * an[j]), hn[j], dtu[j] * bn)
                         hn[j] = hv
-                        ys[j] += hv * cn
+                        ys[j] = _fma(hv, cn, ys[j])
             for m in range(M):
                 for j in range(cbn):
                     for ii in range(npos):
                         out_k[bi, k, m, c0 + j, pos[ii]] = yb[ii * M + m, j]
 
 
-@njit(nogil=True, fastmath=False, cache=True)
+@njit(nogil=True, fastmath=False, error_model="numpy", cache=True)
 def _backward_units(
     first, step, u, delta, A, Bm, Cm, bias, dout, H, W, block, groups, ckpt, du_k, ddelta, dA_part, dB_part, dC_part
 ):
@@ -301,6 +322,7 @@ def _backward_units(
         xb = np.empty((steps, block), dtype=u.dtype)
         ub = np.empty((steps, block), dtype=u.dtype)
         dtb = np.empty((steps, block), dtype=u.dtype)
+        dtub = np.empty((steps, block), dtype=u.dtype)
         dyb = np.empty((steps, block), dtype=u.dtype)
         Bb = np.empty((steps, N), dtype=u.dtype)
         Cb = np.empty((steps, N), dtype=u.dtype)
@@ -338,15 +360,21 @@ def _backward_units(
                     for j in range(cbn):
                         hb[0, n, j] = ckpt[bi, k, ch, n, c0 + j]
                 for s in range(ns):
+                    dt = dtb[s]
+                    dtu = dtub[s]
                     for j in range(cbn):
-                        dtb[s, j] = _softplus(xb[s, j])
+                        dt[j] = _softplus(xb[s, j])
+                        dtu[j] = dt[j] * ub[s, j]
                     for n in range(N):
                         bn = Bb[s, n]
+                        an = Al[n]
+                        a_s = ab[s, n]
+                        h0 = hb[s, n]
+                        h1 = hb[s + 1, n]
                         for j in range(cbn):
-                            dtv = dtb[s, j]
-                            a = _exp(dtv * Al[n, j])
-                            ab[s, n, j] = a
-                            hb[s + 1, n, j] = a * hb[s, n, j] + dtv * ub[s, j] * bn
+                            a = _exp(dt[j] * an[j])
+                            a_s[j] = a
+                            h1[j] = _fma(a, h0[j], dtu[j] * bn)
                 # reverse-time recurrence
                 dA_chunk[:, :] = 0
                 for s in range(ns - 1, -1, -1):
@@ -358,15 +386,15 @@ def _backward_units(
                         cn = Cb[s, n]
                         for j in range(cbn):
                             dy = dyb[s, j]
-                            gs = dy * cn + carry[n, j]
+                            gs = _fma(dy, cn, carry[n, j])
                             a = ab[s, n, j]
                             gha = gs * hb[s, n, j] * a
                             dtv = dtb[s, j]
                             uv = ub[s, j]
-                            ddt[j] += gha * Al[n, j] + gs * uv * bn
-                            dA_chunk[n, j] += gha * dtv
-                            dus[j] += gs * dtv * bn
-                            gBb[s, n, j] = gs * dtv * uv
+                            ddt[j] = _fma(gha, Al[n, j], _fma(gs * uv, bn, ddt[j]))
+                            dA_chunk[n, j] = _fma(gha, dtv, dA_chunk[n, j])
+                            dus[j] = _fma(gs * dtv, bn, dus[j])
+                            gBb[s, n, j] = gs * dtub[s, j]
                             gCb[s, n, j] = dy * hb[s + 1, n, j]
                             carry[n, j] = a * gs
                     for j in range(cbn):
