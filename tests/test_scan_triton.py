@@ -180,6 +180,23 @@ def test_network_gradients_match_the_reference_backend(released_path, golden_inp
 
 INTERPRETER_CHECK = """
 import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def probe(x_ptr, n):
+    acc = 0.0
+    for i in range(0, n):
+        acc += 1.0
+    tl.store(x_ptr, acc)
+
+
+try:  # some triton releases' interpreters fail on any loop with a runtime bound
+    probe[(1,)](torch.zeros(1), 3)
+except Exception as e:
+    print("UNSUPPORTED", triton.__version__, repr(e)[:200])
+    raise SystemExit(0)
 from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_STEPS, ts.BWD_STEPS, ts.COMBINE_ROWS = 2, 2, 4  # several blocks, segments, combine blocks
@@ -212,5 +229,7 @@ def test_kernels_in_the_triton_interpreter_match_the_reference():
         [sys.executable, "-c", textwrap.dedent(INTERPRETER_CHECK)], env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    if "UNSUPPORTED" in run.stdout:
+        pytest.skip(f"the triton interpreter cannot run these kernels here: {run.stdout.strip()}")
     worst = float(run.stdout.split("WORST")[-1])
     assert worst < 1e-5, run.stdout

@@ -183,7 +183,7 @@ def _load_row(ptr, O, V, ok, NT: tl.constexpr):
 @triton.jit
 def _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K: tl.constexpr, G: tl.constexpr):
     """The program's direction, lines and segment: (k, j, lmask, line_off, llen,
-    pos_step, first step, end step, active, chunk slot row (1, G))."""
+    pos_step, first step, end step, whether it has work, chunk slot row (1, G))."""
     k = pid_bk % K
     lg = pid0 // NS
     sg = pid0 % NS
@@ -192,8 +192,8 @@ def _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K: tl.constexpr, G: tl.constexpr):
     lmask = j < nlines
     line_off = base + j * line_step
     lo = sg * SEG
-    hi = tl.minimum(lo + SEG, llen)
     active = (lg * G < nlines) & (lo < llen)
+    hi = tl.where(active, tl.minimum(lo + SEG, llen), lo)  # end of the segment, = lo when idle
     row = (pid_bk.to(tl.int64) * NL + j[None, :]) * NS + sg
     return k, j, lmask, line_off, llen, pos_step, lo, hi, active, row
 
@@ -235,7 +235,7 @@ def _fwd_kernel(
     out_base = out_ptr + bi * (M * d * H * W) + c[:, None] * (H * W)
     a2_ptrs = a2_ptr + kc * N
     dtsum = tl.zeros([CB, G], tl.float32)
-    for i0 in range(lo, tl.where(active, hi, lo), TB):
+    for i0 in range(lo, hi, TB):
         P, V = _token_offsets(i0, line_off, lmask, llen, pos_step, M, TB)
         DL = _load_tokens(dl_base, sd_m, sd_l, P, V, cmask, M, TB)
         UU = _load_tokens(u_base, su_m, su_l, P, V, cmask, M, TB)
@@ -382,7 +382,7 @@ def _bwd_sweep_kernel(
     st_off = (row * d + c[:, None]) * N
     ck_ptrs = ck_ptr + ((pid_bk.to(tl.int64) * NL + j[None, :]) * NBLK * d + c[:, None]) * N
     a2_ptrs = a2_ptr + kc * N
-    for i0 in range(lo, tl.where(active, hi, lo), TB):
+    for i0 in range(lo, hi, TB):
         P, V = _token_offsets(i0, line_off, lmask, llen, pos_step, M, TB)
         DL = _load_tokens(dl_base, sd_m, sd_l, P, V, cmask, M, TB)
         UU = _load_tokens(u_base, su_m, su_l, P, V, cmask, M, TB)
@@ -458,7 +458,7 @@ def _bwd_kernel(
     ck_ptrs = ck_ptr + ((pid_bk.to(tl.int64) * NL + j[None, :]) * NBLK * d + c[:, None]) * N
     a2_ptrs = a2_ptr + kc * N
     part = (pid_bk.to(tl.int64) * GRID0 + pid0) * d + c
-    nb = tl.where(active, (hi - lo + TB - 1) // TB, 0)
+    nb = (hi - lo + TB - 1) // TB
     gd_acc = tl.zeros([CB, G], tl.float32)
     gbias_acc = tl.zeros([CB, G], tl.float32)
     for ib in range(0, nb):
