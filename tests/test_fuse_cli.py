@@ -400,4 +400,4 @@ def test_default_weights_error_and_bundled_path(monkeypatch):
         api.default_weights()
     with pytest.raises(FileNotFoundError):
         api.fuse(np.zeros((20, 20), np.float32), np.zeros((20, 20), np.float32))
-    assert os.fspath(api.example_pair()[0]).endswith(os.path.join("data", "example", "ir.png"))
+    assert os.fspath(api.example_pair()[0]).endswith(os.path.join("s4fusion", "examples", "ir.png"))

@@ -90,8 +90,8 @@ def default_weights() -> Path:
 
 def example_pair() -> tuple[Path, Path]:
     """(infrared, visible) paths of the bundled example pair (MSRS 00123D crop,
-    see ``s4fusion/data/example/LICENSE.md``)."""
-    root = importlib.resources.files("s4fusion") / "data" / "example"
+    see ``s4fusion/examples/LICENSE.md``)."""
+    root = importlib.resources.files("s4fusion") / "examples"
     return Path(os.fspath(root / "ir.png")), Path(os.fspath(root / "vi.png"))
 
 

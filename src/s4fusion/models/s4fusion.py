@@ -183,6 +183,12 @@ class S4Fusion(nn.Module):
         metadata; ``path`` is a ``.safetensors`` file or a directory. Atomic."""
         return os.fspath(ckpt.save_weights(path, self.state_dict(), self.config.to_dict(), metadata))
 
+    def fuse_images(self, infrared, visible, **options):
+        """Fuse lists of pairs with this network; see :func:`s4fusion.api.fuse_images`."""
+        from ..api import fuse_images
+
+        return fuse_images(infrared, visible, model=self, **options)
+
     def released_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict under the released key names (``vmunet.`` prefix)."""
         return {ckpt.ours_to_released(k): v for k, v in self.state_dict().items()}
