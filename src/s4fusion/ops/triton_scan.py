@@ -65,9 +65,9 @@ FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 # scan steps per unrolled block for M = 1 (halved for M = 2); programs wanted per
 # scan kernel launch (lines are cut into segments until there are about as many).
 NUM_WARPS = 1
-FWD_CB, FWD_STEPS = 4, 4
+FWD_CB, FWD_STEPS = 2, 8
 BWD_CB, BWD_STEPS = 2, 8
-COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 128, 32, 4
+COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 64, 32, 4
 TARGET_PROGRAMS = 4096
 
 _SIZES = ["H", "W", "N", "NL", "NS", "SEG", "NBLK", "GRID0"]
@@ -286,7 +286,25 @@ def _fwd_kernel(
                     ptr = out_base + m * (d * H * W) + P[s * M + m][None, :]
                     tl.atomic_add(ptr, Y[s * M + m], mask=msk, sem="relaxed")
     if not WITH_Y:
-        tl.store(dts_ptr + row * d + c[:, None], dtsum, mask=lc & active)
+        # a segment slot past the line's end is an identity for the combine: dt sum 0, state 0
+        tl.store(dts_ptr + row * d + c[:, None], dtsum, mask=lc)
+        zero = tl.zeros([CB, G], tl.float32)
+        for n in range(N):
+            tl.store(st_ptrs + n, zero, mask=lc & (lo >= llen))
+
+
+@triton.jit
+def _combine_rows(v_slab, dts_slab, ii, ne, s, c, smask, d, N, REVERSE: tl.constexpr):
+    """(JB, SB) contributions and dt sums of the chunk slots at scan positions ``ii``
+    (identities past the end)."""
+    if REVERSE:
+        ee = ne - 1 - ii
+    else:
+        ee = ii
+    m2 = (ii < ne)[:, None] & smask[None, :]
+    v = tl.load(v_slab + ee[:, None] * (d * N) + s[None, :], mask=m2, other=0.0)
+    ds = tl.load(dts_slab + ee[:, None] * d + c[None, :], mask=m2, other=0.0)
+    return v, ds
 
 
 @_scan_jit
@@ -300,49 +318,51 @@ def _chunk_combine_kernel(
     K: tl.constexpr, REVERSE: tl.constexpr, SAVE2: tl.constexpr, JB: tl.constexpr, SB: tl.constexpr,
 ):  # fmt: skip
     """Over the chunk slots e = line * NS + segment of one direction (slots past a
-    line's last segment are identities): forward ``o_0 = 0, o_{e+1} = dec_e o_e +
+    line's last segment hold identities, written by the producers): forward ``o_0 = 0, o_{e+1} = dec_e o_e +
     v_e``; reverse ``o_last = 0, o_{e-1} = dec_e o_e + v_e``, ``dec_e = exp(A dts_e)``."""
     pid_bk = tl.program_id(0)
     pid_s = tl.program_id(1)
     k = pid_bk % K
     is_col = k % 2
     nl = H + is_col * (W - H)
-    nseg = (W + is_col * (H - W) + SEG - 1) // SEG
     ne = nl * NS
     s = pid_s * SB + tl.arange(0, SB)
     smask = s < d * N
     c = s // N
     a2 = tl.load(a2_ptr + k * d * N + s, mask=smask, other=0.0)
-    base = pid_bk.to(tl.int64) * NL * NS
+    slab = pid_bk.to(tl.int64) * NL * NS
+    v_slab = v_ptr + slab * d * N
+    dts_slab = dts_ptr + slab * d
+    o_slab = o_ptr + slab * d * N
+    o2_slab = o2_ptr + slab * d * N
     if REVERSE:
         first = ne - 1
     else:
         first = 0
     zero = tl.zeros([SB], tl.float32)
-    tl.store(o_ptr + (base + first) * d * N + s, zero, mask=smask)
+    tl.store(o_slab + first * d * N + s, zero, mask=smask)
     if SAVE2:
-        tl.store(o2_ptr + (base + first) * d * N + s, zero, mask=smask)
+        tl.store(o2_slab + first * d * N + s, zero, mask=smask)
     carry = tl.zeros([SB], tl.float32)
+    ii = tl.arange(0, JB)
+    v, ds = _combine_rows(v_slab, dts_slab, ii, ne, s, c, smask, d, N, REVERSE)
     for eb in range(0, ne, JB):
-        ii = eb + tl.arange(0, JB)
-        if REVERSE:
-            ee = ne - 1 - ii
-            eo = ne - 2 - ii
-        else:
-            ee = ii
-            eo = ii + 1
-        m2 = ((ii < ne) & (ee % NS < nseg))[:, None] & smask[None, :]
-        v = tl.load(v_ptr + (base + ee[:, None]) * (d * N) + s[None, :], mask=m2, other=0.0)
-        ds = tl.load(dts_ptr + (base + ee[:, None]) * d + c[None, :], mask=m2, other=0.0)
-        dec = tl.exp2(a2[None, :] * ds)
-        pa, pb = tl.associative_scan((dec, v), 0, _combine)
+        # the next block's loads go out before this block's scan
+        v_nx, ds_nx = _combine_rows(v_slab, dts_slab, eb + JB + ii, ne, s, c, smask, d, N, REVERSE)
+        pa, pb = tl.associative_scan((tl.exp2(a2[None, :] * ds), v), 0, _combine)
         incl = pa * carry[None, :] + pb
-        mo = (ii + 1 < ne)[:, None] & smask[None, :]
-        tl.store(o_ptr + (base + eo[:, None]) * (d * N) + s[None, :], incl, mask=mo)
+        if REVERSE:
+            eo = ne - 2 - (eb + ii)
+        else:
+            eo = eb + ii + 1
+        mo = (eb + ii + 1 < ne)[:, None] & smask[None, :]
+        tl.store(o_slab + eo[:, None] * (d * N) + s[None, :], incl, mask=mo)
         if SAVE2:
-            tl.store(o2_ptr + (base + eo[:, None]) * (d * N) + s[None, :], incl, mask=mo)
+            tl.store(o2_slab + eo[:, None] * (d * N) + s[None, :], incl, mask=mo)
         # rows past the last slot are identities, so the block's last row is the carry
-        carry = tl.sum(tl.where((ii == eb + JB - 1)[:, None], incl, 0.0), axis=0)
+        carry = tl.sum(tl.where((ii == JB - 1)[:, None], incl, 0.0), axis=0)
+        v = v_nx
+        ds = ds_nx
 
 
 # --------------------------------------------------------------------- backward
@@ -413,6 +433,9 @@ def _bwd_sweep_kernel(
             tl.store(ck_blk + d * N + n, h, mask=lc & (i0 + TB < hi))
             tl.store(p_ptr + st_off + n, pr, mask=lc)
             tl.store(e_ptr + st_off + n, e, mask=lc)
+    zero = tl.zeros([CB, G], tl.float32)
+    for n in range(N):  # a segment slot past the line's end is an identity for the combine
+        tl.store(e_ptr + st_off + n, zero, mask=lc & (lo >= llen))
 
 
 @_scan_jit
