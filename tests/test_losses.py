@@ -282,6 +282,27 @@ def test_entropy_by_hand():
     assert perception_entropy(torch.from_numpy(logits)).item() == pytest.approx(expected, rel=1e-12)
 
 
+def test_structural_terms_ignore_autocast_and_upcast_half():
+    """Under bf16 autocast the SSIM and Sobel filtering still run in float32 (kornia
+    does the same); bf16 inputs are computed in float32."""
+    g = torch.Generator().manual_seed(6)
+    f, ir, vi = (torch.rand(2, 1, 24, 24, generator=g) for _ in range(3))
+    w = torch.tensor([0.3, 0.8])
+    ref_ssim = weighted_ssim_loss(f, ir, vi, w, 1 - w)
+    ref_grad = max_gradient_loss(f, ir, vi)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        ssim_ac = weighted_ssim_loss(f, ir, vi, w, 1 - w)
+        grad_ac = max_gradient_loss(f, ir, vi)
+    assert ssim_ac.dtype == torch.float32 and grad_ac.dtype == torch.float32
+    assert ssim_ac.item() == pytest.approx(ref_ssim.item(), rel=1e-6)
+    assert grad_ac.item() == pytest.approx(ref_grad.item(), rel=1e-6)
+    half = [t.bfloat16() for t in (f, ir, vi)]
+    exact = weighted_ssim_loss(*(t.float() for t in half), w, 1 - w)
+    got = weighted_ssim_loss(*half, w, 1 - w)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(exact.item(), rel=1e-6)
+    assert perception_entropy(torch.zeros(1, 10, dtype=torch.bfloat16)).dtype == torch.float32
+
+
 def test_shape_errors():
     a = torch.zeros(1, 1, 8, 8)
     with pytest.raises(ValueError, match="expected \\(B,1,H,W\\) images of one shape"):
@@ -403,6 +424,24 @@ def test_fusion_loss_to_moves_resnet(perception):
     finally:
         loss.to(torch.float32)
     assert perception.net.fc.weight.dtype == torch.float32
+
+
+def test_fusion_loss_under_bf16_autocast(perception, tiny_pairs):
+    """A bf16 network output under autocast: the terms come back in float32 and
+    close to the float32 computation (the ResNet itself runs in bf16)."""
+    ir, vi = tiny_pairs
+    fused = (0.5 * (ir + vi)).requires_grad_(True)
+    loss = FusionLoss(LossConfig(), perception)
+    ref_total, ref = loss(fused, ir, vi)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        total, terms = loss(fused.bfloat16(), ir, vi)
+    assert total.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in terms.values())
+    for k in ("l1", "ssim", "grad"):
+        assert terms[k].item() == pytest.approx(ref[k].item(), rel=2e-2), k
+    assert terms["per"].item() == pytest.approx(ref["per"].item(), rel=0.2)
+    total.backward()
+    assert fused.grad is not None and torch.isfinite(fused.grad).all()
 
 
 def test_w_per_zero_reports_entropy_without_resnet_backward(perception, tiny_pairs):
