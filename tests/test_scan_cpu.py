@@ -6,6 +6,8 @@ released network on the golden inputs; backend selection."""
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -138,6 +140,35 @@ def test_results_do_not_depend_on_the_thread_count(cross_scan_cpu):
         assert rel(out, ref) < FWD_TOL[torch.float32]
         for name, a, r in zip(NAMES, g, g_ref):
             assert rel(a, r) < GRAD_TOL[torch.float32], f"gradient of {name}: rel. error {rel(a, r):.2e}"
+
+
+def _scan_in_child(inputs: list, expected: torch.Tensor) -> None:
+    from s4fusion.ops.cpu_scan import cross_scan_cpu
+
+    torch.set_num_threads(2)  # the scan's own two workers (the tensors are too small for torch's)
+    raise SystemExit(0 if torch.equal(cross_scan_cpu(*inputs, 4, 6), expected) else 3)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_works_in_a_forked_child_after_use_in_the_parent(cross_scan_cpu):
+    """The worker threads of the parent do not exist in a fork (e.g. data-loader
+    workers); the child must start its own instead of waiting on them forever."""
+    torch.set_num_threads(2)
+    inputs = make_inputs(1, 2, 40, 5, 4, 6, torch.float32, seed=9)
+    expected = cross_scan_cpu(*inputs, 4, 6)  # the parent's worker threads exist now
+    child = multiprocessing.get_context("fork").Process(target=_scan_in_child, args=(inputs, expected))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the scan hung in a forked child")
+    assert child.exitcode == 0, "the forked child's scan differs from the parent's" if child.exitcode == 3 else child.exitcode
+
+
+def test_empty_inputs(cross_scan_cpu):
+    for b, d, H, W in ((0, 8, 3, 5), (1, 0, 3, 5), (1, 8, 0, 5)):
+        inputs = make_inputs(b, 2, d, 4, H, W, torch.float32)
+        assert cross_scan_cpu(*inputs, H, W).shape == (b, 2, d, H * W)
 
 
 def test_inference_stores_no_state(cross_scan_cpu):

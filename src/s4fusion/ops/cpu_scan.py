@@ -32,6 +32,7 @@ How it runs:
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional
@@ -212,6 +213,8 @@ def _units(b: int, K: int, d: int, threads: int) -> tuple[int, int]:
     """(channel block size, number of blocks): blocks of at most _MAX_BLOCK
     channels in multiples of _LANES, smaller when b * K * blocks would leave
     threads idle."""
+    if d == 0:
+        return _LANES, 0
     nblk = -(-d // _MAX_BLOCK)
     while b * K * nblk < 2 * threads and nblk * _LANES < d:
         nblk += 1
@@ -436,23 +439,35 @@ def _np(x: torch.Tensor) -> np.ndarray:
 
 
 _pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
 _pool_lock = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """In a forked child the parent's pool threads do not exist (and the lock may
+    have been held by one of them): start afresh."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _run_units(fn: Callable, units: int, *args) -> None:
     """Calls ``fn(first, step, *args)`` for first = 0 .. workers - 1 concurrently
     (the numba functions release the GIL), workers = min(units,
     torch.get_num_threads()); worker 0 runs in the calling thread."""
-    global _pool
+    global _pool, _pool_size
     workers = max(1, min(units, torch.get_num_threads()))
     if workers == 1:
         fn(0, 1, *args)
         return
     with _pool_lock:
-        if _pool is None or _pool._max_workers < workers - 1:
+        if _pool is None or _pool_size < workers - 1:
             if _pool is not None:
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="s4fusion-scan")
+            _pool_size = workers - 1
         pool = _pool
     futures = [pool.submit(fn, w, workers, *args) for w in range(1, workers)]
     fn(0, workers, *args)
@@ -521,6 +536,7 @@ class _CrossScanCPU(torch.autograd.Function):
         return out.to(u.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         u, delta, A, B, C, D, delta_bias, ckpt = ctx.saved_tensors
         height, width = ctx.hw
