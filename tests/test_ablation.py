@@ -335,17 +335,7 @@ TRAINER_VARIANTS = {
 }
 
 
-# The trainer's freeze_unused_parameters probes the network in training mode with one
-# 13x13 pair, so the CNN variant's BatchNorm sees one value per channel at the
-# coarsest scale and raises; strict: this fails as soon as the trainer is fixed.
-CNN_PROBE = pytest.mark.xfail(
-    strict=True, raises=ValueError, reason="trainer.freeze_unused_parameters runs its probe in training mode"
-)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=CNN_PROBE) if n == "cnn" else n for n in sorted(TRAINER_VARIANTS)]
-)
+@pytest.mark.parametrize("name", sorted(TRAINER_VARIANTS))
 def test_variant_trains_with_the_trainer(name, tmp_path):
     """Two optimizer steps of `s4fusion train`'s trainer on the tiny pairs (24x24
     crops, the full loss with the ResNet-50 perception term), then the final

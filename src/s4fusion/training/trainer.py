@@ -171,7 +171,12 @@ def freeze_unused_parameters(model: S4Fusion) -> list[str]:
     device = next(model.parameters()).device
     x = torch.rand(1, cfg.in_chans, side, side, device=device)
     model.zero_grad(set_to_none=True)
-    model(x, x).float().square().mean().backward()
+    was_training = model.training
+    model.eval()  # the probe must not touch BatchNorm statistics (CNN ablation) nor need a batch > 1
+    try:
+        model(x, x).float().square().mean().backward()
+    finally:
+        model.train(was_training)
     unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     for name, p in model.named_parameters():
         p.grad = None
