@@ -189,6 +189,23 @@ def test_bad_shapes_are_reported(cross_scan_cpu):
         cross_scan_cpu(u, delta, A, B[:, :, :, :3], C, D, bias, 3, 5)
 
 
+def test_float32_exp_and_softplus_helpers():
+    """The vectorisable float32 polynomials against float64 library values."""
+    import numpy as np
+
+    from s4fusion.ops import cpu_scan
+
+    x = np.linspace(-87.3, 88.7, 20001).astype(np.float32)
+    exp = np.array([cpu_scan._expf(v) for v in x], dtype=np.float64)
+    assert np.max(np.abs(exp / np.exp(x.astype(np.float64)) - 1)) < 1.2e-7  # 1 ulp
+    special = [cpu_scan._expf(np.float32(v)) for v in (-100.0, 100.0, np.nan)]
+    assert special[0] == 0.0 and special[1] == np.inf and np.isnan(special[2])
+    x = np.linspace(-80.0, 30.0, 20001).astype(np.float32)
+    sp = np.array([cpu_scan._softplusf(v) for v in x], dtype=np.float64)
+    ref = torch.nn.functional.softplus(torch.from_numpy(x).double()).numpy()
+    assert np.max(np.abs(sp / ref - 1)) < 3.6e-7  # 3 ulp
+
+
 def test_golden_selective_scan_unit(cross_scan_cpu, golden_dir):
     """The golden stand-alone selective scan (2 B/C groups of 4 channels, 33 steps,
     float64) is one row-major direction (K = 1) over a 1 x 33 map per group."""
