@@ -68,7 +68,7 @@ NUM_WARPS = 1
 FWD_CB, FWD_STEPS = 2, 8
 BWD_CB, BWD_STEPS = 2, 8
 COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 64, 32, 4
-TARGET_PROGRAMS = 4096
+TARGET_PROGRAMS = 8192
 
 _SIZES = ["H", "W", "N", "NL", "NS", "SEG", "NBLK", "GRID0"]
 _STRIDES = [
@@ -77,6 +77,7 @@ _STRIDES = [
 ]  # fmt: skip
 
 
+# ---------------------------------------------------------------------- helpers
 # ---------------------------------------------------------------------- helpers
 
 
@@ -135,56 +136,128 @@ def _combine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _token_offsets(i0, line_off, lmask, llen, pos_step, M: tl.constexpr, TB: tl.constexpr):
-    """Row-major positions (G,) and validity (G,) of the TB*M tokens of the block
-    starting at step i0, token order (step, modality); steps past the line end
-    are invalid."""
+def _halves(x):
+    """(R, G, T) -> its first and second halves along the last axis, (R, G, T/2) each."""
+    return tl.split(tl.permute(tl.reshape(x, [x.shape[0], x.shape[1], 2, x.shape[2] // 2]), [0, 1, 3, 2]))
+
+
+@triton.jit
+def _pair(a, b):
+    """Inverse of _halves: two (R, G, T) -> (R, G, 2T), ``a`` first."""
+    return tl.reshape(tl.permute(tl.join(a, b), [0, 1, 3, 2]), [a.shape[0], a.shape[1], 2 * a.shape[2]])
+
+
+@triton.jit
+def _unstack(x, TB: tl.constexpr):
+    """(R, G, TB) -> tuple of the TB (R, G) slices, in order (TB a power of two <= 16).
+    Compiles to one shared-memory transpose."""
+    parts = tl.tuple([x])
+    for lvl in tl.static_range(4):
+        if (1 << lvl) < TB:
+            nxt = tl.tuple([])
+            for i in tl.static_range(1 << lvl):
+                nxt = nxt + _halves(parts[i])
+            parts = nxt
+    out = tl.tuple([])
+    for i in tl.static_range(TB):
+        out = out + (tl.reshape(parts[i], [x.shape[0], x.shape[1]]),)
+    return out
+
+
+@triton.jit
+def _stack(T, m: tl.constexpr, M: tl.constexpr, TB: tl.constexpr):
+    """(R, G, TB) tile of the tokens ``T[s * M + m]`` (each (R, G)), s = 0 .. TB-1."""
+    parts = tl.tuple([])
+    for s in tl.static_range(TB):
+        parts = parts + (tl.reshape(T[s * M + m], [T[0].shape[0], T[0].shape[1], 1]),)
+    for lvl in tl.static_range(4):
+        if (TB >> lvl) > 1:
+            nxt = tl.tuple([])
+            for i in tl.static_range(TB >> (lvl + 1)):
+                nxt = nxt + (_pair(parts[2 * i], parts[2 * i + 1]),)
+            parts = nxt
+    return parts[0]
+
+
+@triton.jit
+def _block(i0, line_off, lmask, llen, pos_step, M: tl.constexpr, TB: tl.constexpr):
+    """Positions and validity of the block of TB steps starting at step i0: per token
+    ((G,) each, token order (step, modality)) and as (G, TB) tiles."""
     P = tl.tuple([])
     V = tl.tuple([])
     for s in tl.static_range(TB):
         for m in tl.static_range(M):
             P = P + (line_off + (i0 + s) * pos_step,)
             V = V + (lmask & (i0 + s < llen),)
-    return P, V
+    steps = i0 + tl.arange(0, TB)
+    pos2 = line_off[:, None] + steps[None, :] * pos_step
+    ok2 = lmask[:, None] & (steps < llen)[None, :]
+    return P, V, pos2, ok2
 
 
 @triton.jit
-def _load_tokens(base_ptr, stride_m, stride_l, P, V, cmask, M: tl.constexpr, TB: tl.constexpr):
-    """(CB, G) float32 tiles of a (.., M, .., d, L) tensor at the block's tokens
-    (``base_ptr`` is (CB, 1) and points at batch/direction/channel)."""
+def _tokens(ptr, stride_m, stride_l, rmask, P, V, pos2, ok2, M: tl.constexpr, TB: tl.constexpr, ROWS: tl.constexpr):
+    """The block's tokens of a (.., M, .., L) tensor as TB*M float32 (R, G) tiles in
+    token order; ``ptr`` (R, 1) points at position 0 of modality 0, ``rmask`` (R,).
+    Row lines: M coalesced (R, G, TB) loads (a warp reads along the rows), split in
+    registers; column lines: one load per token (a warp reads along a row already)."""
     X = tl.tuple([])
-    for s in tl.static_range(TB):
+    if ROWS:
+        PM = tl.tuple([])
         for m in tl.static_range(M):
-            msk = cmask[:, None] & V[s * M + m][None, :]
-            x = tl.load(base_ptr + m * stride_m + P[s * M + m][None, :] * stride_l, mask=msk, other=0.0)
-            X = X + (x.to(tl.float32),)
+            msk = rmask[:, None, None] & ok2[None, :, :]
+            x = tl.load(ptr[:, :, None] + m * stride_m + pos2[None, :, :] * stride_l, mask=msk, other=0.0)
+            PM = PM + (_unstack(x.to(tl.float32), TB),)
+        for s in tl.static_range(TB):
+            for m in tl.static_range(M):
+                X = X + (PM[m][s],)
+    else:
+        for s in tl.static_range(TB):
+            for m in tl.static_range(M):
+                msk = rmask[:, None] & V[s * M + m][None, :]
+                x = tl.load(ptr + m * stride_m + P[s * M + m][None, :] * stride_l, mask=msk, other=0.0)
+                X = X + (x.to(tl.float32),)
     return X
 
 
 @triton.jit
-def _token_index(stride_m, stride_l, P, M: tl.constexpr, TB: tl.constexpr):
-    """(G,) element offsets ``m * stride_m + position * stride_l`` of the block's tokens."""
-    X = tl.tuple([])
-    for s in tl.static_range(TB):
+def _put(ptr, stride_m, rmask, T, P, V, pos2, ok2, M: tl.constexpr, TB: tl.constexpr, ROWS: tl.constexpr,
+         ATOMIC: tl.constexpr):  # fmt: skip
+    """Store (or atomically add) the block's tokens T (TB*M (R, G) tiles) into a
+    (.., M, .., L) tensor with unit position stride; ``ptr`` (R, 1) as in _tokens."""
+    if ROWS:
         for m in tl.static_range(M):
-            X = X + (m * stride_m + P[s * M + m] * stride_l,)
-    return X
+            msk = rmask[:, None, None] & ok2[None, :, :]
+            p = ptr[:, :, None] + m * stride_m + pos2[None, :, :]
+            if ATOMIC:
+                tl.atomic_add(p, _stack(T, m, M, TB), mask=msk, sem="relaxed")
+            else:
+                tl.store(p, _stack(T, m, M, TB), mask=msk)
+    else:
+        for s in tl.static_range(TB):
+            for m in tl.static_range(M):
+                msk = rmask[:, None] & V[s * M + m][None, :]
+                p = ptr + m * stride_m + P[s * M + m][None, :]
+                if ATOMIC:
+                    tl.atomic_add(p, T[s * M + m], mask=msk, sem="relaxed")
+                else:
+                    tl.store(p, T[s * M + m], mask=msk)
 
 
 @triton.jit
-def _load_row(ptr, O, V, ok, NT: tl.constexpr):
-    """(1, G) float32 values of one n of a (b, M, K, N, L) tensor at the block's tokens."""
-    X = tl.tuple([])
-    for t in tl.static_range(NT):
-        X = X + (tl.load(ptr + O[t], mask=V[t] & ok, other=0.0).to(tl.float32)[None, :],)
-    return X
-
-
-@triton.jit
-def _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K: tl.constexpr, G: tl.constexpr):
-    """The program's direction, lines and segment: (k, j, lmask, line_off, llen,
-    pos_step, first step, end step, whether it has work, chunk slot row (1, G))."""
-    k = pid_bk % K
+def _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr):
+    """The program's batch element, direction (row directions 0, 2 or column
+    directions 1, 3), lines and segment: (bi, k, bk = bi * K + k, j, lmask, line_off,
+    llen, pos_step, first step, end step, whether it has work, chunk slot row (1, G))."""
+    if ROWS:
+        KC: tl.constexpr = (K + 1) // 2
+        ODD: tl.constexpr = 0
+    else:
+        KC: tl.constexpr = K // 2
+        ODD: tl.constexpr = 1
+    bi = pid_bk // KC
+    k = 2 * (pid_bk % KC) + ODD
+    bk = bi * K + k
     lg = pid0 // NS
     sg = pid0 % NS
     nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
@@ -194,8 +267,8 @@ def _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K: tl.constexpr, G: tl.constexpr):
     lo = sg * SEG
     active = (lg * G < nlines) & (lo < llen)
     hi = tl.where(active, tl.minimum(lo + SEG, llen), lo)  # end of the segment, = lo when idle
-    row = (pid_bk.to(tl.int64) * NL + j[None, :]) * NS + sg
-    return k, j, lmask, line_off, llen, pos_step, lo, hi, active, row
+    row = (bk.to(tl.int64) * NL + j[None, :]) * NS + sg
+    return bi.to(tl.int64), k, bk, j, lmask, line_off, llen, pos_step, lo, hi, active, row
 
 
 # ---------------------------------------------------------------------- forward
@@ -213,34 +286,31 @@ def _fwd_kernel(
     sb_b, sb_m, sb_k, sb_n, sb_l,
     sc_b, sc_m, sc_k, sc_n, sc_l,
     K: tl.constexpr, M: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
-    WITH_Y: tl.constexpr,
+    WITH_Y: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     NT: tl.constexpr = TB * M
-    pid_bk = tl.program_id(1)
-    k, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(
-        tl.program_id(0), pid_bk, NL, NS, SEG, H, W, K, G
+    bi, k, bk, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(
+        tl.program_id(0), tl.program_id(1), NL, NS, SEG, H, W, K, G, ROWS
     )
-    bi = (pid_bk // K).to(tl.int64)
     c = tl.program_id(2) * CB + tl.arange(0, CB)
     cmask = c < d
     kc = k * d + c
     lc = cmask[:, None] & lmask[None, :]
+    one = tl.zeros([1], tl.int32) == 0
     bias = tl.load(bias_ptr + kc, mask=cmask, other=0.0)[:, None]
     dsk = tl.load(dsk_ptr + kc, mask=cmask, other=0.0)[:, None]
     u_base = u_ptr + bi * su_b + c[:, None] * su_c
     dl_base = dl_ptr + bi * sd_b + k * sd_k + c[:, None] * sd_c
-    b_base = b_ptr + bi * sb_b + k * sb_k
-    c_base = c_ptr + bi * sc_b + k * sc_k
+    b_base = b_ptr + bi * sb_b + k * sb_k + tl.zeros([1, 1], tl.int32)
+    c_base = c_ptr + bi * sc_b + k * sc_k + tl.zeros([1, 1], tl.int32)
     st_ptrs = st_ptr + (row * d + c[:, None]) * N
     out_base = out_ptr + bi * (M * d * H * W) + c[:, None] * (H * W)
     a2_ptrs = a2_ptr + kc * N
     dtsum = tl.zeros([CB, G], tl.float32)
     for i0 in range(lo, hi, TB):
-        P, V = _token_offsets(i0, line_off, lmask, llen, pos_step, M, TB)
-        DL = _load_tokens(dl_base, sd_m, sd_l, P, V, cmask, M, TB)
-        UU = _load_tokens(u_base, su_m, su_l, P, V, cmask, M, TB)
-        OB = _token_index(sb_m, sb_l, P, M, TB)
-        OC = _token_index(sc_m, sc_l, P, M, TB)
+        P, V, pos2, ok2 = _block(i0, line_off, lmask, llen, pos_step, M, TB)
+        DL = _tokens(dl_base, sd_m, sd_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
+        UU = _tokens(u_base, su_m, su_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
         DT = tl.tuple([])
         DTU = tl.tuple([])
         Y = tl.tuple([])
@@ -254,17 +324,18 @@ def _fwd_kernel(
         a2 = tl.load(a2_ptrs, mask=cmask, other=0.0)[:, None]
         if WITH_Y:
             h = tl.load(st_ptrs, mask=lc, other=0.0)
-            CV = _load_row(c_base, OC, V, True, NT)
+            CV = _tokens(c_base, sc_m, sc_l, one, P, V, pos2, ok2, M, TB, ROWS)
         else:
             h = tl.load(st_ptrs, mask=lc & (i0 > lo), other=0.0)
-        BV = _load_row(b_base, OB, V, True, NT)
+        BV = _tokens(b_base, sb_m, sb_l, one, P, V, pos2, ok2, M, TB, ROWS)
         for n in range(N):
             ok = n + 1 < N
+            okn = one & ok
             a2_nx = tl.load(a2_ptrs + n + 1, mask=cmask & ok, other=0.0)[:, None]
-            BV_nx = _load_row(b_base + (n + 1) * sb_n, OB, V, ok, NT)
+            BV_nx = _tokens(b_base + (n + 1) * sb_n, sb_m, sb_l, okn, P, V, pos2, ok2, M, TB, ROWS)
             if WITH_Y:
                 h_nx = tl.load(st_ptrs + n + 1, mask=lc & ok, other=0.0)
-                CV_nx = _load_row(c_base + (n + 1) * sc_n, OC, V, ok, NT)
+                CV_nx = _tokens(c_base + (n + 1) * sc_n, sc_m, sc_l, okn, P, V, pos2, ok2, M, TB, ROWS)
             else:
                 h_nx = tl.load(st_ptrs + n + 1, mask=lc & ok & (i0 > lo), other=0.0)
             Y2 = tl.tuple([])
@@ -280,11 +351,7 @@ def _fwd_kernel(
                 Y = Y2
                 CV = CV_nx
         if WITH_Y:
-            for s in tl.static_range(TB):
-                for m in tl.static_range(M):
-                    msk = cmask[:, None] & V[s * M + m][None, :]
-                    ptr = out_base + m * (d * H * W) + P[s * M + m][None, :]
-                    tl.atomic_add(ptr, Y[s * M + m], mask=msk, sem="relaxed")
+            _put(out_base, d * H * W, cmask, Y, P, V, pos2, ok2, M, TB, ROWS, True)
     if not WITH_Y:
         # a segment slot past the line's end is an identity for the combine: dt sum 0, state 0
         tl.store(dts_ptr + row * d + c[:, None], dtsum, mask=lc)
@@ -382,33 +449,31 @@ def _bwd_sweep_kernel(
     sc_b, sc_m, sc_k, sc_n, sc_l,
     sg_b, sg_m, sg_c, sg_l,
     K: tl.constexpr, M: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
+    ROWS: tl.constexpr,
 ):  # fmt: skip
     NT: tl.constexpr = TB * M
-    pid_bk = tl.program_id(1)
-    k, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(
-        tl.program_id(0), pid_bk, NL, NS, SEG, H, W, K, G
+    bi, k, bk, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(
+        tl.program_id(0), tl.program_id(1), NL, NS, SEG, H, W, K, G, ROWS
     )
-    bi = (pid_bk // K).to(tl.int64)
     c = tl.program_id(2) * CB + tl.arange(0, CB)
     cmask = c < d
     kc = k * d + c
     lc = cmask[:, None] & lmask[None, :]
+    one = tl.zeros([1], tl.int32) == 0
     bias = tl.load(bias_ptr + kc, mask=cmask, other=0.0)[:, None]
     u_base = u_ptr + bi * su_b + c[:, None] * su_c
     dl_base = dl_ptr + bi * sd_b + k * sd_k + c[:, None] * sd_c
     g_base = g_ptr + bi * sg_b + c[:, None] * sg_c
-    b_base = b_ptr + bi * sb_b + k * sb_k
-    c_base = c_ptr + bi * sc_b + k * sc_k
+    b_base = b_ptr + bi * sb_b + k * sb_k + tl.zeros([1, 1], tl.int32)
+    c_base = c_ptr + bi * sc_b + k * sc_k + tl.zeros([1, 1], tl.int32)
     st_off = (row * d + c[:, None]) * N
-    ck_ptrs = ck_ptr + ((pid_bk.to(tl.int64) * NL + j[None, :]) * NBLK * d + c[:, None]) * N
+    ck_ptrs = ck_ptr + ((bk.to(tl.int64) * NL + j[None, :]) * NBLK * d + c[:, None]) * N
     a2_ptrs = a2_ptr + kc * N
     for i0 in range(lo, hi, TB):
-        P, V = _token_offsets(i0, line_off, lmask, llen, pos_step, M, TB)
-        DL = _load_tokens(dl_base, sd_m, sd_l, P, V, cmask, M, TB)
-        UU = _load_tokens(u_base, su_m, su_l, P, V, cmask, M, TB)
-        GY = _load_tokens(g_base, sg_m, sg_l, P, V, cmask, M, TB)
-        OB = _token_index(sb_m, sb_l, P, M, TB)
-        OC = _token_index(sc_m, sc_l, P, M, TB)
+        P, V, pos2, ok2 = _block(i0, line_off, lmask, llen, pos_step, M, TB)
+        DL = _tokens(dl_base, sd_m, sd_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
+        UU = _tokens(u_base, su_m, su_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
+        GY = _tokens(g_base, sg_m, sg_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
         DT = tl.tuple([])
         DTU = tl.tuple([])
         for t in tl.static_range(NT):
@@ -423,8 +488,8 @@ def _bwd_sweep_kernel(
             tl.store(ck_blk + n, h, mask=lc & (i0 == lo))
             pr = tl.load(p_ptr + st_off + n, mask=lc & (i0 > lo), other=1.0)
             e = tl.load(e_ptr + st_off + n, mask=lc & (i0 > lo), other=0.0)
-            BV = _load_row(b_base + n * sb_n, OB, V, True, NT)
-            CV = _load_row(c_base + n * sc_n, OC, V, True, NT)
+            BV = _tokens(b_base + n * sb_n, sb_m, sb_l, one, P, V, pos2, ok2, M, TB, ROWS)
+            CV = _tokens(c_base + n * sc_n, sc_m, sc_l, one, P, V, pos2, ok2, M, TB, ROWS)
             for t in tl.static_range(NT):
                 a = _exp2(DT[t] * a2)
                 h = a * h + DTU[t] * BV[t]
@@ -455,44 +520,43 @@ def _bwd_kernel(
     sc_b, sc_m, sc_k, sc_n, sc_l,
     sg_b, sg_m, sg_c, sg_l,
     K: tl.constexpr, M: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
+    ROWS: tl.constexpr,
 ):  # fmt: skip
     NT: tl.constexpr = TB * M
     pid0 = tl.program_id(0)
-    pid_bk = tl.program_id(1)
-    k, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K, G)
+    bi, k, bk, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(
+        pid0, tl.program_id(1), NL, NS, SEG, H, W, K, G, ROWS
+    )
     L = H * W
-    bi = (pid_bk // K).to(tl.int64)
     c = tl.program_id(2) * CB + tl.arange(0, CB)
     cmask = c < d
     kc = k * d + c
     lc = cmask[:, None] & lmask[None, :]
+    one = tl.zeros([1], tl.int32) == 0
     bias = tl.load(bias_ptr + kc, mask=cmask, other=0.0)[:, None]
     dsk = tl.load(dsk_ptr + kc, mask=cmask, other=0.0)[:, None]
     u_base = u_ptr + bi * su_b + c[:, None] * su_c
     dl_base = dl_ptr + bi * sd_b + k * sd_k + c[:, None] * sd_c
     g_base = g_ptr + bi * sg_b + c[:, None] * sg_c
-    b_base = b_ptr + bi * sb_b + k * sb_k
-    c_base = c_ptr + bi * sc_b + k * sc_k
-    gb_base = gb_ptr + (bi * M * K + k) * (N * L)
-    gc_base = gc_ptr + (bi * M * K + k) * (N * L)
+    b_base = b_ptr + bi * sb_b + k * sb_k + tl.zeros([1, 1], tl.int32)
+    c_base = c_ptr + bi * sc_b + k * sc_k + tl.zeros([1, 1], tl.int32)
+    gb_base = gb_ptr + (bi * M * K + k) * (N * L) + tl.zeros([1, 1], tl.int32)
+    gc_base = gc_ptr + (bi * M * K + k) * (N * L) + tl.zeros([1, 1], tl.int32)
     gu_base = gu_ptr + bi * (M * d * L) + c[:, None] * L
     gdl_base = gdl_ptr + (bi * M * K + k) * (d * L) + c[:, None] * L
     q_ptrs = q_ptr + (row * d + c[:, None]) * N
-    ck_ptrs = ck_ptr + ((pid_bk.to(tl.int64) * NL + j[None, :]) * NBLK * d + c[:, None]) * N
+    ck_ptrs = ck_ptr + ((bk.to(tl.int64) * NL + j[None, :]) * NBLK * d + c[:, None]) * N
     a2_ptrs = a2_ptr + kc * N
-    part = (pid_bk.to(tl.int64) * GRID0 + pid0) * d + c
+    part = (bk.to(tl.int64) * GRID0 + pid0) * d + c
     nb = (hi - lo + TB - 1) // TB
     gd_acc = tl.zeros([CB, G], tl.float32)
     gbias_acc = tl.zeros([CB, G], tl.float32)
     for ib in range(0, nb):
         i0 = lo + (nb - 1 - ib) * TB
-        P, V = _token_offsets(i0, line_off, lmask, llen, pos_step, M, TB)
-        DL = _load_tokens(dl_base, sd_m, sd_l, P, V, cmask, M, TB)
-        UU = _load_tokens(u_base, su_m, su_l, P, V, cmask, M, TB)
-        GY = _load_tokens(g_base, sg_m, sg_l, P, V, cmask, M, TB)
-        OB = _token_index(sb_m, sb_l, P, M, TB)
-        OC = _token_index(sc_m, sc_l, P, M, TB)
-        OG = _token_index(K * N * L, 1, P, M, TB)
+        P, V, pos2, ok2 = _block(i0, line_off, lmask, llen, pos_step, M, TB)
+        DL = _tokens(dl_base, sd_m, sd_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
+        UU = _tokens(u_base, su_m, su_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
+        GY = _tokens(g_base, sg_m, sg_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
         DT = tl.tuple([])
         DTU = tl.tuple([])
         GA = tl.tuple([])  # sum over n of A g (h - x), per token
@@ -509,15 +573,16 @@ def _bwd_kernel(
         a2 = tl.load(a2_ptrs, mask=cmask, other=0.0)[:, None]
         h = tl.load(ck_blk, mask=lc, other=0.0)
         gnext = tl.load(q_ptrs, mask=lc, other=0.0)
-        BV = _load_row(b_base, OB, V, True, NT)
-        CV = _load_row(c_base, OC, V, True, NT)
+        BV = _tokens(b_base, sb_m, sb_l, one, P, V, pos2, ok2, M, TB, ROWS)
+        CV = _tokens(c_base, sc_m, sc_l, one, P, V, pos2, ok2, M, TB, ROWS)
         for n in range(N):
             ok = n + 1 < N
+            okn = one & ok
             a2_nx = tl.load(a2_ptrs + n + 1, mask=cmask & ok, other=0.0)[:, None]
             h_nx = tl.load(ck_blk + n + 1, mask=lc & ok, other=0.0)
             gnext_nx = tl.load(q_ptrs + n + 1, mask=lc & ok, other=0.0)
-            BV_nx = _load_row(b_base + (n + 1) * sb_n, OB, V, ok, NT)
-            CV_nx = _load_row(c_base + (n + 1) * sc_n, OC, V, ok, NT)
+            BV_nx = _tokens(b_base + (n + 1) * sb_n, sb_m, sb_l, okn, P, V, pos2, ok2, M, TB, ROWS)
+            CV_nx = _tokens(c_base + (n + 1) * sc_n, sc_m, sc_l, okn, P, V, pos2, ok2, M, TB, ROWS)
             HS = tl.tuple([])
             AS = tl.tuple([])
             for t in tl.static_range(NT):
@@ -525,27 +590,32 @@ def _bwd_kernel(
                 h = a * h + DTU[t] * BV[t]
                 HS = HS + (h,)
                 AS = AS + (a,)
-            GA2 = tl.tuple([])  # built last token first
+            # last token first: dL/dh_t = gy_t C_t + a_{t+1} dL/dh_{t+1}
+            GA2 = tl.tuple([])
             GB2 = tl.tuple([])
+            GBV2 = tl.tuple([])
+            GCV2 = tl.tuple([])
             gacc = tl.zeros([CB, G], tl.float32)
-            gb_n = gb_base + n * L
-            gc_n = gc_base + n * L
             for q in tl.static_range(NT):
-                g = GY[NT - 1 - q] * CV[NT - 1 - q] + gnext  # dL/dh_t
+                g = GY[NT - 1 - q] * CV[NT - 1 - q] + gnext
                 gr = g * (HS[NT - 1 - q] - DTU[NT - 1 - q] * BV[NT - 1 - q])  # g * a_t h_{t-1}
                 GA2 = GA2 + (GA[NT - 1 - q] + gr * (a2 * LN2),)
                 GB2 = GB2 + (GB[NT - 1 - q] + g * BV[NT - 1 - q],)
                 gacc += gr * DT[NT - 1 - q]
-                gbv = tl.sum(g * DTU[NT - 1 - q], axis=0)
-                gcv = tl.sum(GY[NT - 1 - q] * HS[NT - 1 - q], axis=0)
-                tl.atomic_add(gb_n + OG[NT - 1 - q], gbv, mask=V[NT - 1 - q], sem="relaxed")
-                tl.atomic_add(gc_n + OG[NT - 1 - q], gcv, mask=V[NT - 1 - q], sem="relaxed")
+                GBV2 = GBV2 + (tl.sum(g * DTU[NT - 1 - q], axis=0)[None, :],)
+                GCV2 = GCV2 + (tl.sum(GY[NT - 1 - q] * HS[NT - 1 - q], axis=0)[None, :],)
                 gnext = AS[NT - 1 - q] * g
             GA = tl.tuple([])
             GB = tl.tuple([])
+            GBV = tl.tuple([])
+            GCV = tl.tuple([])
             for t in tl.static_range(NT):
                 GA = GA + (GA2[NT - 1 - t],)
                 GB = GB + (GB2[NT - 1 - t],)
+                GBV = GBV + (GBV2[NT - 1 - t],)
+                GCV = GCV + (GCV2[NT - 1 - t],)
+            _put(gb_base + n * L, K * N * L, one, GBV, P, V, pos2, ok2, M, TB, ROWS, True)
+            _put(gc_base + n * L, K * N * L, one, GCV, P, V, pos2, ok2, M, TB, ROWS, True)
             tl.store(q_ptrs + n, gnext, mask=lc)
             ga_old = tl.load(ga_ptr + part * N + n, mask=cmask, other=0.0)
             tl.store(ga_ptr + part * N + n, ga_old + tl.sum(gacc, axis=1), mask=cmask)
@@ -554,17 +624,18 @@ def _bwd_kernel(
             gnext = gnext_nx
             BV = BV_nx
             CV = CV_nx
-        for s in tl.static_range(TB):
-            for m in tl.static_range(M):
-                msk = cmask[:, None] & V[s * M + m][None, :]
-                pos = P[s * M + m][None, :]
-                gu = DT[s * M + m] * GB[s * M + m] + dsk * GY[s * M + m]
-                tl.atomic_add(gu_base + m * (d * L) + pos, gu, mask=msk, sem="relaxed")
-                uu = tl.load(u_base + m * su_m + pos * su_l, mask=msk, other=0.0).to(tl.float32)
-                dl = tl.load(dl_base + m * sd_m + pos * sd_l, mask=msk, other=0.0).to(tl.float32)
-                gdl = tl.where(msk, (uu * GB[s * M + m] + GA[s * M + m]) * _sigmoid(dl + bias), 0.0)
-                tl.store(gdl_base + m * (K * d * L) + pos, gdl, mask=msk)
-                gbias_acc += gdl
+        GU = tl.tuple([])
+        for t in tl.static_range(NT):
+            GU = GU + (DT[t] * GB[t] + dsk * GY[t],)
+        _put(gu_base, d * L, cmask, GU, P, V, pos2, ok2, M, TB, ROWS, True)
+        DL = _tokens(dl_base, sd_m, sd_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
+        UU = _tokens(u_base, su_m, su_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
+        GDL = tl.tuple([])
+        for t in tl.static_range(NT):
+            gdl = tl.where(cmask[:, None] & V[t][None, :], (UU[t] * GB[t] + GA[t]) * _sigmoid(DL[t] + bias), 0.0)
+            GDL = GDL + (gdl,)
+            gbias_acc += gdl
+        _put(gdl_base, K * d * L, cmask, GDL, P, V, pos2, ok2, M, TB, ROWS, False)
     tl.store(gdsk_ptr + part, tl.sum(gd_acc, axis=1), mask=cmask)
     tl.store(gbias_ptr + part, tl.sum(gbias_acc, axis=1), mask=cmask)
 
@@ -603,6 +674,11 @@ def _check(u, delta, A, B, C, D, delta_bias, height: int, width: int) -> None:
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}; put every input on one device")
 
 
+def _classes(K: int) -> list[tuple[bool, int]]:
+    """(ROWS, directions in the class): row directions 0, 2 and column directions 1, 3."""
+    return [(rows, n) for rows, n in ((True, (K + 1) // 2), (False, K // 2)) if n]
+
+
 def _steps(steps: int, M: int) -> int:
     return max(1, steps // M)
 
@@ -630,13 +706,15 @@ class _CrossScan(torch.autograd.Function):
         bias = delta_bias.detach().to(f32).contiguous()
         NL = max(H, W)
         seg, ns = _segments(H, W, b, K, d, M)
-        grid = (triton.cdiv(NL, 32 * NUM_WARPS) * ns, b * K, triton.cdiv(d, FWD_CB))
+        grid0, grid2 = triton.cdiv(NL, 32 * NUM_WARPS) * ns, triton.cdiv(d, FWD_CB)
         consts = dict(K=K, M=M, CB=FWD_CB, G=32 * NUM_WARPS, TB=_steps(FWD_STEPS, M), num_warps=NUM_WARPS)
         sizes = (H, W, N, NL, ns, seg, d)
         strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride())
         state = torch.empty(b * K, NL, ns, d, N, device=dev, dtype=f32)
         dts = torch.empty(b * K, NL, ns, d, device=dev, dtype=f32)
-        _fwd_kernel[grid](u, delta, a2, B, C, dsk, bias, state, dts, state, *sizes, *strides, WITH_Y=False, **consts)
+        for rows, kc in _classes(K):
+            _fwd_kernel[(grid0, b * kc, grid2)](u, delta, a2, B, C, dsk, bias, state, dts, state, *sizes, *strides,
+                                                WITH_Y=False, ROWS=rows, **consts)  # fmt: skip
         save = any(ctx.needs_input_grad[:7])
         start = torch.empty_like(state)
         saved_start = torch.empty_like(state) if save else start
@@ -646,7 +724,9 @@ class _CrossScan(torch.autograd.Function):
         )  # fmt: skip
         del state
         out = torch.zeros(b, M, d, L, device=dev, dtype=f32)
-        _fwd_kernel[grid](u, delta, a2, B, C, dsk, bias, start, dts, out, *sizes, *strides, WITH_Y=True, **consts)
+        for rows, kc in _classes(K):
+            _fwd_kernel[(grid0, b * kc, grid2)](u, delta, a2, B, C, dsk, bias, start, dts, out, *sizes, *strides,
+                                                WITH_Y=True, ROWS=rows, **consts)  # fmt: skip
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, saved_start, dts)
             ctx.plan = (H, W, seg, ns)
@@ -665,14 +745,15 @@ class _CrossScan(torch.autograd.Function):
         NL = max(H, W)
         tb = _steps(BWD_STEPS, M)
         nblk = triton.cdiv(NL, tb)
-        grid = (triton.cdiv(NL, 32 * NUM_WARPS) * ns, b * K, triton.cdiv(d, BWD_CB))
+        grid0, grid2 = triton.cdiv(NL, 32 * NUM_WARPS) * ns, triton.cdiv(d, BWD_CB)
         consts = dict(K=K, M=M, CB=BWD_CB, G=32 * NUM_WARPS, TB=tb, num_warps=NUM_WARPS)
         strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *gout.stride())
         ck = torch.empty(b * K, NL, nblk, d, N, device=dev, dtype=f32)
         prod = torch.empty_like(start)
         local = torch.empty_like(start)
-        _bwd_sweep_kernel[grid](u, delta, a2, B, C, bias, gout, start, ck, prod, local,
-                                H, W, N, NL, ns, seg, nblk, d, *strides, **consts)  # fmt: skip
+        for rows, kc in _classes(K):
+            _bwd_sweep_kernel[(grid0, b * kc, grid2)](u, delta, a2, B, C, bias, gout, start, ck, prod, local,
+                                                      H, W, N, NL, ns, seg, nblk, d, *strides, ROWS=rows, **consts)  # fmt: skip
         del prod
         arriving = torch.empty_like(start)
         _chunk_combine_kernel[(b * K, triton.cdiv(d * N, COMBINE_STATES))](
@@ -684,14 +765,16 @@ class _CrossScan(torch.autograd.Function):
         g_u = torch.zeros(b, M, d, L, device=dev, dtype=f32)
         g_B = torch.zeros(b, M, K, N, L, device=dev, dtype=f32)
         g_C = torch.zeros(b, M, K, N, L, device=dev, dtype=f32)
-        g_A = torch.zeros(b * K, grid[0], d, N, device=dev, dtype=f32)
-        g_D = torch.empty(b * K, grid[0], d, device=dev, dtype=f32)
-        g_bias = torch.empty(b * K, grid[0], d, device=dev, dtype=f32)
-        _bwd_kernel[grid](u, delta, a2, B, C, dsk, bias, gout, ck, arriving, g_delta, g_u, g_B, g_C, g_A, g_D, g_bias,
-                          H, W, N, NL, ns, seg, nblk, grid[0], d, *strides, **consts)  # fmt: skip
-        g_A = g_A.view(b, K, grid[0], d, N).sum((0, 2)).reshape(K * d, N)
-        g_D = g_D.view(b, K, grid[0], d).sum((0, 2)).reshape(K * d)
-        g_bias = g_bias.view(b, K, grid[0], d).sum((0, 2)).reshape(K * d)
+        g_A = torch.zeros(b * K, grid0, d, N, device=dev, dtype=f32)
+        g_D = torch.empty(b * K, grid0, d, device=dev, dtype=f32)
+        g_bias = torch.empty(b * K, grid0, d, device=dev, dtype=f32)
+        for rows, kc in _classes(K):
+            _bwd_kernel[(grid0, b * kc, grid2)](u, delta, a2, B, C, dsk, bias, gout, ck, arriving, g_delta, g_u, g_B,
+                                                g_C, g_A, g_D, g_bias, H, W, N, NL, ns, seg, nblk, grid0, d, *strides,
+                                                ROWS=rows, **consts)  # fmt: skip
+        g_A = g_A.view(b, K, grid0, d, N).sum((0, 2)).reshape(K * d, N)
+        g_D = g_D.view(b, K, grid0, d).sum((0, 2)).reshape(K * d)
+        g_bias = g_bias.view(b, K, grid0, d).sum((0, 2)).reshape(K * d)
         return (
             g_u.to(u.dtype),
             g_delta,
