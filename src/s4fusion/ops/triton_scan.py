@@ -37,7 +37,11 @@ num_warps`` lines (one line per thread) of one direction and batch element, and
 ``CB`` channels (inside the thread); it loops over the blocks of its segment and,
 per block, over the state index n (loads for n + 1 are issued before the work on
 n); the ``TB * M`` tokens of a block are unrolled (``tl.static_range`` and
-tuples), so the recurrence runs sequentially in registers. ``H``, ``W``, ``N``,
+tuples), so the recurrence runs sequentially in registers. Each pass is launched
+once for the row directions and once for the column directions (``ROWS``): along
+columns neighbouring threads read neighbouring positions already; along rows the
+block is read and written as coalesced (lines, TB) tiles and transposed in
+registers (one shared-memory exchange). ``H``, ``W``, ``N``,
 ``SEG`` and the size-dependent strides are runtime values that are not
 specialised on: one compiled kernel per dtype, M and block shape serves every
 image size.
@@ -248,7 +252,8 @@ def _put(ptr, stride_m, rmask, T, P, V, pos2, ok2, M: tl.constexpr, TB: tl.const
 def _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr):
     """The program's batch element, direction (row directions 0, 2 or column
     directions 1, 3), lines and segment: (bi, k, bk = bi * K + k, j, lmask, line_off,
-    llen, pos_step, first step, end step, whether it has work, chunk slot row (1, G))."""
+    llen, pos_step, first step, end step (= first step when the program has no work),
+    chunk slot row (1, G))."""
     if ROWS:
         KC: tl.constexpr = (K + 1) // 2
         ODD: tl.constexpr = 0
@@ -268,7 +273,7 @@ def _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K: tl.constexpr, G: tl.constexpr, RO
     active = (lg * G < nlines) & (lo < llen)
     hi = tl.where(active, tl.minimum(lo + SEG, llen), lo)  # end of the segment, = lo when idle
     row = (bk.to(tl.int64) * NL + j[None, :]) * NS + sg
-    return bi.to(tl.int64), k, bk, j, lmask, line_off, llen, pos_step, lo, hi, active, row
+    return bi.to(tl.int64), k, bk, j, lmask, line_off, llen, pos_step, lo, hi, row
 
 
 # ---------------------------------------------------------------------- forward
@@ -289,7 +294,7 @@ def _fwd_kernel(
     WITH_Y: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     NT: tl.constexpr = TB * M
-    bi, k, bk, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(
+    bi, k, bk, j, lmask, line_off, llen, pos_step, lo, hi, row = _chunk(
         tl.program_id(0), tl.program_id(1), NL, NS, SEG, H, W, K, G, ROWS
     )
     c = tl.program_id(2) * CB + tl.arange(0, CB)
@@ -452,7 +457,7 @@ def _bwd_sweep_kernel(
     ROWS: tl.constexpr,
 ):  # fmt: skip
     NT: tl.constexpr = TB * M
-    bi, k, bk, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(
+    bi, k, bk, j, lmask, line_off, llen, pos_step, lo, hi, row = _chunk(
         tl.program_id(0), tl.program_id(1), NL, NS, SEG, H, W, K, G, ROWS
     )
     c = tl.program_id(2) * CB + tl.arange(0, CB)
@@ -524,7 +529,7 @@ def _bwd_kernel(
 ):  # fmt: skip
     NT: tl.constexpr = TB * M
     pid0 = tl.program_id(0)
-    bi, k, bk, j, lmask, line_off, llen, pos_step, lo, hi, active, row = _chunk(
+    bi, k, bk, j, lmask, line_off, llen, pos_step, lo, hi, row = _chunk(
         pid0, tl.program_id(1), NL, NS, SEG, H, W, K, G, ROWS
     )
     L = H * W
