@@ -22,8 +22,9 @@ How it runs:
   library calls would not vectorise); in float64 with the C library.
 * The recovery sum: each direction writes its own output slice; the slices are
   then summed and the ``D`` skip of the four directions added.
-* The work units run on ``torch.get_num_threads()`` threads: a thread pool calls
-  the numba functions, which release the GIL. (``parallel=True`` would compile
+* The work units run on ``torch.get_num_threads()`` threads, each taking the
+  next unit when done: a thread pool calls the numba functions, which release
+  the GIL. (``parallel=True`` would compile
   the unit body a second time through numba's parfor passes, about tripling the
   first-use compile time, for the same split of the work.)
 * State in float32 for float32/bfloat16/float16 inputs (computed in float32,
@@ -462,9 +463,13 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _run_units(fn: Callable, units: int, *args) -> None:
-    """Calls ``fn(first, step, *args)`` for first = 0 .. workers - 1 concurrently
-    (the numba functions release the GIL), workers = min(units,
-    torch.get_num_threads()); worker 0 runs in the calling thread."""
+    """Runs work units 0 .. units - 1 as ``fn(unit, units, *args)`` (``fn(first,
+    step, ...)`` does units first, first + step, ...) on min(units,
+    torch.get_num_threads()) threads, the calling thread included; each thread
+    takes the next unit when it is done with one, so a core that is slowed down
+    (other processes) does not hold the others up. The numba functions release
+    the GIL. Units write disjoint outputs: the result does not depend on the
+    schedule."""
     global _pool, _pool_size
     workers = max(1, min(units, torch.get_num_threads()))
     if workers == 1:
@@ -477,8 +482,19 @@ def _run_units(fn: Callable, units: int, *args) -> None:
             _pool = ThreadPoolExecutor(max_workers=workers - 1, thread_name_prefix="s4fusion-scan")
             _pool_size = workers - 1
         pool = _pool
-    futures = [pool.submit(fn, w, workers, *args) for w in range(1, workers)]
-    fn(0, workers, *args)
+    todo = iter(range(units))
+    take = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with take:
+                unit = next(todo, None)
+            if unit is None:
+                return
+            fn(unit, units, *args)
+
+    futures = [pool.submit(work) for _ in range(workers - 1)]
+    work()
     for f in futures:
         f.result()
 
