@@ -6,7 +6,6 @@ import hashlib
 from importlib import resources
 
 import numpy as np
-import pytest
 from PIL import Image
 
 import s4fusion

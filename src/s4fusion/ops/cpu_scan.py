@@ -52,9 +52,10 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from .reference import check_cross_scan_args
+
 __all__ = ["cross_scan_cpu"]
 
-NUM_DIRECTIONS = 4
 _CHUNK = 64  # positions per chunk (a chunk has _CHUNK * M scan steps)
 _MAX_BLOCK = 32  # channels per work unit (SIMD lanes of the recurrence), at most
 _LANES = 8  # channel blocks are multiples of this (one AVX2 float32 vector)
@@ -500,25 +501,7 @@ def _run_units(fn: Callable, units: int, *args) -> None:
 
 
 def _check(u, delta, A, B, C, D, delta_bias, height: int, width: int) -> None:
-    if u.dim() != 4:
-        raise ValueError(f"cross_scan: u must be (b, M, d, L), got shape {tuple(u.shape)}")
-    b, M, d, L = u.shape
-    if delta.dim() != 5 or delta.shape[:2] != (b, M) or delta.shape[3:] != (d, L):
-        raise ValueError(f"cross_scan: delta must be (b, M, K, d, L) = ({b}, {M}, K, {d}, {L}), got {tuple(delta.shape)}")
-    K = delta.shape[2]
-    if not 1 <= K <= NUM_DIRECTIONS:
-        raise ValueError(f"cross_scan: K (delta.shape[2]) must be 1..{NUM_DIRECTIONS}, got {K}")
-    if A.dim() != 2 or A.shape[0] != K * d:
-        raise ValueError(f"cross_scan: A must be (K*d, N) = ({K * d}, N), got {tuple(A.shape)}")
-    N = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (b, M, K, N, L):
-            raise ValueError(f"cross_scan: {name} must be (b, M, K, N, L) = {(b, M, K, N, L)}, got {tuple(t.shape)}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if tuple(t.shape) != (K * d,):
-            raise ValueError(f"cross_scan: {name} must be (K*d,) = ({K * d},), got {tuple(t.shape)}")
-    if height * width != L:
-        raise ValueError(f"cross_scan: height*width = {height}*{width} = {height * width} does not match L = {L}")
+    check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height, width)
     for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
         if t.device.type != "cpu":
             raise ValueError(f"cross_scan (cpu backend): {name} is on {t.device}, expected the CPU")

@@ -24,6 +24,30 @@ import torch.nn.functional as F
 NUM_DIRECTIONS = 4
 
 
+def check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height: int, width: int) -> None:
+    """Check the shapes of a :func:`cross_scan_ref` call (every backend shares this
+    contract); raises ValueError naming the argument, the expected and the given shape."""
+    if u.dim() != 4:
+        raise ValueError(f"cross_scan: u must be (b, M, d, L), got shape {tuple(u.shape)}")
+    b, M, d, L = u.shape
+    if delta.dim() != 5 or delta.shape[:2] != (b, M) or delta.shape[3:] != (d, L):
+        raise ValueError(f"cross_scan: delta must be (b, M, K, d, L) = ({b}, {M}, K, {d}, {L}), got {tuple(delta.shape)}")
+    K = delta.shape[2]
+    if not 1 <= K <= NUM_DIRECTIONS:
+        raise ValueError(f"cross_scan: K (delta.shape[2]) must be 1..{NUM_DIRECTIONS}, got {K}")
+    if A.dim() != 2 or A.shape[0] != K * d:
+        raise ValueError(f"cross_scan: A must be (K*d, N) = ({K * d}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (b, M, K, N, L):
+            raise ValueError(f"cross_scan: {name} must be (b, M, K, N, L) = {(b, M, K, N, L)}, got {tuple(t.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if tuple(t.shape) != (K * d,):
+            raise ValueError(f"cross_scan: {name} must be (K*d,) = ({K * d},), got {tuple(t.shape)}")
+    if height * width != L:
+        raise ValueError(f"cross_scan: height*width = {height}*{width} = {height * width} does not match L = {L}")
+
+
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -98,11 +122,10 @@ def cross_scan_ref(
         (b, M, d, L): for each modality, the sum over the K directions of the scan
         outputs put back at their row-major positions.
     """
+    check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height, width)
     b, M, d, L = u.shape
     K = delta.shape[2]
     N = A.shape[1]
-    if height * width != L:
-        raise ValueError(f"height*width = {height * width} does not match L = {L}")
     order = direction_orders(height, width, u.device)[:K]  # (K, L)
     # Unfold directions: (b, M, K, d, L) in scan order.
     u_seq = u[:, :, None, :, :].expand(b, M, K, d, L)

@@ -56,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import check_cross_scan_args
+
 __all__ = ["cross_scan_triton"]
 
 LOG2E = 1.4426950408889634
@@ -649,26 +651,8 @@ def _bwd_kernel(
 
 
 def _check(u, delta, A, B, C, D, delta_bias, height: int, width: int) -> None:
+    check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height, width)
     tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias}
-    if u.dim() != 4:
-        raise ValueError(f"u must be (b, M, d, L), got shape {tuple(u.shape)}")
-    b, M, d, L = u.shape
-    if delta.dim() != 5 or delta.shape[:2] != (b, M) or delta.shape[3:] != (d, L):
-        raise ValueError(f"delta must be (b, M, K, d, L) = ({b}, {M}, K, {d}, {L}), got {tuple(delta.shape)}")
-    K = delta.shape[2]
-    if not 1 <= K <= 4:
-        raise ValueError(f"the number of scan directions K must be 1..4, got {K}")
-    if A.dim() != 2 or A.shape[0] != K * d:
-        raise ValueError(f"A must be (K*d, N) = ({K * d}, N), got {tuple(A.shape)}")
-    N = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (b, M, K, N, L):
-            raise ValueError(f"{name} must be (b, M, K, N, L) = {(b, M, K, N, L)}, got {tuple(t.shape)}")
-    for name, t in (("D", D), ("delta_bias", delta_bias)):
-        if tuple(t.shape) != (K * d,):
-            raise ValueError(f"{name} must be (K*d,) = ({K * d},), got {tuple(t.shape)}")
-    if height * width != L:
-        raise ValueError(f"height*width = {height}*{width} = {height * width} does not match L = {L}")
     for name, t in tensors.items():
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(
