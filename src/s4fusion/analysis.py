@@ -38,10 +38,8 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -49,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DataError, load_infrared, load_visible, scan_pairs
+from .io import atomic_write
 from .models import S4Fusion
 from .models.cmsa import CMSABlock
 from .ops import direction_orders
@@ -437,15 +436,5 @@ def save_feature_grid(
     layers, fused = cmsa_feature_maps(model, infrared, visible)
     unused = (0,) if model.config.topology == "released" else ()
     grid = feature_grid(layers, infrared, visible, fused, reduce, panel, unused)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        grid.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     return layers

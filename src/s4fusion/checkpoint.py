@@ -32,11 +32,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
+
+from .io import atomic_write, atomic_write_text
 
 FORMAT_NAME = "s4fusion"
 CONFIG_KEY = "s4fusion_config"
@@ -139,22 +140,6 @@ def load_released_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     return {released_to_ours(k): v for k, v in obj.items()}
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_weights(
     path: str | os.PathLike, state: Mapping[str, torch.Tensor], config: dict, extra_metadata: dict | None = None
 ) -> Path:
@@ -169,8 +154,8 @@ def save_weights(
         weights = path
     else:
         weights = path / WEIGHTS_FILE
-        _atomic_write(path / CONFIG_FILE, lambda t: Path(t).write_text(json.dumps(config, indent=2, sort_keys=True)))
-    _atomic_write(weights, lambda t: save_file(tensors, t, metadata=metadata))
+        atomic_write_text(path / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True))
+    atomic_write(weights, lambda t: save_file(tensors, t, metadata=metadata))
     return weights
 
 

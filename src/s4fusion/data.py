@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,6 +59,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
+
+from .io import atomic_write_text
 
 __all__ = [
     "DataError",
@@ -405,16 +406,7 @@ def write_splits(path: str | os.PathLike, train: Sequence[Pair], val: Sequence[P
         "train": [asdict(p) for p in train],
         "val": [asdict(p) for p in val],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(doc, indent=1))
 
 
 def read_splits(path: str | os.PathLike) -> tuple[list[Pair], list[Pair], dict]:

@@ -18,8 +18,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from .baselines import BASELINES, fuse_baseline
+from .io import atomic_write_text
 from .metrics import DEFINED, HIGHER_IS_BETTER, METRIC_NAMES, evaluate_pair
 from .metrics.inputs import check_convention
 
@@ -453,34 +452,6 @@ def per_image_csv(result: EvaluationResult) -> str:
             if scores is not None:
                 writer.writerow([m.name, image, *(repr(float(scores[k])) for k in result.metrics)])
     return buf.getvalue()
-
-
-def _default_file_mode() -> int:
-    """``0o666`` less the process umask: the mode ``open()`` would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 ``text`` to ``path``, atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def output_paths(out_dir: Path, convention: str) -> dict[str, Path]:

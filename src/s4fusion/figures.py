@@ -172,7 +172,7 @@ def make_grid(
 
 def save_png(image: Image.Image, path: Path) -> None:
     """Save ``image`` as PNG atomically (temporary file in the same folder, then ``os.replace``)."""
-    from .evaluation import atomic_write_bytes
+    from .io import atomic_write_bytes
 
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=True)

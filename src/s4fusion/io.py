@@ -407,6 +407,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     it to ``path`` (atomic on one file system). The temporary file is removed if
     anything fails, including an interrupt."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
         with open(tmp, "xb"):  # create it (mode from the umask), claim the name
@@ -420,6 +421,16 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
             tmp.unlink()
         raise
     return path
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_image(path: PathLike, image: np.ndarray, bits: int = 8, overwrite: bool = False) -> Path:

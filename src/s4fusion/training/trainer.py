@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from .. import checkpoint as ckpt
+from ..io import atomic_write, atomic_write_text
 from ..data import (
     DataError,
     EpochBatchSampler,
@@ -236,22 +237,7 @@ def _gather_objects(obj: Any, d: _Dist) -> list[Any]:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class _Logger:
@@ -466,7 +452,7 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
     splits_doc = {k: [asdict(p) for p in v] for k, v in splits.items()}
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
+        atomic_write_text(run_dir / "config.json", json.dumps(config.to_dict(), indent=2))
         if state is None:
             write_splits(
                 run_dir / "splits.json",
