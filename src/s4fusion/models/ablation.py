@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cmsa import ResidualPairStack
 from .config import CROSS_ATTENTION_HEADS, S4FusionConfig
 from .ss2d import NUM_DIRECTIONS, ScanParams, uniform_
 
@@ -219,21 +220,12 @@ class FSSMBlock(nn.Module):
         return self._branch_out(o_x, z_x), self._branch_out(o_y, z_y)
 
 
-class FSSMFusion(nn.Module):
+class FSSMFusion(ResidualPairStack):
     """``depth`` FSSM blocks with a residual on each stream; output x + y (Exp. 4)."""
 
     def __init__(self, dim: int, depth: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float):
         super().__init__()
         self.blocks = nn.ModuleList(FSSMBlock(dim, d_state, expand, dt_rank, d_conv, eps) for _ in range(depth))
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, trace: Optional[dict] = None, name: str = "") -> torch.Tensor:
-        """x, y (B, H, W, C) -> (B, H, W, C)."""
-        for j, block in enumerate(self.blocks):
-            u, v = block(x, y)
-            if trace is not None:
-                trace[f"{name}.block{j}.out_x"], trace[f"{name}.block{j}.out_y"] = u, v
-            x, y = x + u, y + v
-        return x + y
 
 
 def build_ablation_fusion(cfg: S4FusionConfig, dim: int) -> nn.Module:

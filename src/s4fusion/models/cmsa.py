@@ -78,7 +78,23 @@ class CMSABlock(GatedScanBranch):
         return self.branch_out(o[:, 0], z_x), self.branch_out(o[:, 1], z_y)
 
 
-class CMSA(nn.Module):
+class ResidualPairStack(nn.Module):
+    """Blocks mapping (x, y) -> (u, v), applied with a residual on each stream
+    (x <- x + u, y <- y + v); output x + y. Subclasses fill ``self.blocks``."""
+
+    blocks: nn.ModuleList
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, trace: dict | None = None, name: str = "") -> torch.Tensor:
+        """x (infrared), y (visible): (b, H, W, C) -> fused (b, H, W, C)."""
+        for j, block in enumerate(self.blocks):
+            u, v = block(x, y)
+            if trace is not None:
+                trace[f"{name}.block{j}.out_x"], trace[f"{name}.block{j}.out_y"] = u, v
+            x, y = x + u, y + v
+        return x + y
+
+
+class CMSA(ResidualPairStack):
     """``depth`` CMSA blocks with residuals on each stream; output F = x + y."""
 
     def __init__(
@@ -96,11 +112,3 @@ class CMSA(nn.Module):
         self.blocks = nn.ModuleList(
             CMSABlock(dim, d_state, expand, dt_rank, d_conv, eps, patch_mark) for _ in range(depth)
         )
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor, trace: dict | None = None, name: str = "") -> torch.Tensor:
-        for j, block in enumerate(self.blocks):
-            u, v = block(x, y)
-            if trace is not None:
-                trace[f"{name}.block{j}.out_x"], trace[f"{name}.block{j}.out_y"] = u, v
-            x, y = x + u, y + v
-        return x + y
