@@ -16,7 +16,7 @@ exit status: 0 written, 2 unusable inputs (missing files, boxes outside the imag
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``compare`` subcommand."""
-    from ..baselines import BASELINES
+    from .evaluate import add_source_and_method_arguments
 
     p = subparsers.add_parser(
         "compare",
@@ -29,18 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_EPILOG,
     )
-    p.add_argument("--ir", required=True, type=Path, help="folder of infrared images (or one file)")
-    p.add_argument("--vi", required=True, type=Path, help="folder of visible images (or one file)")
-    p.add_argument(
-        "--fused",
-        action="append",
-        default=[],
-        metavar="[NAME=]PATH",
-        help="folder (or file) of one method's fused images; repeatable; NAME defaults to the folder name",
-    )
-    p.add_argument(
-        "--baseline", action="append", default=[], choices=sorted(BASELINES), help="add a reference fusion; repeatable"
-    )
+    add_source_and_method_arguments(p, "add a reference fusion; repeatable")
     p.add_argument(
         "--image",
         action="append",

@@ -29,9 +29,25 @@ exit status: 0 all images scored, 1 some images failed (the rest is written),
 2 unusable inputs (missing folders, unmatched files without --skip-missing)."""
 
 
+def add_source_and_method_arguments(p: argparse.ArgumentParser, baseline_help: str) -> None:
+    """``--ir``, ``--vi``, ``--fused`` and ``--baseline``, shared by ``evaluate`` and ``compare``."""
+    from ..baselines import BASELINES
+
+    p.add_argument("--ir", required=True, type=Path, help="folder of infrared images (or one file)")
+    p.add_argument("--vi", required=True, type=Path, help="folder of visible images (or one file)")
+    p.add_argument(
+        "--fused",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="folder of fused images of one method (or one file); repeat for several methods; "
+        "NAME defaults to the folder name",
+    )
+    p.add_argument("--baseline", action="append", default=[], choices=sorted(BASELINES), help=baseline_help)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``evaluate`` subcommand."""
-    from ..baselines import BASELINES
 
     p = subparsers.add_parser(
         "evaluate",
@@ -45,23 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=_EPILOG,
     )
-    p.add_argument("--ir", required=True, type=Path, help="folder of infrared images (or one file)")
-    p.add_argument("--vi", required=True, type=Path, help="folder of visible images (or one file)")
-    p.add_argument(
-        "--fused",
-        action="append",
-        default=[],
-        metavar="[NAME=]PATH",
-        help="folder of fused images of one method (or one file); repeat for several methods; "
-        "NAME defaults to the folder name",
-    )
-    p.add_argument(
-        "--baseline",
-        action="append",
-        default=[],
-        choices=sorted(BASELINES),
-        help="add a reference fusion computed on the fly (8-bit, grey); repeatable",
-    )
+    add_source_and_method_arguments(p, "add a reference fusion computed on the fly (8-bit, grey); repeatable")
     p.add_argument("--convention", choices=CONVENTIONS, default="matlab", help="metric definitions (default: matlab)")
     p.add_argument(
         "--metrics",
