@@ -303,7 +303,7 @@ def test_torchrun_two_processes_on_cpu(run_a, tmp_path):
     script.write_text("import sys\nfrom s4fusion.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     run_dir = tmp_path / "ddp"
     overrides = small_overrides(run_dir, max_steps=2, **{"data.val": json.dumps([str(TINY)])})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), "train", *overrides]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), "train", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -60,7 +60,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from .io import atomic_write_text
+from .io import ImageError, atomic_write_text, check_png16_colour
 
 __all__ = [
     "DataError",
@@ -150,22 +150,11 @@ def rgb_to_y(rgb: np.ndarray) -> np.ndarray:
     return np.clip(0.299 * r + 0.587 * g + 0.114 * b, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def _png_bit_depth_and_colour(path: Path) -> Optional[tuple[int, int]]:
-    """(bit depth, colour type) from a PNG's IHDR chunk, or None if not a PNG."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        return None
-    return head[24], head[25]
-
-
 def _check_png16_colour(path: Path) -> None:
-    info = _png_bit_depth_and_colour(path)
-    if info is not None and info[0] == 16 and info[1] in (2, 6):
-        raise DataError(
-            f"{path}: 16-bit colour PNG is not supported (Pillow would cut it to 8 bits); "
-            "save it as a 16-bit TIFF, or as an 8-bit image"
-        )
+    try:
+        check_png16_colour(path)
+    except ImageError as e:
+        raise DataError(str(e)) from None
 
 
 def _read_high_bit(array: np.ndarray, path: Path) -> np.ndarray:

@@ -115,6 +115,16 @@ def _png_header(path: Path) -> Optional[tuple[int, int]]:
     return head[24], head[25]
 
 
+def check_png16_colour(path: PathLike) -> None:
+    """Refuse a 16-bit colour PNG (Pillow reads it at 8 bits only); raises ImageError."""
+    header = _png_header(Path(path))
+    if header is not None and header[0] == 16 and header[1] in (2, 6):
+        raise ImageError(
+            f"{path}: 16-bit colour PNG is not supported: Pillow reads it at 8 bits only, which would lose "
+            "data; save it as a 16-bit TIFF (or as an 8-bit image)"
+        )
+
+
 def _tiff_array(path: Path) -> np.ndarray:
     """First image of a TIFF as (H, W) or (H, W, C) in its stored dtype."""
     import tifffile
@@ -146,12 +156,7 @@ def decode_image(path: PathLike) -> Union[Image.Image, np.ndarray]:
                 return _tiff_array(path)
             except Exception as e:  # compression tifffile cannot decode, palette, ...: try Pillow
                 tiff_error = e
-        header = _png_header(path)
-        if header is not None and header[0] == 16 and header[1] in (2, 6):
-            raise ImageError(
-                f"{path}: 16-bit colour PNG: Pillow can only read it at 8 bits, which would lose data; "
-                "save it as a 16-bit TIFF (or as an 8-bit image)"
-            )
+        check_png16_colour(path)
         with Image.open(path) as img:
             img.load()
             return img.copy()
