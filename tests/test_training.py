@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from s4fusion import S4Fusion
+from s4fusion.checkpoint import CheckpointError
 from s4fusion.cli import main as cli_main
 from s4fusion.data import EvalPairs, scan_pairs
 from s4fusion.losses import FusionLoss, LossConfig
@@ -273,6 +274,30 @@ def test_stop_and_resume_equals_the_uninterrupted_run(run_a, tmp_path, shared_re
     for i in sa["optimizer"]["state"]:
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(sa["optimizer"]["state"][i][key], sb["optimizer"]["state"][i][key])
+
+
+def test_init_weights_starts_from_given_weights(run_a, tmp_path, shared_resnet):
+    """A fine-tuning start: with every learning rate 0 one step leaves exactly the given
+    weights (also after a topology switch); a random start does not; a file of another
+    architecture is refused naming the file and a key."""
+    config_a, _ = run_a
+    init = Path(config_a.run_dir) / "model.safetensors"
+    zero_lr = {"schedule.start_lr": 0, "schedule.ref_lr": 0, "schedule.final_lr": 0, "max_steps": 1}
+    tuned = train(
+        load_config(
+            None,
+            small_overrides(
+                tmp_path / "ft", init_weights=json.dumps(str(init)), **{"model.topology": '"paper"'}, **zero_lr
+            ),
+        )
+    )
+    w0, w1 = load_file(str(init)), load_file(str(tuned.final_weights))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    fresh = load_file(str(train(load_config(None, small_overrides(tmp_path / "rnd", **zero_lr))).final_weights))
+    assert not all(torch.equal(w0[k], fresh[k]) for k in w0)
+    wide = small_overrides(tmp_path / "wide", init_weights=json.dumps(str(init)), **{"model.dims": "[12, 24, 48]"})
+    with pytest.raises(CheckpointError, match=r"init_weights .*model\.safetensors.*embed"):
+        train(load_config(None, wide))
 
 
 def test_non_finite_loss_stops_naming_step_and_term(tmp_path, monkeypatch, perception):

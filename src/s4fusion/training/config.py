@@ -161,6 +161,9 @@ class TrainConfig:
         default_factory=lambda: ["EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM"]
     )  # fusion metrics of s4fusion.metrics computed at validation ([] for none)
     resume: str = ""  # "": new run; "auto": newest checkpoint in run_dir if any; or a checkpoint path
+    init_weights: str = ""  # new run only: start the network from these weights (a save_pretrained file
+    # or folder, or "bundled" for the package's weights) instead of a random initialisation; the optimizer
+    # and the schedule start fresh. The model config decides the topology, the file only the tensors.
 
     def check(self) -> None:
         self.data.check()

@@ -408,6 +408,24 @@ def _load_resume_state(config: TrainConfig, resume: str, run_dir: Path) -> Optio
     return state
 
 
+def load_init_weights(model: torch.nn.Module, source: str) -> None:
+    """Copy the tensors of S4Fusion weights into ``model`` (fine-tuning start).
+
+    ``source`` is a file or folder written by ``save_pretrained``, or ``"bundled"`` for
+    the package's weights. Every tensor must match by name and shape (the error names the
+    file and the keys); the stored config is not applied, so a run may change the topology
+    (both topologies have the same tensors) but not the architecture."""
+    if source == "bundled":
+        from ..api import default_weights
+
+        path = default_weights()
+    else:
+        path = Path(source)
+    state, _, _ = ckpt.load_weights(path)
+    ckpt.check_state_dict(model, state, f"init_weights {path}")
+    model.load_state_dict(state, strict=True)
+
+
 def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
     run_dir = Path(config.run_dir)
     state = _load_resume_state(config, resume, run_dir)
@@ -446,6 +464,8 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
         rng = state["rng"]
         _set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
     else:
+        if config.init_weights:
+            load_init_weights(model, config.init_weights)
         random.seed(config.seed + d.rank)
         np.random.seed(config.seed + d.rank)
 
