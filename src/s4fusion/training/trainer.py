@@ -109,7 +109,10 @@ class _Dist:
             torch.cuda.set_device(self.device)
         self.owns_group = False
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            if use_cuda:
+                dist.init_process_group(backend="nccl", device_id=self.device)
+            else:
+                dist.init_process_group(backend="gloo")
             self.owns_group = True
 
     @property
@@ -117,14 +120,14 @@ class _Dist:
         return self.rank == 0
 
     def all_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t)
-            t = t / self.world
-        return t
+        return self.all_sum(t) / self.world if self.world > 1 else t
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over processes; ``t`` may live on the CPU (NCCL reduces on this process's GPU)."""
         if self.world > 1:
-            dist.all_reduce(t)
+            on_device = t.to(self.device)
+            dist.all_reduce(on_device)
+            t = on_device.to(t.device)
         return t
 
     def barrier(self) -> None:
