@@ -7,6 +7,8 @@ here."""
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -293,3 +295,23 @@ def test_write_is_atomic_and_never_overwrites_silently(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(Image.open(target)), np.full((8, 9), 64, np.uint8))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
 
+
+
+def test_atomic_write_gives_the_umask_mode_even_if_the_writer_recreates_the_file(tmp_path):
+    """safetensors' save_file recreates its file with mode 0600; outputs and saved weights
+    must still get the usual permissions of a new file (0666 minus the umask)."""
+    from s4fusion.io import atomic_write
+
+    def recreate_private(tmp: str) -> None:
+        os.unlink(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"data")
+        os.close(fd)
+
+    old = os.umask(0o022)
+    try:
+        out = atomic_write(tmp_path / "w.bin", recreate_private)
+    finally:
+        os.umask(old)
+    assert out.read_bytes() == b"data"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644

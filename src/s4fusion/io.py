@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -409,15 +410,18 @@ def encode_png16(image: np.ndarray, level: int = 6) -> bytes:
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(temporary_path)`` for a new file in ``path``'s folder, then rename
-    it to ``path`` (atomic on one file system). The temporary file is removed if
-    anything fails, including an interrupt."""
+    it to ``path`` (atomic on one file system). The file gets the permissions of a new
+    file under the umask, also when ``write`` recreates it (safetensors writes 0600).
+    The temporary file is removed if anything fails, including an interrupt."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
         with open(tmp, "xb"):  # create it (mode from the umask), claim the name
             pass
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(os.fspath(tmp))
+        os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
