@@ -180,6 +180,29 @@ def test_16bit_inputs(tmp_path):
         load_infrared(tmp_path / "f.tif")
 
 
+def test_training_and_fusing_read_files_alike(tmp_path, data_dir):
+    """Training (s4fusion.data) and fusing (s4fusion.io) share one decoder: the same
+    file gives the same values (planar 16-bit and RGBA 8-bit TIFFs, 8-bit JPEG/PNG)."""
+    import tifffile
+
+    from s4fusion import io
+
+    rng = np.random.default_rng(5)
+    rgb16 = rng.integers(0, 65536, (17, 23, 3)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(rgb16, -1, 0), photometric="rgb", planarconfig="separate")
+    rgba8 = rng.integers(0, 256, (17, 23, 4)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba8, photometric="rgb", extrasamples=["unassalpha"])
+    files = [tmp_path / "planar.tif", tmp_path / "rgba.tif"]
+    files += sorted((data_dir / "tiny" / "ir").iterdir())[:2] + sorted((data_dir / "train" / "vi").glob("*.jpg"))[:1]
+    for path in files:
+        if path.name != "planar.tif":  # 16-bit colour infrared: fusing takes luma before normalising
+            ir = io.read_infrared(path, norm="scale")
+            assert torch.allclose(load_infrared(path, "scale")[0], torch.from_numpy(ir), atol=1e-6), path
+        vi = io.read_visible(path)
+        y = io.rgb_to_ycrcb(vi[..., 0], vi[..., 1], vi[..., 2])[0] if vi.ndim == 3 else vi
+        assert torch.allclose(load_visible(path, "scale")[0], torch.from_numpy(np.clip(y, 0, 1)).float(), atol=1e-6), path
+
+
 def test_16bit_pairs_scan_and_train(tmp_path):
     import tifffile
 

@@ -57,10 +57,10 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .io import ImageError, atomic_write_text, check_png16_colour
+from .io import HIGH_BIT_PIL_MODES, ImageError, atomic_write_text, channels, check_png16_colour, decode_image
 
 __all__ = [
     "DataError",
@@ -157,18 +157,6 @@ def _check_png16_colour(path: Path) -> None:
         raise DataError(str(e)) from None
 
 
-def _read_high_bit(array: np.ndarray, path: Path) -> np.ndarray:
-    """uint16 (H, W) or (H, W, C) -> float32 (H, W) or (H, W, 3) before normalisation."""
-    if array.ndim == 3:
-        if array.shape[2] == 1:
-            array = array[..., 0]
-        elif array.shape[2] in (3, 4):
-            array = array[..., :3]
-        else:
-            raise DataError(f"{path}: {array.shape[2]} channels; expected 1 (grey), 3 (RGB) or 4 (RGBA)")
-    return array.astype(np.float32)
-
-
 def _normalise_high_bit(values: np.ndarray, rule: str, path: Path) -> np.ndarray:
     if rule == "scale":
         return values / np.float32(65535.0)
@@ -192,27 +180,27 @@ def _decode_raw(path: Path, role: str, high_bit_depth: str) -> np.ndarray:
     """Decode one image without the final per-pixel conversion, so that it can be
     cropped first: 8-bit infrared -> uint8 (H, W) (``convert('L')``); 8-bit visible
     -> uint8 (H, W, 3) (``convert('RGB')``); 16-bit -> float32 (H, W) in [0, 1].
-    :func:`_to_unit` finishes the conversion."""
-    if path.suffix.lower() in _TIFF:
-        import tifffile
-
-        array = _tiff_to_hwc(np.asarray(tifffile.imread(str(path))), path)
-        if array.dtype == np.uint8:
-            img = Image.fromarray(array if array.ndim == 2 or array.shape[2] != 1 else array[..., 0])
-            return _decode_8bit(img, role)
-        if array.dtype != np.uint16:
-            raise DataError(f"{path}: pixel type {array.dtype} is not supported; use 8-bit or 16-bit images")
-        return _finish_high_bit(_read_high_bit(array, path), role, high_bit_depth, path)
-    _check_png16_colour(path)
-    with Image.open(path) as img:
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(img)
+    :func:`_to_unit` finishes the conversion. The file is read by
+    :func:`s4fusion.io.decode_image`, the reader of ``s4fusion fuse``."""
+    try:
+        decoded = decode_image(path)
+        if isinstance(decoded, Image.Image):
+            if decoded.mode in ("F", "I;32"):
+                raise DataError(f"{path}: pixel mode {decoded.mode} is not supported; use 8-bit or 16-bit images")
+            if decoded.mode not in HIGH_BIT_PIL_MODES:
+                return _decode_8bit(decoded, role)
+            array = np.asarray(decoded)
             if array.min() < 0 or array.max() > 65535:
-                raise DataError(f"{path}: integer image with values outside 0..65535 ({img.mode})")
-            return _finish_high_bit(array.astype(np.float32), role, high_bit_depth, path)
-        if img.mode in ("F", "I;32"):
-            raise DataError(f"{path}: pixel mode {img.mode} is not supported; use 8-bit or 16-bit images")
-        return _decode_8bit(img, role)
+                raise DataError(f"{path}: integer image with values outside 0..65535 ({decoded.mode})")
+        else:  # TIFF samples, (H, W) or (H, W, C)
+            array = channels(decoded, str(path))
+            if array.dtype == np.uint8:
+                return _decode_8bit(Image.fromarray(np.ascontiguousarray(array)), role)
+            if array.dtype != np.uint16:
+                raise DataError(f"{path}: pixel type {array.dtype} is not supported; use 8-bit or 16-bit images")
+    except ImageError as e:
+        raise DataError(str(e)) from None
+    return _finish_high_bit(array.astype(np.float32), role, high_bit_depth, path)
 
 
 def _decode_8bit(img: Image.Image, role: str) -> np.ndarray:
@@ -249,15 +237,8 @@ def load_visible(path: str | os.PathLike, high_bit_depth: str = "scale") -> torc
 
 
 def _load(path: Path, role: str, high_bit_depth: str) -> np.ndarray:
-    """:func:`_decode_raw` with every failure turned into a DataError naming the file."""
-    try:
-        return _decode_raw(path, role, high_bit_depth)
-    except DataError:
-        raise
-    except FileNotFoundError as e:
-        raise DataError(f"{path}: file not found") from e
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); replace or remove it") from e
+    """:func:`_decode_raw`; every failure is a DataError naming the file."""
+    return _decode_raw(path, role, high_bit_depth)
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -98,7 +98,7 @@ IR_NORMS = ("auto", "minmax", "percentile", "scale")
 DEFAULT_PERCENTILES = (1.0, 99.0)
 _TIFF = (".tif", ".tiff")
 _GREY_PIL_MODES = ("1", "L", "LA", "La")
-_HIGH_BIT_PIL_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+HIGH_BIT_PIL_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 class ImageError(ValueError):
@@ -173,7 +173,7 @@ def decode_image(path: PathLike) -> Union[Image.Image, np.ndarray]:
         ) from e
 
 
-def _channels(array: np.ndarray, name: str) -> np.ndarray:
+def channels(array: np.ndarray, name: str) -> np.ndarray:
     """(H, W), (H, W, 1..4) -> (H, W) or (H, W, 3): alpha dropped, grey kept."""
     if array.ndim == 3:
         c = array.shape[2]
@@ -263,7 +263,7 @@ def infrared_from_array(
     """Infrared samples (H, W) or (H, W, C) -> float32 (H, W) in [0, 1]. 8-bit colour
     goes through ``PIL convert('L')`` (as the release); deeper colour through
     ``0.299 R + 0.587 G + 0.114 B`` in float64."""
-    array = _channels(np.asarray(array), name)
+    array = channels(np.asarray(array), name)
     if array.ndim == 3:
         if array.dtype == np.uint8:
             array = np.asarray(Image.fromarray(np.ascontiguousarray(array), "RGB").convert("L"))
@@ -279,7 +279,7 @@ def infrared_from_pil(
 ) -> np.ndarray:
     """PIL image -> float32 (H, W) in [0, 1]: ``convert('L')`` for 8-bit modes, the
     stored values for 16-bit, 32-bit integer and float modes."""
-    if img.mode in _HIGH_BIT_PIL_MODES:
+    if img.mode in HIGH_BIT_PIL_MODES:
         return normalize_infrared(_pil_high_bit(img), norm, percentiles, name)
     return normalize_infrared(np.asarray(img.convert("L")), norm, percentiles, name)
 
@@ -307,7 +307,7 @@ def read_infrared(
 def visible_from_array(array: np.ndarray, name: str = "visible") -> np.ndarray:
     """Visible samples (H, W) or (H, W, C) -> float32 in [0, 1], (H, W, 3) RGB or
     (H, W) grey: uint8 / 255, uint16 / 65535, float kept (must be in [0, 1])."""
-    array = _channels(np.asarray(array), name)
+    array = channels(np.asarray(array), name)
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * np.uint8(255)
     if array.dtype == np.uint8:
@@ -329,7 +329,7 @@ def visible_from_array(array: np.ndarray, name: str = "visible") -> np.ndarray:
 def visible_from_pil(img: Image.Image, name: str = "visible") -> np.ndarray:
     """PIL image -> float32 (H, W, 3) or (H, W) in [0, 1]: ``convert('RGB')`` for
     colour modes (as the release), ``convert('L')`` for grey ones, 16-bit grey / 65535."""
-    if img.mode in _HIGH_BIT_PIL_MODES:
+    if img.mode in HIGH_BIT_PIL_MODES:
         array = _pil_high_bit(img)
         if array.dtype.kind == "i":
             raise ImageError(f"{name}: 32-bit integer visible image with values outside 0..65535 is not supported")
