@@ -300,6 +300,27 @@ def test_init_weights_starts_from_given_weights(run_a, tmp_path, shared_resnet):
         train(load_config(None, wide))
 
 
+def test_training_checkpoints_load_with_their_config(tmp_path, shared_resnet):
+    """A checkpoint of a paper-topology run fuses as that network (not the released
+    default), is refused as an authors' release, and can start another run."""
+    import s4fusion
+
+    run = train(load_config(None, small_overrides(tmp_path / "p", max_steps=1, **{"model.topology": '"paper"'})))
+    ckpt_path = run.last_checkpoint
+    assert ckpt_path is not None and ckpt_path.suffix == ".pt"
+    model = s4fusion.api.load_model(ckpt_path, device="cpu")
+    final = S4Fusion.from_pretrained(run.final_weights)
+    assert model.config == final.config and model.config.topology == "paper" and model.config.dims == (8, 16, 32)
+    a, b = model.state_dict(), final.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointError, match=r"step_00000001\.pt is an s4fusion training checkpoint"):
+        S4Fusion.from_released_checkpoint(ckpt_path)
+    zero_lr = {"schedule.start_lr": 0, "schedule.ref_lr": 0, "schedule.final_lr": 0, "max_steps": 1}
+    again = train(load_config(None, small_overrides(tmp_path / "q", init_weights=json.dumps(str(ckpt_path)), **zero_lr)))
+    c = load_file(str(again.final_weights))
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_non_finite_loss_stops_naming_step_and_term(tmp_path, monkeypatch, perception):
     calls = {"n": 0}
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import checkpoint as ckpt
 from . import io, ops, tiling
 from .models import S4Fusion
 
@@ -61,7 +62,6 @@ __all__ = [
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS_FILE = "s4fusion.safetensors"
-_RELEASED_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt", ".tar")
 _KINDS = "give a path, numpy array, PIL image or torch tensor"
 PathLike = Union[str, os.PathLike]
 
@@ -110,12 +110,13 @@ def load_model(weights: Union[PathLike, None] = None, device: Union[str, torch.d
     """Load a network for inference (eval mode, on ``device``).
 
     ``weights``: a ``.safetensors`` file or folder written by ``save_pretrained``,
-    or the authors' released checkpoint (``.pth``, ``.pkl``, ...); None: the
-    bundled weights (:func:`default_weights`). Raises CheckpointError for a missing,
-    unreadable, mismatched or non-finite checkpoint."""
+    a checkpoint of ``s4fusion train`` (``.pt``, with its config and topology), or the
+    authors' released checkpoint (``.pth``, ``.pkl``, ...); None: the bundled weights
+    (:func:`default_weights`). Raises CheckpointError for a missing, unreadable,
+    mismatched or non-finite checkpoint."""
     path = Path(weights) if weights is not None else default_weights()
-    if path.suffix.lower() in _RELEASED_SUFFIXES:
-        model = S4Fusion.from_released_checkpoint(path)
+    if path.suffix.lower() in ckpt.TORCH_SUFFIXES:
+        model = S4Fusion.from_torch_checkpoint(path)
     else:
         model = S4Fusion.from_pretrained(path)
     return model.eval().to(resolve_device(device))

@@ -25,6 +25,13 @@ released                                           s4fusion
 Our own format is one ``.safetensors`` file whose metadata holds the network
 config (``s4fusion_config``, JSON, including the topology); a directory path
 holds ``model.safetensors`` and a readable copy of the config in ``config.json``.
+
+Training checkpoints of ``s4fusion train`` (``torch.save`` of a dict with
+``format`` = :data:`TRAINING_FORMAT`, the model state under ``model`` and the run's
+config, whose ``model`` entry is the network config) can be fused with directly:
+:func:`load_torch_checkpoint` tells them from released checkpoints and returns
+their network config, so a run's topology and sizes are never replaced by the
+released defaults.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -124,15 +131,50 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         raise CheckpointError(f"{source} holds non-finite values (NaN or inf) in: {bad}")
 
 
+TRAINING_FORMAT = "s4fusion-train-1"  # the ``format`` entry of s4fusion training checkpoints
+TORCH_SUFFIXES = (".pth", ".pt", ".pkl", ".ckpt", ".tar")  # files read with torch.load
+
+
+def _torch_load(path: Path, what: str) -> object:
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated or not a torch file
+        raise CheckpointError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
+
+
+def _is_training_checkpoint(obj: object) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == TRAINING_FORMAT
+
+
+def load_torch_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
+    """Read a ``torch.save`` checkpoint: an s4fusion training checkpoint gives
+    (its model state, its network config dict); the authors' released checkpoint
+    gives (the state under our key names, None: the released configuration)."""
+    path = Path(path)
+    obj = _torch_load(path, "checkpoint")
+    if _is_training_checkpoint(obj):
+        config = obj.get("config")
+        if not isinstance(obj.get("model"), Mapping) or not isinstance(config, Mapping) or "model" not in config:
+            raise CheckpointError(f"{path}: damaged s4fusion training checkpoint (no model state or config)")
+        return dict(obj["model"]), dict(config["model"])
+    return _released_state(obj, path), None
+
+
 def load_released_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a released ``{'model': state_dict}`` file and return it with our key names."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"released checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated or not a torch file
-        raise CheckpointError(f"cannot read released checkpoint {path}: {type(e).__name__}: {e}") from e
+    obj = _torch_load(path, "released checkpoint")
+    if _is_training_checkpoint(obj):
+        raise CheckpointError(
+            f"{path} is an s4fusion training checkpoint, not the authors' release; load it with "
+            "s4fusion.api.load_model(path) or S4Fusion.from_training_checkpoint(path), which keep its config and topology"
+        )
+    return _released_state(obj, path)
+
+
+def _released_state(obj: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

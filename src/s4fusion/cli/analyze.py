@@ -9,8 +9,9 @@
   (paper Table 3; :data:`s4fusion.models.ablation.ABLATION_PRESETS`).
 
 Weights (:func:`s4fusion.api.load_model`): a ``.safetensors`` file or folder
-written by ``save_pretrained`` (any configuration, ablations included), the
-authors' released ``{'model': ...}`` checkpoint (``model.pkl`` / ``.pth``), or by
+written by ``save_pretrained`` (any configuration, ablations included), a
+checkpoint of ``s4fusion train`` (``RUN/checkpoints/step_N.pt``), the authors'
+released ``{'model': ...}`` checkpoint (``model.pkl`` / ``.pth``), or by
 default the weights bundled with the package. Exit codes: 0 done, 1 unusable input
 (weights, images, output path).
 """
@@ -78,7 +79,8 @@ def _weights_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--weights",
         metavar="W",
-        help="weights: .safetensors file/folder from save_pretrained, or the released model.pkl/.pth; "
+        help="weights: .safetensors file/folder from save_pretrained, a training checkpoint "
+        "(RUN/checkpoints/step_N.pt), or the released model.pkl/.pth; "
         "default: the weights bundled with the package",
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")

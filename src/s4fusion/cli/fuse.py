@@ -108,7 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     src.add_argument(
         "--weights", type=Path,
-        help="weights: .safetensors file/folder (save_pretrained) or the released .pth/.pkl checkpoint; "
+        help="weights: .safetensors file/folder (save_pretrained), a training checkpoint "
+        "(RUN/checkpoints/step_N.pt) or the released .pth/.pkl checkpoint; "
         "default: the weights bundled with the package",
     )
     img = p.add_argument_group("images")

@@ -158,25 +158,50 @@ class S4Fusion(nn.Module):
     ) -> "S4Fusion":
         """Load the authors' ``{'model': state_dict}`` checkpoint (e.g. ``model.pkl``),
         strictly, into a network of the released configuration (or ``config``)."""
-        config = config or S4FusionConfig(topology=topology)
-        model = cls(config)
         state = ckpt.load_released_state_dict(path)
-        ckpt.check_state_dict(model, state, f"released checkpoint {os.fspath(path)}")
-        model.load_state_dict(state, strict=True)
-        return model
+        return cls._from_state(config or S4FusionConfig(topology=topology), state, f"released checkpoint {os.fspath(path)}")
+
+    @classmethod
+    def from_training_checkpoint(cls, path: str | os.PathLike) -> "S4Fusion":
+        """The network of an ``s4fusion train`` checkpoint (``RUN/checkpoints/step_*.pt``)
+        at its step, with the run's config and topology."""
+        state, config = ckpt.load_torch_checkpoint(path)
+        if config is None:
+            raise ckpt.CheckpointError(
+                f"{os.fspath(path)} is not an s4fusion training checkpoint; for the authors' release use "
+                "S4Fusion.from_released_checkpoint"
+            )
+        return cls._from_state(cls._stored_config(config, path), state, f"training checkpoint {os.fspath(path)}")
+
+    @classmethod
+    def from_torch_checkpoint(cls, path: str | os.PathLike) -> "S4Fusion":
+        """A ``torch.save`` file: an ``s4fusion train`` checkpoint (its own config and
+        topology) or the authors' released checkpoint (the released configuration)."""
+        state, config = ckpt.load_torch_checkpoint(path)
+        if config is None:
+            return cls._from_state(S4FusionConfig(), state, f"released checkpoint {os.fspath(path)}")
+        return cls._from_state(cls._stored_config(config, path), state, f"training checkpoint {os.fspath(path)}")
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "S4Fusion":
         """Load weights written by :meth:`save_pretrained` (a ``.safetensors`` file or a directory)."""
         state, config, _ = ckpt.load_weights(path)
+        model = cls._from_state(cls._stored_config(config, path), state, f"S4Fusion weights {os.fspath(path)}")
+        return model.to(map_location)
+
+    @staticmethod
+    def _stored_config(config: dict, path: str | os.PathLike) -> S4FusionConfig:
         try:
-            cfg = S4FusionConfig.from_dict(config)
+            return S4FusionConfig.from_dict(config)
         except (TypeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{os.fspath(path)}: invalid stored config: {e}") from e
-        model = cls(cfg)
-        ckpt.check_state_dict(model, state, f"S4Fusion weights {os.fspath(path)}")
+
+    @classmethod
+    def _from_state(cls, config: S4FusionConfig, state: dict[str, torch.Tensor], source: str) -> "S4Fusion":
+        model = cls(config)
+        ckpt.check_state_dict(model, state, source)
         model.load_state_dict(state, strict=True)
-        return model.to(map_location)
+        return model
 
     def save_pretrained(self, path: str | os.PathLike, metadata: Optional[dict] = None) -> str:
         """Write the weights as safetensors with the config (and topology) in their

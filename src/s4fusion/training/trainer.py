@@ -72,7 +72,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
 ]
 
-CHECKPOINT_FORMAT = "s4fusion-train-1"
+CHECKPOINT_FORMAT = ckpt.TRAINING_FORMAT
 TERMS = ("l1", "ssim", "grad", "per")
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -414,7 +414,8 @@ def _load_resume_state(config: TrainConfig, resume: str, run_dir: Path) -> Optio
 def load_init_weights(model: torch.nn.Module, source: str) -> None:
     """Copy the tensors of S4Fusion weights into ``model`` (fine-tuning start).
 
-    ``source`` is a file or folder written by ``save_pretrained``, or ``"bundled"`` for
+    ``source`` is a file or folder written by ``save_pretrained``, a training
+    checkpoint (``.pt``) or the authors' released checkpoint, or ``"bundled"`` for
     the package's weights. Every tensor must match by name and shape (the error names the
     file and the keys); the stored config is not applied, so a run may change the topology
     (both topologies have the same tensors) but not the architecture."""
@@ -424,7 +425,10 @@ def load_init_weights(model: torch.nn.Module, source: str) -> None:
         path = default_weights()
     else:
         path = Path(source)
-    state, _, _ = ckpt.load_weights(path)
+    if path.suffix.lower() in ckpt.TORCH_SUFFIXES:
+        state, _ = ckpt.load_torch_checkpoint(path)
+    else:
+        state, _, _ = ckpt.load_weights(path)
     ckpt.check_state_dict(model, state, f"init_weights {path}")
     model.load_state_dict(state, strict=True)
 
