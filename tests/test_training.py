@@ -125,6 +125,20 @@ def test_paper_config_is_the_paper_recipe():
     assert tiny.device == "cpu" and tiny.data.train == ["../shared/data/tiny"]
 
 
+def test_finetune_config_starts_from_the_bundled_weights():
+    """configs/finetune.toml builds exactly the bundled weights' network and loads them."""
+    import s4fusion
+
+    cfg = load_config(REPO / "configs" / "finetune.toml")
+    assert cfg.init_weights == "bundled" and cfg.schedule.warmup_epochs == 10
+    bundled = S4Fusion.from_pretrained(s4fusion.default_weights())
+    assert cfg.model == bundled.config
+    model = build_model(cfg)
+    trainer_module.load_init_weights(model, cfg.init_weights)
+    a, b = model.state_dict(), bundled.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_config_overrides_and_errors_name_the_key(tmp_path):
     cfg = load_config(
         None,
