@@ -15,9 +15,10 @@ Pixel values (RELEASED-MODEL-FACTS.md section 5, the released ``dataset.py``):
 * visible, 8-bit: ``convert('RGB')`` divided by 255, reduced to the Y channel of
   the released ``RGB2YCrCb``: ``Y = 0.299 R + 0.587 G + 0.114 B`` (float32,
   clamped to [0, 1]);
-* 16-bit inputs (1-channel PNG, or TIFF with 1/3/4 channels, read with
-  ``tifffile``): reduced to one channel by the same formulas in floating point
-  (``L = 0.299 R + 0.587 G + 0.114 B`` for a colour infrared image), then mapped to
+* 16-bit inputs (1-channel PNG, or TIFF with 1 to 4 channels; every file is read
+  by :func:`s4fusion.io.decode_image`, as for fusing): reduced to one channel by
+  the same formula in float64 (``0.299 R + 0.587 G + 0.114 B`` for a colour image,
+  infrared as ``s4fusion fuse`` reduces it, visible as Y), then mapped to
   [0, 1] by the ``high_bit_depth`` rule: ``"scale"`` divides by 65535 (keeps the
   sensor's absolute scale; right for images that use the full 16-bit range) and
   ``"minmax"`` stretches each image's own minimum..maximum to 0..1 (right for raw
@@ -159,12 +160,12 @@ def _check_png16_colour(path: Path) -> None:
 
 def _normalise_high_bit(values: np.ndarray, rule: str, path: Path) -> np.ndarray:
     if rule == "scale":
-        return values / np.float32(65535.0)
+        return values / 65535.0
     if rule == "minmax":
         lo, hi = float(values.min()), float(values.max())
         if hi <= lo:
             return np.zeros_like(values)
-        return ((values - lo) / (hi - lo)).astype(np.float32)
+        return (values - lo) / (hi - lo)
     raise DataError(f"{path}: unknown high_bit_depth rule {rule!r}; use one of {HIGH_BIT_DEPTH_RULES}")
 
 
@@ -200,7 +201,7 @@ def _decode_raw(path: Path, role: str, high_bit_depth: str) -> np.ndarray:
                 raise DataError(f"{path}: pixel type {array.dtype} is not supported; use 8-bit or 16-bit images")
     except ImageError as e:
         raise DataError(str(e)) from None
-    return _finish_high_bit(array.astype(np.float32), role, high_bit_depth, path)
+    return _finish_high_bit(array, high_bit_depth, path)
 
 
 def _decode_8bit(img: Image.Image, role: str) -> np.ndarray:
@@ -215,14 +216,14 @@ def _to_unit(raw: np.ndarray) -> np.ndarray:
     return raw
 
 
-def _finish_high_bit(values: np.ndarray, role: str, rule: str, path: Path) -> np.ndarray:
-    values = _normalise_high_bit(values, rule, path)
+def _finish_high_bit(values: np.ndarray, rule: str, path: Path) -> np.ndarray:
+    """16-bit samples (H, W) or (H, W, 3) -> float32 (H, W) in [0, 1]: one channel first
+    (``0.299 R + 0.587 G + 0.114 B`` in float64, as ``s4fusion fuse`` reduces a colour
+    infrared image), then the ``high_bit_depth`` rule."""
+    values = values.astype(np.float64)
     if values.ndim == 3:
-        if role == "infrared":
-            r, g, b = values[..., 0], values[..., 1], values[..., 2]
-            values = np.clip(0.299 * r + 0.587 * g + 0.114 * b, 0.0, 1.0).astype(np.float32)
-        else:
-            values = rgb_to_y(values)
+        values = 0.299 * values[..., 0] + 0.587 * values[..., 1] + 0.114 * values[..., 2]
+    values = np.clip(_normalise_high_bit(values, rule, path), 0.0, 1.0)
     return np.ascontiguousarray(values, dtype=np.float32)
 
 
