@@ -270,7 +270,10 @@ def infrared_from_array(
         else:
             _finite(array, name)
             rgb = array.astype(np.float64)
-            array = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+            luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+            if norm == "scale" and array.dtype == np.uint16:  # the type's range, as for grey 16-bit
+                return (luma / 65535.0).astype(np.float32)
+            array = luma
     return normalize_infrared(array, norm, percentiles, name)
 
 
