@@ -169,7 +169,8 @@ def load_released_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     if _is_training_checkpoint(obj):
         raise CheckpointError(
             f"{path} is an s4fusion training checkpoint, not the authors' release; load it with "
-            "s4fusion.api.load_model(path) or S4Fusion.from_training_checkpoint(path), which keep its config and topology"
+            "s4fusion.api.load_model(path) or S4Fusion.from_training_checkpoint(path), "
+            "which keep its config and topology"
         )
     return _released_state(obj, path)
 

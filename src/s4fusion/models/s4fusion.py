@@ -159,7 +159,8 @@ class S4Fusion(nn.Module):
         """Load the authors' ``{'model': state_dict}`` checkpoint (e.g. ``model.pkl``),
         strictly, into a network of the released configuration (or ``config``)."""
         state = ckpt.load_released_state_dict(path)
-        return cls._from_state(config or S4FusionConfig(topology=topology), state, f"released checkpoint {os.fspath(path)}")
+        config = config or S4FusionConfig(topology=topology)
+        return cls._from_state(config, state, f"released checkpoint {os.fspath(path)}")
 
     @classmethod
     def from_training_checkpoint(cls, path: str | os.PathLike) -> "S4Fusion":
