@@ -61,7 +61,16 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .io import HIGH_BIT_PIL_MODES, ImageError, atomic_write_text, channels, check_png16_colour, decode_image
+from .io import (
+    HIGH_BIT_PIL_MODES,
+    ImageError,
+    atomic_write_text,
+    channels,
+    check_png16_colour,
+    decode_image,
+    luma,
+    pil_high_bit,
+)
 
 __all__ = [
     "DataError",
@@ -177,30 +186,29 @@ def _tiff_to_hwc(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
-def _decode_raw(path: Path, role: str, high_bit_depth: str) -> np.ndarray:
+def _load(path: Path, role: str, high_bit_depth: str) -> np.ndarray:
     """Decode one image without the final per-pixel conversion, so that it can be
     cropped first: 8-bit infrared -> uint8 (H, W) (``convert('L')``); 8-bit visible
     -> uint8 (H, W, 3) (``convert('RGB')``); 16-bit -> float32 (H, W) in [0, 1].
     :func:`_to_unit` finishes the conversion. The file is read by
-    :func:`s4fusion.io.decode_image`, the reader of ``s4fusion fuse``."""
+    :func:`s4fusion.io.decode_image`, the reader of ``s4fusion fuse``; every failure
+    is a DataError naming the file."""
     try:
         decoded = decode_image(path)
         if isinstance(decoded, Image.Image):
-            if decoded.mode in ("F", "I;32"):
-                raise DataError(f"{path}: pixel mode {decoded.mode} is not supported; use 8-bit or 16-bit images")
             if decoded.mode not in HIGH_BIT_PIL_MODES:
                 return _decode_8bit(decoded, role)
-            array = np.asarray(decoded)
-            if array.min() < 0 or array.max() > 65535:
-                raise DataError(f"{path}: integer image with values outside 0..65535 ({decoded.mode})")
+            array = pil_high_bit(decoded)
         else:  # TIFF samples, (H, W) or (H, W, C)
             array = channels(decoded, str(path))
             if array.dtype == np.uint8:
                 return _decode_8bit(Image.fromarray(np.ascontiguousarray(array)), role)
-            if array.dtype != np.uint16:
-                raise DataError(f"{path}: pixel type {array.dtype} is not supported; use 8-bit or 16-bit images")
     except ImageError as e:
         raise DataError(str(e)) from None
+    if array.dtype != np.uint16:
+        raise DataError(
+            f"{path}: pixel type {array.dtype} is not supported; use 8-bit or 16-bit images (integers 0..65535)"
+        )
     return _finish_high_bit(array, high_bit_depth, path)
 
 
@@ -209,7 +217,7 @@ def _decode_8bit(img: Image.Image, role: str) -> np.ndarray:
 
 
 def _to_unit(raw: np.ndarray) -> np.ndarray:
-    """Output of :func:`_decode_raw` (possibly cropped) -> float32 (H, W) in [0, 1]."""
+    """Output of :func:`_load` (possibly cropped) -> float32 (H, W) in [0, 1]."""
     if raw.dtype == np.uint8:
         values = raw.astype(np.float32) / np.float32(255.0)
         return rgb_to_y(values) if values.ndim == 3 else values
@@ -220,9 +228,7 @@ def _finish_high_bit(values: np.ndarray, rule: str, path: Path) -> np.ndarray:
     """16-bit samples (H, W) or (H, W, 3) -> float32 (H, W) in [0, 1]: one channel first
     (``0.299 R + 0.587 G + 0.114 B`` in float64, as ``s4fusion fuse`` reduces a colour
     infrared image), then the ``high_bit_depth`` rule."""
-    values = values.astype(np.float64)
-    if values.ndim == 3:
-        values = 0.299 * values[..., 0] + 0.587 * values[..., 1] + 0.114 * values[..., 2]
+    values = luma(values) if values.ndim == 3 else values.astype(np.float64)
     values = np.clip(_normalise_high_bit(values, rule, path), 0.0, 1.0)
     return np.ascontiguousarray(values, dtype=np.float32)
 
@@ -235,11 +241,6 @@ def load_infrared(path: str | os.PathLike, high_bit_depth: str = "scale") -> tor
 def load_visible(path: str | os.PathLike, high_bit_depth: str = "scale") -> torch.Tensor:
     """Visible image -> its Y channel, (1, H, W) float32 in [0, 1]. Raises :class:`DataError`."""
     return torch.from_numpy(_to_unit(_load(Path(path), "visible", high_bit_depth)))[None]
-
-
-def _load(path: Path, role: str, high_bit_depth: str) -> np.ndarray:
-    """:func:`_decode_raw`; every failure is a DataError naming the file."""
-    return _decode_raw(path, role, high_bit_depth)
 
 
 def _image_size(path: Path) -> tuple[int, int]:

@@ -257,6 +257,13 @@ def check_percentiles(percentiles: Sequence[float], name: str = "percentiles") -
     return lo, hi
 
 
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """(..., 3) samples of any type -> float64 (...) ``0.299 R + 0.587 G + 0.114 B``,
+    unclamped: how deeper-than-8-bit colour is reduced to one channel."""
+    v = rgb.astype(np.float64)
+    return 0.299 * v[..., 0] + 0.587 * v[..., 1] + 0.114 * v[..., 2]
+
+
 def infrared_from_array(
     array: np.ndarray, norm: str = "auto", percentiles: Sequence[float] = DEFAULT_PERCENTILES, name: str = "infrared"
 ) -> np.ndarray:
@@ -269,11 +276,9 @@ def infrared_from_array(
             array = np.asarray(Image.fromarray(np.ascontiguousarray(array), "RGB").convert("L"))
         else:
             _finite(array, name)
-            rgb = array.astype(np.float64)
-            luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
             if norm == "scale" and array.dtype == np.uint16:  # the type's range, as for grey 16-bit
-                return (luma / 65535.0).astype(np.float32)
-            array = luma
+                return (luma(array) / 65535.0).astype(np.float32)
+            array = luma(array)
     return normalize_infrared(array, norm, percentiles, name)
 
 
@@ -283,11 +288,14 @@ def infrared_from_pil(
     """PIL image -> float32 (H, W) in [0, 1]: ``convert('L')`` for 8-bit modes, the
     stored values for 16-bit, 32-bit integer and float modes."""
     if img.mode in HIGH_BIT_PIL_MODES:
-        return normalize_infrared(_pil_high_bit(img), norm, percentiles, name)
+        return normalize_infrared(pil_high_bit(img), norm, percentiles, name)
     return normalize_infrared(np.asarray(img.convert("L")), norm, percentiles, name)
 
 
-def _pil_high_bit(img: Image.Image) -> np.ndarray:
+def pil_high_bit(img: Image.Image) -> np.ndarray:
+    """Samples of a 16-bit, 32-bit integer or float PIL image: uint16 where the values
+    fit 0..65535 (16-bit modes, and mode 'I' as 16-bit grey PNGs often open), else
+    the stored int32 / float32 array."""
     array = np.asarray(img)
     if img.mode.startswith("I;16"):
         return array.astype(np.uint16)  # native byte order
@@ -333,7 +341,7 @@ def visible_from_pil(img: Image.Image, name: str = "visible") -> np.ndarray:
     """PIL image -> float32 (H, W, 3) or (H, W) in [0, 1]: ``convert('RGB')`` for
     colour modes (as the release), ``convert('L')`` for grey ones, 16-bit grey / 65535."""
     if img.mode in HIGH_BIT_PIL_MODES:
-        array = _pil_high_bit(img)
+        array = pil_high_bit(img)
         if array.dtype.kind == "i":
             raise ImageError(f"{name}: 32-bit integer visible image with values outside 0..65535 is not supported")
         return visible_from_array(array, name)
