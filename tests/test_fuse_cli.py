@@ -204,15 +204,17 @@ def test_16bit_tiff_infrared(tmp_path, weights, model):
     assert np.abs(result_p - result).max() > 1e-3  # the option changes the result
 
 
-def test_tiled_cli_matches_untiled(tmp_path, weights):
+def test_tiled_cli_matches_untiled(tmp_path):
+    """--tile runs band-wise with the scan states carried across bands: with the
+    bundled (trained) weights it gives the whole-image output to 16-bit rounding."""
     ir, vi = crop_pair(MSRS, "00123D", (100, 120, 200, 220), tmp_path / "ir", tmp_path / "vi")
-    common = ("--ir", ir, "--vi", vi, "--weights", weights, "--gray", "--bits", "16")
+    common = ("--ir", ir, "--vi", vi, "--gray", "--bits", "16", "--device", "cpu")
     assert fuse_cli(*common, "--out", tmp_path / "whole.png", "--tile", "0") == 0
-    assert fuse_cli(*common, "--out", tmp_path / "tiled.png", "--tile", "73", "--tile-overlap", "24") == 0
+    assert fuse_cli(*common, "--out", tmp_path / "tiled.png", "--tile", "25") == 0
     whole = np.asarray(Image.open(tmp_path / "whole.png")).astype(np.float64) / 65535
     tiled = np.asarray(Image.open(tmp_path / "tiled.png")).astype(np.float64) / 65535
     assert whole.shape == tiled.shape == (100, 100)
-    assert np.abs(whole - tiled).max() < 1e-3
+    assert np.abs(whole - tiled).max() < 2 / 65535
 
 
 # ------------------------------------------------------------------- bad input

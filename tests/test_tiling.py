@@ -1,20 +1,20 @@
-"""Tiled inference (s4fusion.tiling): tile layout, blending weights, memory
-estimate, and tiled output == whole-image output where both fit."""
+"""Band-wise (tiled) inference (s4fusion.tiling, s4fusion.models.streaming): the
+band layout, band-wise output == whole-image output, and the memory estimate
+against measured peaks."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from s4fusion import S4Fusion, S4FusionConfig, io, tiling
+from s4fusion import S4Fusion, S4FusionConfig, io, ops, tiling
 from s4fusion.api import fuse_luma
+from s4fusion.models import streaming
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MSRS = SHARED / "data" / "test" / "MSRS"
@@ -43,123 +43,117 @@ def real_pair() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(ir.copy())[None, None], torch.from_numpy(y.copy())[None, None]
 
 
-class CountingForward:
-    """Wraps model.forward_padded to record the tile shapes it is called with."""
-
-    def __init__(self, model: S4Fusion, monkeypatch) -> None:
-        self.shapes: list[tuple[int, ...]] = []
-        original = model.forward_padded
-
-        def counted(ir, vi, trace=None):
-            self.shapes.append(tuple(ir.shape))
-            return original(ir, vi, trace)
-
-        monkeypatch.setattr(model, "forward_padded", counted)
-
-
-# -------------------------------------------------------------- tile layout
-def test_tile_starts_cover_on_grid_with_overlap():
-    for padded_units, tile_units, overlap_units in itertools.product(range(1, 40), range(2, 15), range(1, 7)):
-        padded, tile, overlap = 12 * padded_units + 1, 12 * tile_units + 1, 12 * overlap_units
-        if 2 * overlap > tile - 1:
-            continue
-        starts = tiling.tile_starts(padded, tile, overlap, 12)
-        if tile >= padded:
-            assert starts == [0]
-            continue
-        assert starts[0] == 0 and starts[-1] == padded - tile
-        assert all(s % 12 == 0 for s in starts)
-        steps = np.diff(starts)
-        assert (steps > 0).all() and (tile - steps >= overlap).all()
-        # the fewest tiles that keep the overlap
-        assert len(starts) == 1 + -(-(padded - tile) // (12 * ((tile - overlap) // 12)))
-        # the fitted tile keeps that count with the least work
-        fit = tiling.fit_tile(padded, tile, overlap, 12)
-        assert fit <= tile and fit % 12 == 1 and len(tiling.tile_starts(padded, fit, overlap, 12)) == len(starts)
-        smaller = fit - 12
-        if smaller > 2 * overlap:
-            assert len(tiling.tile_starts(padded, smaller, overlap, 12)) > len(starts)
+# ------------------------------------------------------------ band layout
+def test_direction_bands_are_contiguous_runs_of_each_scan_order():
+    """Concatenating the bands of direction k, each in the band's own direction-k
+    order, gives direction k's order of the whole map: the claim band-wise
+    execution rests on."""
+    for height, width, band in [(7, 9, 10), (7, 9, 1), (5, 11, 23), (12, 4, 8), (3, 3, 100)]:
+        whole = ops.direction_orders(height, width)
+        for k in range(4):
+            seq = []
+            for r0, r1, c0, c1 in streaming.direction_bands(height, width, band, k):
+                local = ops.direction_orders(r1 - r0, c1 - c0)[k]
+                rows, cols = local // (c1 - c0) + r0, local % (c1 - c0) + c0
+                seq.append(rows * width + cols)
+            assert torch.equal(torch.cat(seq), whole[k]), (height, width, band, k)
 
 
-def test_axis_weights_partition_of_unity_and_edge_bands():
-    for padded_units, tile_units, overlap_units in [(30, 8, 2), (21, 10, 3), (50, 13, 6), (9, 5, 2), (40, 6, 1)]:
-        padded, tile, overlap = 12 * padded_units + 1, 12 * tile_units + 1, 12 * overlap_units
-        starts = tiling.tile_starts(padded, tile, overlap, 12)
-        total = torch.zeros(padded, dtype=torch.float64)
-        for i, s in enumerate(starts):
-            before = starts[i - 1] + tile - s if i else None
-            after = s + tile - starts[i + 1] if i + 1 < len(starts) else None
-            w = tiling.axis_weights(tile, before, after)
-            assert (w >= 0).all() and (w <= 1).all()
-            if before:  # nothing from the quarter of the overlap next to the tile's inner edge
-                assert (w[: (before - 1) // 4] == 0).all()
-            else:
-                assert w[0] == 1
-            if after:
-                assert (w[tile - (after - 1) // 4 :] == 0).all()
-            total[s : s + tile] += w
-        assert torch.allclose(total, torch.ones_like(total), atol=1e-12), (padded, tile, overlap)
+def test_tile_tokens():
+    cfg = S4FusionConfig()
+    assert tiling.tile_tokens(cfg, 13) == 16 and tiling.tile_tokens(cfg, 100) == 33**2
+    with pytest.raises(ValueError, match="tile size 12 is too small: tiles must be at least 13 pixels"):
+        tiling.tile_tokens(cfg, 12)
 
 
-def test_valid_tile_and_bad_overlap(tiny_model):
-    cfg = tiny_model.config
-    assert tiling.valid_tile(cfg, 100) == 97 and tiling.valid_tile(cfg, 97) == 97 and tiling.valid_tile(cfg, 13) == 13
-    with pytest.raises(ValueError, match="too small"):
-        tiling.valid_tile(cfg, 12)
-    x = torch.rand(1, 1, 50, 50)
-    with pytest.raises(ValueError, match="more than half the tile"):
-        tiling.tiled_forward(tiny_model, x, x, 37, overlap=24)
+# ------------------------------------------------ band-wise == whole-image
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_banded_blocks_equal_whole_blocks(backend, monkeypatch):
+    """One VSS block and one CMSA block (random weights, non-trivial biases and a
+    long memory) band-wise with ragged bands equal their whole-map forward."""
+    from s4fusion.models import CMSABlock, VSSBlock
+
+    if backend not in ops.available_backends("cpu"):
+        pytest.skip(f"the {backend!r} scan backend is not available here (pip install numba)")
+    monkeypatch.setenv("S4FUSION_SCAN_BACKEND", backend)
+    torch.manual_seed(0)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    for block, M in ((VSSBlock(16, 6, 1.5, 2, 3, 1e-5), 1), (CMSABlock(16, 7, 1.5, 2, 3, 1e-5), 2)):
+        block = block.eval().to(dtype)
+        with torch.no_grad():
+            for p in block.parameters():
+                if p.dim() == 1:
+                    p.add_(0.1 * torch.randn_like(p))
+            scan = block.ss2d if M == 1 else block
+            scan.dt_projs_bias.fill_(-6.0)  # dt ~ 2.5e-3: context carried across many bands
+        xs = [torch.randn(2, 11, 13, 16, dtype=dtype) for _ in range(M)]
+        with torch.no_grad():
+            whole = block(*xs)
+            whole = whole if M == 2 else (whole,)
+            for band in (1, 20, 60):
+                banded = (streaming.vss_block_banded(block, *xs, band),) if M == 1 else (
+                    streaming.cmsa_block_banded(block, *xs, band))
+                for a, b in zip(banded, whole):
+                    assert (a - b).abs().max().item() < tol, (type(block).__name__, band)
 
 
-# ------------------------------------------------- tiled == untiled (1e-3)
-def test_tiled_equals_untiled_on_real_pair(tiny_model, real_pair, whole, monkeypatch):
+def test_banded_network_equals_whole_with_the_bundled_weights(real_pair):
+    """The trained weights carry context over whole rows and columns (overlapping
+    tiles missed it by up to 0.1); band-wise execution keeps it: the issue asks
+    for 1e-3, we hold it to 1e-5."""
+    from s4fusion.api import load_model
+
+    model = load_model(None, "cpu")
     ir, vi = real_pair
-    calls = CountingForward(tiny_model, monkeypatch)
-    tiled = tiling.tiled_forward(tiny_model, ir, vi, tile=73, overlap=24)
-    assert calls.shapes == [(1, 1, 73, 73)] * 4  # 2 x 2 tiles of the padded 109 x 109 image
-    err = (tiled - whole).abs().max().item()
-    assert err < 1e-3, err
-    assert tiled.shape == whole.shape
-
-
-def test_tiled_with_one_tile_is_the_whole_image(tiny_model, real_pair):
-    ir, vi = real_pair
-    crop = (ir[..., :61, :70], vi[..., :61, :70])
+    ir, vi = ir[..., :97, :], vi[..., :97, :]
     with torch.no_grad():
-        whole = tiny_model(*crop)
-    one = tiling.tiled_forward(tiny_model, *crop, tile=97)
-    assert (one - whole).abs().max().item() < 1e-6
+        whole = model(ir, vi)
+        for band in (1, 150, 700):
+            out = tiling.banded_forward(model, ir, vi, band)
+            err = (out - whole).abs().max().item()
+            assert out.shape == whole.shape and err < 1e-5, (band, err)
+    assert all("forward" not in vars(m) for m in model.modules())  # the blocks are restored
 
 
-def test_fuse_luma_tiles_automatically_under_a_small_budget(tiny_model, real_pair, whole, monkeypatch):
+def test_banded_refuses_autograd(tiny_model):
+    with pytest.raises(RuntimeError, match="for inference"):
+        with streaming.banded(tiny_model, 10):
+            pass
+
+
+def test_fuse_luma_goes_band_wise_under_a_small_budget(tiny_model, real_pair, whole):
     ir, vi = real_pair
     cfg = tiny_model.config
-    # budget: enough for a 73 x 73 tile, not for the 109 x 109 padded image
-    budget = tiling.estimate_bytes(cfg, 73, 73)
-    assert tiling.choose_tile(cfg, 100, 100, budget, 24) == 73
-    calls = CountingForward(tiny_model, monkeypatch)
-    auto = fuse_luma(tiny_model, ir, vi, tile="auto", tile_overlap=24, memory_budget=budget)
-    assert calls.shapes == [(1, 1, 73, 73)] * 4
-    assert (auto - whole).abs().max().item() < 1e-3
-    assert tiling.choose_tile(cfg, 100, 100, tiling.estimate_bytes(cfg, 100, 100), 24) is None
+    budget = tiling.estimate_bytes(cfg, 100, 100) - 1
+    band = tiling.choose_band(cfg, 100, 100, budget)
+    assert band is not None and tiling.estimate_bytes(cfg, 100, 100, 1, True, band) <= budget
+    assert tiling.choose_band(cfg, 100, 100, tiling.estimate_bytes(cfg, 100, 100)) is None
+    auto = fuse_luma(tiny_model, ir, vi, tile="auto", memory_budget=budget)
+    forced = fuse_luma(tiny_model, ir, vi, tile=40)
+    assert (auto - whole).abs().max().item() < 1e-5
+    assert (forced - whole).abs().max().item() < 1e-5
 
 
 # ----------------------------------------------------------- memory estimate
-def test_choose_tile_is_the_largest_that_fits():
+def test_choose_band_is_the_largest_that_fits():
     cfg = S4FusionConfig()
-    for fused, budgets_mib in ((True, (100, 500, 4096)), (False, (1024, 4096, 20000))):
-        for budget_mib in budgets_mib:
-            budget = budget_mib << 20
-            side = tiling.choose_tile(cfg, 3000, 4000, budget, 96, fused)
-            assert side % 12 == 1
-            assert tiling.estimate_bytes(cfg, side, side, 1, fused) <= budget
-            assert tiling.estimate_bytes(cfg, side + 12, side + 12, 1, fused) > budget
-    with pytest.raises(ValueError, match="too small even for"):
-        tiling.choose_tile(cfg, 3000, 4000, 1 << 20, 96)
+    for fused in (True, False):
+        least = tiling.estimate_bytes(cfg, 3000, 4000, 1, fused, 1336)  # one-row bands of the 1336-token rows
+        for factor in (1.05, 1.2, 1.4):
+            budget = int(least * factor)
+            band = tiling.choose_band(cfg, 3000, 4000, budget, fused, fused)
+            assert tiling.estimate_bytes(cfg, 3000, 4000, 1, fused, band) <= budget
+            if band < 1000 * 1336:  # less than the whole finest map: a 5 % larger band does not fit
+                assert tiling.estimate_bytes(cfg, 3000, 4000, 1, fused, int(band * 1.05) + 1) > budget
+    with pytest.raises(ValueError, match="too small for a 4000x3000 image even band by band"):
+        tiling.choose_band(cfg, 3000, 4000, 1 << 20)
     # linear in the number of pixels and in the batch
     a, b = tiling.estimate_bytes(cfg, 361, 361), tiling.estimate_bytes(cfg, 721, 721)
     assert 3.9 < b / a < 4.1
     assert tiling.estimate_bytes(cfg, 361, 361, batch=3) == pytest.approx(3 * a, rel=1e-6)
+    # bands save memory, and smaller bands more
+    assert tiling.estimate_bytes(cfg, 3000, 4000, 1, True, 10000) < tiling.estimate_bytes(cfg, 3000, 4000, 1, True, 100000) < tiling.estimate_bytes(cfg, 3000, 4000)
 
 
 MEASURE = """
@@ -174,32 +168,36 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 model = S4Fusion(S4FusionConfig()).eval()
 for arg in sys.argv[1:]:
-    backend, side = arg.split(":")
-    side = int(side)
+    backend, side, band = arg.split(":")
+    side, band = int(side), (int(band) or None)
     ops.set_backend(backend)
     x, y = torch.rand(1, 1, side, side), torch.rand(1, 1, side, side)
     with torch.inference_mode():
-        model(x[..., :13, :13], y[..., :13, :13])  # compile / warm up
+        small = (x[..., :25, :25], y[..., :25, :25])
+        model(*small)  # compile / warm up
+        tiling.banded_forward(model, *small, 10)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak resident size (VmHWM) to the current one
         base = status("VmRSS:")
-        model(x, y)
-    print(backend, status("VmHWM:") - base, tiling.estimate_bytes(model.config, side, side, 1, backend != "reference"))
+        model(x, y) if band is None else tiling.banded_forward(model, x, y, band)
+    estimate = tiling.estimate_bytes(model.config, side, side, 1, backend != "reference", band)
+    print(backend, status("VmHWM:") - base, estimate)
 """
 
 
 def test_estimate_bounds_measured_cpu_peak():
     """Peak resident memory of one forward pass (released network, CPU, fresh
-    process) stays below the estimate, for the reference scan and for the fastest
-    CPU backend, and the estimate is not wildly pessimistic."""
+    process), whole-image and band-wise, stays below the estimate, for the
+    reference scan and for the fastest CPU backend, and the estimate is not wildly
+    pessimistic."""
     from s4fusion import ops
 
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to measure the peak resident memory")
-    runs = ["reference:73"]
+    runs = ["reference:73:0", "reference:145:300"]
     fast = ops.resolve_backend(torch.device("cpu"))
     if fast != "reference":
-        runs.append(f"{fast}:241")
+        runs += [f"{fast}:241:0", f"{fast}:481:2000"]
     # one process per measurement; a fixed mmap threshold makes glibc return freed
     # large blocks at once, so the resident size follows the live tensors
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}

@@ -21,9 +21,11 @@ colour (the fused Y with the visible image's Cr/Cb, released ``YCrCb2RGB``)
 unless ``gray=True`` or the visible image is grey. Outputs are clamped to [0, 1];
 call the model itself for the raw, unclamped network output.
 
-Large images are fused tile by tile when a whole-image pass would not fit the
-memory budget (:mod:`s4fusion.tiling`); ``tile=0`` never tiles, ``tile=N`` forces
-N-pixel tiles.
+Large images are fused band by band when a whole-image pass would not fit the
+memory budget (:mod:`s4fusion.tiling`): the scan states are carried from band to
+band, so the result equals the whole-image result up to float rounding.
+``tile=0`` never uses bands, ``tile=N`` forces bands of an N x N-pixel tile's
+worth of tokens.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import importlib.resources
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -247,17 +249,17 @@ def fuse_luma(
     visible_y: torch.Tensor,
     *,
     tile: Union[str, int] = "auto",
-    tile_overlap: int = tiling.DEFAULT_OVERLAP,
     memory_budget: Optional[int] = None,
     precision: str = "fp32",
-    progress: Optional[Callable[[int, int], None]] = None,
 ) -> torch.Tensor:
     """The network on a batch: (B, 1, H, W) infrared and visible Y in [0, 1] ->
     (B, 1, H, W) float32 fused Y on the model's device, unclamped.
 
-    ``tile``: ``"auto"`` tiles only what does not fit ``memory_budget`` bytes (default
-    :func:`s4fusion.tiling.memory_budget`), splitting the batch first; ``0`` never
-    tiles; ``N`` uses N-pixel tiles. Raises :class:`FusionError` for an image
+    ``tile``: ``"auto"`` runs band-wise only what does not fit ``memory_budget`` bytes
+    (default :func:`s4fusion.tiling.memory_budget`), splitting the batch first; ``0``
+    never; ``N`` runs band-wise with bands of an N-pixel tile's worth of tokens
+    (:func:`s4fusion.tiling.tile_tokens`); both give the whole-image result up to
+    float rounding. Raises :class:`FusionError` for an image
     smaller than the network minimum or a non-finite output."""
     device = next(model.parameters()).device
     infrared = infrared.to(device=device, dtype=torch.float32)
@@ -270,21 +272,28 @@ def fuse_luma(
     if tile == "auto":
         budget = memory_budget or tiling.memory_budget(device)
         fused_scan = ops.resolve_backend(device) != "reference"
-        side = tiling.choose_tile(model.config, height, width, budget, tile_overlap, fused_scan)
+        fused_state = ops.resolve_state_backend(device) != "reference"
+        try:
+            band = tiling.choose_band(model.config, height, width, budget, fused_scan, fused_state)
+        except ValueError as e:
+            raise FusionError(str(e)) from e
         per_pass = tiling.estimate_bytes(model.config, height, width, 1, fused_scan)
-        chunk = batch if side is not None else max(1, min(batch, budget // max(per_pass, 1)))
+        chunk = batch if band is not None else max(1, min(batch, budget // max(per_pass, 1)))
     elif isinstance(tile, int) and tile >= 0:
-        side, chunk = (tile or None), batch
+        try:
+            band, chunk = (tiling.tile_tokens(model.config, tile) if tile else None), batch
+        except ValueError as e:
+            raise FusionError(str(e)) from e
     else:
         raise FusionError(f"tile must be 'auto', 0 (never tile) or a tile size in pixels, got {tile!r}")
     outs = []
     with torch.inference_mode(), _autocast(device, precision):
         for first in range(0, batch, chunk):
             ir, vi = infrared[first : first + chunk], visible_y[first : first + chunk]
-            if side is None:
+            if band is None:
                 out = model(ir, vi)
             else:
-                out = tiling.tiled_forward(model, ir, vi, side, tile_overlap, progress=progress)
+                out = tiling.banded_forward(model, ir, vi, band)
             outs.append(out.float())
     fused = torch.cat(outs)
     if not torch.isfinite(fused).all():
@@ -360,7 +369,6 @@ def fuse_images(
     resize_visible: bool = False,
     batch_size: int = 4,
     tile: Union[str, int] = "auto",
-    tile_overlap: int = tiling.DEFAULT_OVERLAP,
     memory_budget: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
     precision: str = "fp32",
@@ -381,7 +389,7 @@ def fuse_images(
         prepare_pair(i, v, ir_norm=ir_norm, ir_percentiles=ir_percentiles, resize_visible=resize_visible)
         for i, v in zip(infrared, visible)
     ]
-    run = dict(tile=tile, tile_overlap=tile_overlap, memory_budget=memory_budget, precision=precision)
+    run = dict(tile=tile, memory_budget=memory_budget, precision=precision)
     results: list = [None] * len(prepared)
     for indices in _batches([p.size for p in prepared], batch_size):
         outs = fuse_prepared(net, [prepared[k] for k in indices], gray=gray, **run)
@@ -411,7 +419,7 @@ def fuse(
     Inputs: paths, numpy arrays, PIL images or tensors (see the module docstring);
     a (B, C, H, W) tensor pair is fused as a batch. Options (:func:`fuse_images`):
     ``gray``, ``ir_norm`` (``auto|minmax|percentile|scale``), ``ir_percentiles``,
-    ``resize_visible``, ``tile`` (``"auto"``, 0, N), ``tile_overlap``,
+    ``resize_visible``, ``tile`` (``"auto"``, 0, N),
     ``memory_budget`` (bytes), ``device``, ``precision`` (``fp32|bf16|fp16``),
     ``batch_size``."""
     irs, vis = _items(infrared), _items(visible)

@@ -130,11 +130,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--batch-size", type=_positive_int, default=4, help="pairs of one size per batch (default 4)")
     run.add_argument(
         "--tile", type=_tile, default="auto",
-        help="auto: tile only images that would not fit the memory budget; 0: never tile; N: N-pixel tiles",
-    )
-    run.add_argument(
-        "--tile-overlap", type=int, default=tiling.DEFAULT_OVERLAP,
-        help=f"minimum overlap of neighbouring tiles in pixels (default {tiling.DEFAULT_OVERLAP})",
+        help="auto: run band by band only images that would not fit the memory budget; 0: never; "
+        "N: bands of an N x N-pixel tile's worth of tokens. Band-wise output equals whole-image output "
+        "(scan states are carried across bands)",
     )
     run.add_argument(
         "--memory-budget", type=float, metavar="GIB",
@@ -262,12 +260,12 @@ def run_fuse(args: argparse.Namespace) -> int:
         weights = args.weights if args.weights is not None else default_weights()
         device = resolve_device(args.device)
         io.check_percentiles(args.ir_percentiles, "--ir-percentiles")
-        if args.tile_overlap < 0 or (args.memory_budget is not None and args.memory_budget <= 0):
-            raise UsageError("--tile-overlap must be >= 0 and --memory-budget > 0")
+        if args.memory_budget is not None and args.memory_budget <= 0:
+            raise UsageError(f"--memory-budget must be > 0 GiB, got {args.memory_budget}")
         jobs, notes = plan(args)
         model = load_model(weights, device)
         if args.tile not in ("auto", 0):
-            tiling.valid_tile(model.config, args.tile)
+            tiling.tile_tokens(model.config, args.tile)
     except (UsageError, CheckpointError, FileNotFoundError, FusionError, io.ImageError, ValueError) as e:
         print(f"s4fusion fuse: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -290,13 +288,11 @@ def run_fuse(args: argparse.Namespace) -> int:
 
     run_options = dict(
         tile=args.tile,
-        tile_overlap=args.tile_overlap,
         memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None,
         precision=args.precision,
     )
     written: list[Path] = []
     bar = tqdm(total=len(todo), unit="pair", desc="fusing", disable=None, file=sys.stderr)
-    run_options["progress"] = lambda done, total: bar.set_postfix_str(f"tile {done}/{total}")
 
     def fused(batch: list[tuple[Job, PreparedPair]]) -> list[tuple[Job, np.ndarray]]:
         """Run one batch; a failing batch is retried pair by pair."""

@@ -1,9 +1,10 @@
 """Scan ops and their backends behind one dispatcher.
 
-Models call :func:`cross_scan` only; they never import a backend. A backend is a
-function with the signature of :func:`s4fusion.ops.reference.cross_scan_ref`
-registered under a name with the devices it serves and a probe saying whether
-it can run here.
+Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`)
+only; they never import a backend. A backend is a function with the signature of
+:func:`s4fusion.ops.reference.cross_scan_ref` registered under a name with the
+devices it serves and a probe saying whether it can run here, optionally with a
+function with the signature of :func:`s4fusion.ops.reference.cross_scan_state_ref`.
 
 Choosing a backend, in order: the ``backend=`` argument, then
 :func:`set_backend` / the ``S4FUSION_SCAN_BACKEND`` environment variable, then
@@ -18,11 +19,13 @@ from typing import Callable, Optional
 
 import torch
 
-from .reference import cross_scan_ref, direction_orders, selective_scan_ref
+from .reference import cross_scan_ref, cross_scan_state_ref, direction_orders, selective_scan_ref
 
 __all__ = [
     "cross_scan",
     "cross_scan_ref",
+    "cross_scan_state",
+    "cross_scan_state_ref",
     "selective_scan_ref",
     "direction_orders",
     "register_backend",
@@ -30,6 +33,7 @@ __all__ = [
     "set_backend",
     "get_backend",
     "resolve_backend",
+    "resolve_state_backend",
     "BackendUnavailableError",
 ]
 
@@ -46,6 +50,7 @@ class Backend:
     probe: Callable[[], Optional[str]]  # None when usable, else the reason it is not
     priority: int  # higher wins in auto mode
     how_to_get: str
+    state_loader: Optional[Callable[[], Callable]]  # returns the cross_scan_state function; None: has none
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -59,8 +64,9 @@ def register_backend(
     probe: Callable[[], Optional[str]],
     priority: int,
     how_to_get: str = "",
+    state_loader: Optional[Callable[[], Callable]] = None,
 ) -> None:
-    _BACKENDS[name] = Backend(name, fn_loader, devices, probe, priority, how_to_get)
+    _BACKENDS[name] = Backend(name, fn_loader, devices, probe, priority, how_to_get, state_loader)
 
 
 def _no_reason() -> Optional[str]:
@@ -73,6 +79,7 @@ register_backend(
     devices=("cpu", "cuda", "mps", "xpu"),
     probe=_no_reason,
     priority=0,
+    state_loader=lambda: cross_scan_state_ref,
 )
 
 # Fast backends register themselves from their own modules (imported here so
@@ -136,12 +143,20 @@ def resolve_backend(device: torch.device, name: Optional[str] = None) -> str:
 
 
 _loaded: dict[str, Callable] = {}
+_loaded_state: dict[str, Callable] = {}
 
 
 def _load(name: str) -> Callable:
     fn = _loaded.get(name)
     if fn is None:
         fn = _loaded[name] = _BACKENDS[name].fn_loader()
+    return fn
+
+
+def _load_state(name: str) -> Callable:
+    fn = _loaded_state.get(name)
+    if fn is None:
+        fn = _loaded_state[name] = _BACKENDS[name].state_loader()
     return fn
 
 
@@ -161,3 +176,39 @@ def cross_scan(
     for the exact semantics and layouts. ``backend`` forces one backend."""
     name = resolve_backend(u.device, backend)
     return _load(name)(u, delta, A, B, C, D, delta_bias, height, width)
+
+
+def cross_scan_state(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    delta_bias: torch.Tensor,
+    height: int,
+    width: int,
+    direction: int,
+    h0: torch.Tensor,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scan direction of :func:`cross_scan` from a given state, returning the
+    final state, for running a map in strips (inference only: refuses inputs that
+    require grad while grad mode is on); see
+    :func:`s4fusion.ops.reference.cross_scan_state_ref` for the exact semantics.
+
+    u, delta (b, M, d, L), A (d, N), B, C (b, M, N, L), delta_bias (d,),
+    direction 0..3, h0 (b, d, N) -> y (b, M, d, L) in ``u.dtype`` (no D skip),
+    h_last (b, d, N) in the state dtype.
+
+    The backend is chosen as for :func:`cross_scan` (``backend`` forces one);
+    a backend without a state op (``triton``) runs the ``reference`` one
+    instead, whether chosen automatically or forced.
+    """
+    name = resolve_state_backend(u.device, backend)
+    return _load_state(name)(u, delta, A, B, C, delta_bias, height, width, direction, h0)
+
+
+def resolve_state_backend(device: torch.device, name: Optional[str] = None) -> str:
+    """The backend name that a :func:`cross_scan_state` call on ``device`` will use."""
+    name = resolve_backend(device, name)
+    return name if _BACKENDS[name].state_loader is not None else "reference"

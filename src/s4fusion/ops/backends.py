@@ -1,4 +1,5 @@
-"""Registration of the fast scan backends.
+"""Registration of the fast scan backends (the triton one has no state op:
+:func:`s4fusion.ops.cross_scan_state` uses the reference on the GPU).
 
 Each backend lives in its own module and is imported only when first used;
 the probe functions here only check whether it could be imported/run.
@@ -24,6 +25,12 @@ def _cpu_loader():
     return cross_scan_cpu
 
 
+def _cpu_state_loader():
+    from .cpu_scan import cross_scan_state_cpu
+
+    return cross_scan_state_cpu
+
+
 register_backend(
     "cpu",
     _cpu_loader,
@@ -31,6 +38,7 @@ register_backend(
     probe=_cpu_probe,
     priority=10,
     how_to_get="pip install numba",
+    state_loader=_cpu_state_loader,
 )
 
 

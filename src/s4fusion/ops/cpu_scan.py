@@ -1,4 +1,5 @@
-"""Fast CPU backend of :func:`s4fusion.ops.cross_scan` (numba kernels).
+"""Fast CPU backend of :func:`s4fusion.ops.cross_scan` and
+:func:`s4fusion.ops.cross_scan_state` (numba kernels).
 
 Same semantics and layouts as :func:`s4fusion.ops.reference.cross_scan_ref`
 (the specification): map layout in, map layout out, four scan directions
@@ -33,6 +34,9 @@ How it runs:
   stores the state at the start of every chunk (``N / (_CHUNK * M)`` of the size
   of ``delta``); the backward recomputes the states of one chunk at a time from
   it. Under ``torch.no_grad()`` (or when no input requires grad) nothing is stored.
+* The state op (one direction from a given state, returning the final state)
+  runs the same forward kernel with one direction (K = 1), its state loaded
+  from ``h0`` and its final state stored, and no D skip.
 * Compiled code is cached on disk by numba (``cache=True``): the first use on a
   machine compiles for some seconds per dtype (float32, float64), later
   processes load it.
@@ -52,9 +56,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from .reference import check_cross_scan_args
+from .reference import check_cross_scan_args, check_cross_scan_state_args
 
-__all__ = ["cross_scan_cpu"]
+__all__ = ["cross_scan_cpu", "cross_scan_state_cpu"]
 
 _CHUNK = 64  # positions per chunk (a chunk has _CHUNK * M scan steps)
 _MAX_BLOCK = 32  # channels per work unit (SIMD lanes of the recurrence), at most
@@ -235,14 +239,16 @@ def _units(b: int, K: int, d: int, threads: int) -> tuple[int, int]:
 
 # ------------------------------------------------------------------- kernels
 @njit(nogil=True, fastmath=False, error_model="numpy", cache=True)
-def _forward_units(first, step, u, delta, A, Bm, Cm, bias, H, W, block, out_k, ckpt, save):
+def _forward_units(first, step, u, delta, A, Bm, Cm, bias, h_in, H, W, dir0, block, out_k, h_out, ckpt, save):
     """Scan the work units first, first + step, ... of the (batch, direction,
-    channel block) units.
+    channel block) units; input direction k is scan direction ``dir0 + k``.
 
     u (b, M, d, L), delta (b, M, K, d, L), A (K*d, N), Bm, Cm (b, M, K, N, L),
-    bias (K*d,) -> out_k (b, K, M, d, L): the scan output of direction k at each
-    row-major position, without the D skip. With ``save``, ckpt (b, K, chunks, N, d)
-    receives the state entering every chunk.
+    bias (K*d,), h_in (b, K*d, N) the state entering the first step ->
+    out_k (b, K, M, d, L): the scan output of direction k at each row-major
+    position, without the D skip; h_out (b, K*d, N): the state after the last
+    step. With ``save``, ckpt (b, K, chunks, N, d) receives the state entering
+    every chunk.
     """
     b, M, d, L = u.shape
     K = delta.shape[2]
@@ -255,13 +261,14 @@ def _forward_units(first, step, u, delta, A, Bm, Cm, bias, H, W, block, out_k, c
         k = (unit // nblk) % K
         c0 = (unit % nblk) * block
         cbn = min(block, d - c0)
-        h = np.zeros((N, cbn), dtype=u.dtype)
+        h = np.empty((N, cbn), dtype=u.dtype)
         Al = np.empty((N, cbn), dtype=u.dtype)
         bias_l = np.empty(cbn, dtype=u.dtype)
         for j in range(cbn):
             bias_l[j] = bias[k * d + c0 + j]
             for n in range(N):
                 Al[n, j] = A[k * d + c0 + j, n]
+                h[n, j] = h_in[bi, k * d + c0 + j, n]
         pos = np.empty(_CHUNK, dtype=np.int64)
         xb = np.empty((steps, cbn), dtype=u.dtype)
         ub = np.empty((steps, cbn), dtype=u.dtype)
@@ -281,7 +288,7 @@ def _forward_units(first, step, u, delta, A, Bm, Cm, bias, H, W, block, out_k, c
                     for j in range(cbn):
                         ckpt[bi, k, ch, n, c0 + j] = h[n, j]
             for ii in range(npos):
-                pos[ii] = _position(k, i0 + ii, L, H, W)
+                pos[ii] = _position(dir0 + k, i0 + ii, L, H, W)
             _gather_chunk(u, delta, Bm, Cm, bias_l, bi, k, c0, cbn, pos, npos, xb, ub, Bb, Cb)
             for q in range(ns * cbn):
                 dtq = _softplus(xf[q])
@@ -305,6 +312,9 @@ def _forward_units(first, step, u, delta, A, Bm, Cm, bias, H, W, block, out_k, c
                 for j in range(cbn):
                     for ii in range(npos):
                         out_k[bi, k, m, c0 + j, pos[ii]] = yb[ii * M + m, j]
+        for j in range(cbn):
+            for n in range(N):
+                h_out[bi, k * d + c0 + j, n] = h[n, j]
 
 
 @njit(nogil=True, fastmath=False, error_model="numpy", cache=True)
@@ -500,27 +510,43 @@ def _run_units(fn: Callable, units: int, *args) -> None:
         f.result()
 
 
+def _check_on_cpu(op: str, named: tuple) -> None:
+    for name, t in named:
+        if t.device.type != "cpu":
+            raise ValueError(f"{op} (cpu backend): {name} is on {t.device}, expected the CPU")
+        if not t.is_floating_point():
+            raise ValueError(f"{op} (cpu backend): {name} must be a floating tensor, got {t.dtype}")
+
+
 def _check(u, delta, A, B, C, D, delta_bias, height: int, width: int) -> None:
     check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height, width)
-    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias)):
-        if t.device.type != "cpu":
-            raise ValueError(f"cross_scan (cpu backend): {name} is on {t.device}, expected the CPU")
-        if not t.is_floating_point():
-            raise ValueError(f"cross_scan (cpu backend): {name} must be a floating tensor, got {t.dtype}")
+    named = (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("delta_bias", delta_bias))
+    _check_on_cpu("cross_scan", named)
 
 
-def _scan_forward(u, delta, A, B, C, D, delta_bias, height, width, save):
-    """Runs the kernels on state-dtype contiguous tensors. Returns (out, ckpt)."""
+def _scan_units(u, delta, A, B, C, delta_bias, h0, height, width, dir0, save):
+    """Runs the forward kernel on state-dtype contiguous tensors, shapes as
+    :func:`_forward_units`. Returns (out_k, h_last, ckpt)."""
     b, M, d, L = u.shape
     K, N = delta.shape[2], A.shape[1]
     block, nblk = _units(b, K, d, torch.get_num_threads())
     nchunks = -(-L // _CHUNK)
     out_k = torch.empty(b, K, M, d, L, dtype=u.dtype)
+    h_last = torch.empty(b, K * d, N, dtype=u.dtype)
     ckpt = torch.empty((b, K, nchunks, N, d) if save else (1, 1, 1, 1, 1), dtype=u.dtype)
     _run_units(
         _forward_units, b * K * nblk,
-        _np(u), _np(delta), _np(A), _np(B), _np(C), _np(delta_bias), height, width, block, _np(out_k), _np(ckpt), save,
+        _np(u), _np(delta), _np(A), _np(B), _np(C), _np(delta_bias), _np(h0), height, width, dir0, block,
+        _np(out_k), _np(h_last), _np(ckpt), save,
     )  # fmt: skip
+    return out_k, h_last, ckpt
+
+
+def _scan_forward(u, delta, A, B, C, D, delta_bias, height, width, save):
+    """Runs the kernels on state-dtype contiguous tensors. Returns (out, ckpt)."""
+    b, d, K, N = u.shape[0], u.shape[2], delta.shape[2], A.shape[1]
+    h0 = torch.zeros(b, K * d, N, dtype=u.dtype)
+    out_k, _, ckpt = _scan_units(u, delta, A, B, C, delta_bias, h0, height, width, 0, save)
     return _recover(out_k, u, D), ckpt
 
 
@@ -606,3 +632,33 @@ def cross_scan_cpu(
     ts = tuple(t.detach().to(sd).contiguous() for t in inputs)
     out, _ = _scan_forward(*ts, height, width, save=False)
     return out.to(u.dtype)
+
+
+def cross_scan_state_cpu(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    delta_bias: torch.Tensor,
+    height: int,
+    width: int,
+    direction: int,
+    h0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scan direction from a given state on the CPU, map layout (inference only).
+
+    Args and results exactly as :func:`s4fusion.ops.reference.cross_scan_state_ref`:
+    u, delta (b, M, d, L), A (d, N), B, C (b, M, N, L), delta_bias (d,), direction
+    0..3, h0 (b, d, N) -> y (b, M, d, L) in ``u.dtype`` (no D skip), h_last
+    (b, d, N) in the state dtype.
+    """
+    check_cross_scan_state_args(u, delta, A, B, C, delta_bias, height, width, direction, h0)
+    named = (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("delta_bias", delta_bias), ("h0", h0))
+    _check_on_cpu("cross_scan_state", named)
+    sd = _state_dtype(u.dtype)
+    u_, delta_, A_, B_, C_, bias_, h0_ = (t.detach().to(sd).contiguous() for _, t in named)
+    out_k, h_last, _ = _scan_units(
+        u_, delta_[:, :, None], A_, B_[:, :, None], C_[:, :, None], bias_, h0_, height, width, int(direction), False
+    )
+    return out_k[:, 0].to(u.dtype), h_last

@@ -14,6 +14,9 @@ Notation (RELEASED-MODEL-FACTS.md section 3):
   given per position in row-major order, the op unfolds the four scan
   directions, interleaves the modalities (infrared first) per direction, scans,
   un-interleaves and sums the four directions back in row-major order.
+* ``cross_scan_state_ref`` is one direction of ``cross_scan_ref`` started from
+  a given state, returning the final state (inference only), so that a map can
+  be scanned in strips with the state carried across them exactly.
 """
 
 from __future__ import annotations
@@ -48,8 +51,66 @@ def check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height: int, width: 
         raise ValueError(f"cross_scan: height*width = {height}*{width} = {height * width} does not match L = {L}")
 
 
+def check_cross_scan_state_args(u, delta, A, B, C, delta_bias, height: int, width: int, direction: int, h0) -> None:
+    """Check a :func:`cross_scan_state_ref` call (every backend shares this
+    contract): the shapes, raising ValueError naming the argument, the expected
+    and the given shape, and that no gradient is asked for (the op has no
+    backward), raising RuntimeError."""
+    if u.dim() != 4:
+        raise ValueError(f"cross_scan_state: u must be (b, M, d, L), got shape {tuple(u.shape)}")
+    b, M, d, L = u.shape
+    if tuple(delta.shape) != (b, M, d, L):
+        raise ValueError(f"cross_scan_state: delta must be (b, M, d, L) = {(b, M, d, L)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"cross_scan_state: A must be (d, N) = ({d}, N), got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if tuple(t.shape) != (b, M, N, L):
+            raise ValueError(f"cross_scan_state: {name} must be (b, M, N, L) = {(b, M, N, L)}, got {tuple(t.shape)}")
+    if tuple(delta_bias.shape) != (d,):
+        raise ValueError(f"cross_scan_state: delta_bias must be (d,) = ({d},), got {tuple(delta_bias.shape)}")
+    if tuple(h0.shape) != (b, d, N):
+        raise ValueError(f"cross_scan_state: h0 must be (b, d, N) = {(b, d, N)}, got {tuple(h0.shape)}")
+    if not h0.is_floating_point():
+        raise ValueError(f"cross_scan_state: h0 must be a floating tensor, got {h0.dtype}")
+    if height * width != L:
+        raise ValueError(f"cross_scan_state: height*width = {height}*{width} = {height * width} does not match L = {L}")
+    if direction not in range(NUM_DIRECTIONS):
+        raise ValueError(f"cross_scan_state: direction must be 0..{NUM_DIRECTIONS - 1}, got {direction!r}")
+    tensors = (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("delta_bias", delta_bias), ("h0", h0))
+    names = ", ".join(name for name, t in tensors if t.requires_grad)
+    if torch.is_grad_enabled() and names:
+        raise RuntimeError(
+            f"cross_scan_state is inference-only (it has no backward), but inputs require grad ({names}): "
+            "call it under torch.no_grad() or torch.inference_mode(), or pass detached tensors"
+        )
+
+
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _selective_scan(u, delta, A, B, C, delta_bias, h0):
+    """The recurrence of :func:`selective_scan_ref` without the D skip, from the
+    state ``h0`` (b, ch, N) in the state dtype; other shapes as there. Returns the
+    outputs (b, ch, T) and the state after the last step (b, ch, N), both in the
+    state dtype."""
+    b, ch, T = u.shape
+    groups = B.shape[1]
+    if ch % groups:
+        raise ValueError(f"channels ({ch}) must be a multiple of the B/C groups ({groups})")
+    sd = h0.dtype
+    dt = F.softplus(delta.to(sd) + delta_bias.to(sd)[None, :, None])  # (b, ch, T)
+    Bx = B.to(sd).repeat_interleave(ch // groups, dim=1)  # (b, ch, N, T)
+    Cx = C.to(sd).repeat_interleave(ch // groups, dim=1)
+    dA = torch.exp(dt.unsqueeze(2) * A.to(sd)[None, :, :, None])  # (b, ch, N, T)
+    dBu = (dt * u.to(sd)).unsqueeze(2) * Bx  # (b, ch, N, T)
+    h = h0
+    ys = []
+    for t in range(T):
+        h = dA[..., t] * h + dBu[..., t]
+        ys.append((h * Cx[..., t]).sum(-1))
+    return torch.stack(ys, dim=-1), h
 
 
 def selective_scan_ref(
@@ -67,23 +128,11 @@ def selective_scan_ref(
     with ``ch % G == 0``; ``D``, ``delta_bias`` (ch,). Returns (b, ch, T) in
     ``u.dtype``.
     """
-    b, ch, T = u.shape
-    groups, N = B.shape[1], B.shape[2]
-    if ch % groups:
-        raise ValueError(f"channels ({ch}) must be a multiple of the B/C groups ({groups})")
+    b, ch, _ = u.shape
     sd = _state_dtype(u.dtype)
-    u_s = u.to(sd)
-    dt = F.softplus(delta.to(sd) + delta_bias.to(sd)[None, :, None])  # (b, ch, T)
-    Bx = B.to(sd).repeat_interleave(ch // groups, dim=1)  # (b, ch, N, T)
-    Cx = C.to(sd).repeat_interleave(ch // groups, dim=1)
-    dA = torch.exp(dt.unsqueeze(2) * A.to(sd)[None, :, :, None])  # (b, ch, N, T)
-    dBu = (dt * u_s).unsqueeze(2) * Bx  # (b, ch, N, T)
-    h = torch.zeros(b, ch, N, dtype=sd, device=u.device)
-    ys = []
-    for t in range(T):
-        h = dA[..., t] * h + dBu[..., t]
-        ys.append((h * Cx[..., t]).sum(-1))
-    y = torch.stack(ys, dim=-1) + D.to(sd)[None, :, None] * u_s
+    h0 = torch.zeros(b, ch, B.shape[2], dtype=sd, device=u.device)
+    y, _ = _selective_scan(u, delta, A, B, C, delta_bias, h0)
+    y = y + D.to(sd)[None, :, None] * u.to(sd)
     return y.to(u.dtype)
 
 
@@ -153,3 +202,63 @@ def cross_scan_ref(
     for k in range(K):
         out.index_add_(3, order[k], y[:, :, k])
     return out
+
+
+def cross_scan_state_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    delta_bias: torch.Tensor,
+    height: int,
+    width: int,
+    direction: int,
+    h0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scan direction of :func:`cross_scan_ref` from a given state, map layout
+    (inference only: refuses inputs that require grad while grad mode is on).
+
+    Exactly the direction-``direction`` part of :func:`cross_scan_ref` (same
+    order, modality interleaving, softplus and state dtype) except that the
+    state starts at ``h0`` instead of zero and the D skip is not added. Scanning
+    a map in consecutive pieces of the direction's sequence, each started from
+    the previous piece's final state, reproduces the scan of the whole map.
+
+    Args:
+        u: (b, M, d, L) scan input per modality (M = 2: infrared first), L = H*W
+            positions in row-major order.
+        delta: (b, M, d, L) raw delta of this direction (before bias and softplus).
+        A: (d, N) state matrix (negative).
+        B, C: (b, M, N, L) input/output projections of this direction.
+        delta_bias: (d,).
+        direction: 0..3 as :func:`direction_orders` (0 row-major, 1 column-major,
+            2 and 3 their reversals).
+        h0: (b, d, N) state entering the first step of the direction's sequence
+            (any float dtype; converted to the state dtype).
+    Returns:
+        y: (b, M, d, L) in ``u.dtype``, the scan outputs at their row-major
+            positions (no D skip).
+        h_last: (b, d, N) in the state dtype (float64 for float64 ``u``, else
+            float32), the state after the last step.
+    """
+    check_cross_scan_state_args(u, delta, A, B, C, delta_bias, height, width, direction, h0)
+    b, M, d, L = u.shape
+    order = direction_orders(height, width, u.device)[direction]  # (L,)
+
+    # Scan order with the modalities interleaved: token t of modality m -> t*M + m.
+    def interleave(x: torch.Tensor) -> torch.Tensor:  # (b, M, c, L) -> (b, c, L*M)
+        return x[..., order].permute(0, 2, 3, 1).reshape(b, x.shape[2], L * M)
+
+    y, h_last = _selective_scan(
+        interleave(u),
+        interleave(delta),
+        A,
+        interleave(B)[:, None],
+        interleave(C)[:, None],
+        delta_bias,
+        h0.to(_state_dtype(u.dtype)),
+    )
+    y = y.to(u.dtype).view(b, d, L, M).permute(0, 3, 1, 2)  # (b, M, d, L) in scan order
+    out = torch.empty(b, M, d, L, dtype=u.dtype, device=u.device)
+    return out.index_copy_(3, order, y), h_last
