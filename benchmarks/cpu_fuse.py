@@ -9,9 +9,12 @@ the resident memory before the first fuse and the peak.
 
     python benchmarks/cpu_fuse.py                      # 480 x 640 (a 640x480 pair), 2 threads
     python benchmarks/cpu_fuse.py --backends cpu --repeats 9 --profile
+    python benchmarks/cpu_fuse.py --backends cpu --height 3000 --width 4000 --band 20000 --repeats 1
     taskset -c 0,1 python benchmarks/cpu_fuse.py       # pin to two cores of a bigger machine
 
-``--profile`` adds, for the first backend, the time spent inside the scan per
+``--band N`` runs band-wise (``s4fusion.tiling.banded_forward``, bands of N tokens),
+the path ``s4fusion fuse`` takes for images that do not fit the memory budget;
+``--topology paper`` the topology of the bundled weights. ``--profile`` adds, for the first backend, the time spent inside the scan per
 fuse and the torch operators that take the rest (torch.profiler, self CPU time).
 """
 
@@ -50,7 +53,7 @@ def _rss_mib() -> float:
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from s4fusion import S4Fusion, ops
+    from s4fusion import S4Fusion, S4FusionConfig, ops, tiling
 
     torch.set_num_threads(args.threads)
     scan_seconds = [0.0]
@@ -68,20 +71,23 @@ def child(args: argparse.Namespace) -> None:
     else:
         ops.set_backend(args.child)
     torch.manual_seed(0)
-    model = S4Fusion().eval()
+    model = S4Fusion(S4FusionConfig(topology=args.topology)).eval()
     g = torch.Generator().manual_seed(1)
     ir = torch.rand(1, 1, args.height, args.width, generator=g)
     vi = torch.rand(1, 1, args.height, args.width, generator=g)
+    def fuse():
+        return model(ir, vi) if not args.band else tiling.banded_forward(model, ir, vi, args.band)
+
     rss_before = _rss_mib()
     times = []
     with torch.no_grad():
         t = time.perf_counter()
-        model(ir, vi)
+        fuse()
         first = time.perf_counter() - t
         for _ in range(args.repeats):
             scan_seconds[0] = 0.0
             t = time.perf_counter()
-            model(ir, vi)
+            fuse()
             times.append(time.perf_counter() - t)
         result = {
             "backend": args.child,
@@ -97,7 +103,7 @@ def child(args: argparse.Namespace) -> None:
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                model(ir, vi)
+                fuse()
             result["ops_table"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -111,6 +117,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed calls of the fast backends")
     p.add_argument("--reference-repeats", type=int, default=1, help="timed calls of the (slow) reference backend")
     p.add_argument("--profile", action="store_true", help="split the first backend's time: scan vs torch operators")
+    p.add_argument("--band", type=int, default=0, help="tokens per band: band-wise execution (0: whole image)")
+    p.add_argument("--topology", choices=("released", "paper"), default="released")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -119,12 +127,14 @@ def main() -> int:
 
     print(f"CPU: {_cpu_name()}; {os.cpu_count()} logical CPUs, affinity {len(os.sched_getaffinity(0))}; "
           f"load average {os.getloadavg()[0]:.2f}; torch threads {args.threads}")  # fmt: skip
-    print(f"fuse one {args.height} x {args.width} (H x W) pair, float32, no_grad, default S4Fusion")
+    mode = f"band-wise, {args.band} tokens per band" if args.band else "whole image"
+    print(f"fuse one {args.height} x {args.width} (H x W) pair, float32, no_grad, S4Fusion {args.topology} topology, {mode}")
     rows = []
     for i, backend in enumerate(args.backends):
         repeats = args.reference_repeats if backend == "reference" else args.repeats
         cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, "--height", str(args.height),
-               "--width", str(args.width), "--threads", str(args.threads), "--repeats", str(repeats)]  # fmt: skip
+               "--width", str(args.width), "--threads", str(args.threads), "--repeats", str(repeats),
+               "--band", str(args.band), "--topology", args.topology]  # fmt: skip
         if args.profile and i == 0:
             cmd.append("--profile")
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -138,7 +148,7 @@ def main() -> int:
         if "ops_table" in r:
             print(f"\n{backend}: scan {r['scan_s']:.3f} s of the last timed fuse ({r['median_s']:.3f} s median); "
                   f"torch operators of one fuse by self CPU time:\n{r['ops_table']}")  # fmt: skip
-    print(f"\n| backend | first call | median of n | min - max | RSS before | peak RSS |")
+    print("\n| backend | first call | median of n | min - max | RSS before | peak RSS |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['backend']} | {r['first_s']:.2f} s | {r['median_s']:.3f} s (n={r['repeats']}) | "

@@ -222,13 +222,32 @@ def test_dispatch_picks_the_cpu_state_op():
     assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
 
 
-def test_backend_without_state_op_falls_back_to_the_reference(monkeypatch):
-    """Like triton: registered without a state op, chosen automatically or forced."""
+def test_backend_without_state_op_falls_back_to_the_fastest_state_op(monkeypatch):
+    """Like triton: registered without a state op, chosen automatically or forced:
+    the fastest state op that can run here takes over (the numba one if installed)."""
     monkeypatch.setattr(ops, "_BACKENDS", dict(ops._BACKENDS))
     ops.register_backend("test-nostate", lambda: None, devices=("cpu",), probe=lambda: None, priority=100)
+    fallback = "cpu" if "cpu" in ops.available_backends("cpu") else "reference"
     args, h0 = state_inputs(1, 2, 8, 4, 3, 5, torch.float64, seed=9)
     expected = cross_scan_state_ref(*args, 3, 5, 3, h0)
     for backend in ("test-nostate", None):
         assert resolve_backend(torch.device("cpu"), backend) == "test-nostate"
+        assert ops.resolve_state_backend(torch.device("cpu"), backend) == fallback
         y, h = cross_scan_state(*args, 3, 5, 3, h0, backend=backend)
-        assert torch.equal(y, expected[0]) and torch.equal(h, expected[1])
+        assert torch.allclose(y, expected[0], atol=1e-10) and torch.allclose(h, expected[1], atol=1e-10)
+
+
+def test_gpu_without_state_op_uses_the_cpu_kernel_on_host_copies(monkeypatch):
+    """On a GPU whose backend has no state op (triton), band-wise inference runs the
+    CPU kernel on host copies rather than the reference's launch-per-step loop."""
+    monkeypatch.setattr(ops, "_BACKENDS", dict(ops._BACKENDS))
+    ops.register_backend("test-gpu", lambda: None, devices=("cuda",), probe=lambda: None, priority=100)
+    fallback = "cpu" if "cpu" in ops.available_backends("cpu") else "reference"
+    assert ops.resolve_state_backend(torch.device("cuda"), "test-gpu") == fallback
+    if not torch.cuda.is_available():
+        pytest.skip("the run on a CUDA tensor needs a CUDA GPU (torch.cuda.is_available() is False)")
+    args, h0 = state_inputs(1, 2, 8, 4, 3, 5, torch.float32, seed=10)
+    expected = cross_scan_state_ref(*args, 3, 5, 1, h0)
+    y, h = cross_scan_state(*[a.cuda() for a in args], 3, 5, 1, h0.cuda(), backend="test-gpu")
+    assert y.device.type == h.device.type == "cuda"
+    assert torch.allclose(y.cpu(), expected[0], atol=1e-5) and torch.allclose(h.cpu(), expected[1], atol=1e-5)

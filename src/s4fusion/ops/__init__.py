@@ -201,14 +201,29 @@ def cross_scan_state(
     h_last (b, d, N) in the state dtype.
 
     The backend is chosen as for :func:`cross_scan` (``backend`` forces one);
-    a backend without a state op (``triton``) runs the ``reference`` one
-    instead, whether chosen automatically or forced.
+    where it has no state op (``triton``), :func:`resolve_state_backend` says
+    which one runs instead, whether chosen automatically or forced: on a GPU,
+    the CPU kernel on host copies of the inputs when numba is installed.
     """
     name = resolve_state_backend(u.device, backend)
-    return _load_state(name)(u, delta, A, B, C, delta_bias, height, width, direction, h0)
+    fn = _load_state(name)
+    if u.device.type in _BACKENDS[name].devices:
+        return fn(u, delta, A, B, C, delta_bias, height, width, direction, h0)
+    host = [t.cpu() for t in (u, delta, A, B, C, delta_bias, h0)]
+    y, h_last = fn(*host[:6], height, width, direction, host[6])
+    return y.to(u.device), h_last.to(u.device)
 
 
 def resolve_state_backend(device: torch.device, name: Optional[str] = None) -> str:
-    """The backend name that a :func:`cross_scan_state` call on ``device`` will use."""
+    """The backend name that a :func:`cross_scan_state` call on ``device`` will use:
+    the backend :func:`cross_scan` would use; if it has no state op (``triton``),
+    the fastest available one that has, on ``device`` or, for the CPU kernel, on
+    host copies of the inputs (the plain-PyTorch loop of ``reference`` on a GPU
+    would take a kernel launch per scan step)."""
     name = resolve_backend(device, name)
-    return name if _BACKENDS[name].state_loader is not None else "reference"
+    if _BACKENDS[name].state_loader is not None:
+        return name
+    for b in sorted(_BACKENDS.values(), key=lambda b: -b.priority):
+        if b.state_loader is not None and b.probe() is None and (device.type in b.devices or "cpu" in b.devices):
+            return b.name
+    return "reference"
