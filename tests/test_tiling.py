@@ -142,8 +142,14 @@ def test_choose_band_is_the_largest_that_fits():
         least = tiling.estimate_bytes(cfg, 3000, 4000, 1, fused, 1336)  # one-row bands of the 1336-token rows
         for factor in (1.05, 1.2, 1.4):
             budget = int(least * factor)
-            band = tiling.choose_band(cfg, 3000, 4000, budget, fused, fused)
+            band = tiling.choose_band(cfg, 3000, 4000, budget, fused, fused, largest=10**9)
             assert tiling.estimate_bytes(cfg, 3000, 4000, 1, fused, band) <= budget
+            capped = tiling.choose_band(cfg, 3000, 4000, budget, fused, fused)
+            if band >= tiling.BAND_TOKENS:  # automatic bands stop at BAND_TOKENS (larger ones are slower)
+                assert capped == tiling.BAND_TOKENS, (band, capped)
+            else:
+                assert abs(capped - band) <= band // 32, (band, capped)
+                assert tiling.estimate_bytes(cfg, 3000, 4000, 1, fused, capped) <= budget
             if band < 1000 * 1336:  # less than the whole finest map: a 5 % larger band does not fit
                 assert tiling.estimate_bytes(cfg, 3000, 4000, 1, fused, int(band * 1.05) + 1) > budget
     with pytest.raises(ValueError, match="too small for a 4000x3000 image even band by band"):

@@ -31,6 +31,7 @@ from .models import S4Fusion, S4FusionConfig
 from .models.streaming import banded
 
 __all__ = [
+    "BAND_TOKENS",
     "SAFETY",
     "padded_size",
     "tile_tokens",
@@ -40,6 +41,10 @@ __all__ = [
     "banded_forward",
 ]
 
+# Largest band chosen automatically, in tokens: larger bands save no time. On the 2-core CPU
+# (BENCHMARKS.md), a 3000x4000 pair took 148 s / 5.9 GiB with 20,000-token bands and 244 s /
+# 8.4 GiB with 1,023,188; at 1500x2000, 38 s with 20,000 against 41 s for the whole image.
+BAND_TOKENS = 20_000
 SAFETY = 1.5  # margin on the analytic estimate (allocator rounding, workspaces, measured scatter)
 CPU_SHARE = 0.6  # share of the available RAM used as the default CPU budget
 CUDA_SHARE = 0.8  # share of the free GPU memory used as the default GPU budget
@@ -159,9 +164,11 @@ def choose_band(
     budget: int,
     fused_scan: bool = True,
     fused_state: bool = True,
+    largest: int = BAND_TOKENS,
 ) -> Optional[int]:
     """None when one whole-image (1, 1, height, width) pass fits ``budget`` bytes;
-    otherwise the largest band (in tokens) whose band-wise pass fits. Raises
+    otherwise the largest band (in tokens, at most ``largest``) whose band-wise
+    pass fits. Raises
     ValueError when even one-row bands do not fit (the maps between blocks alone
     are over the budget). ``fused_scan`` / ``fused_state``: whether the whole-image
     scan / the band scan (:func:`s4fusion.ops.cross_scan_state`) has a fused backend
@@ -181,7 +188,9 @@ def choose_band(
             f"by band (needs about {estimate_bytes(config, height, width, 1, fused_state, lo) / 2**30:.2f} GiB); "
             "raise the budget or fuse a smaller image"
         )
-    hi = _tokens(config, hp) * _tokens(config, wp)
+    hi = min(largest, _tokens(config, hp) * _tokens(config, wp))
+    if hi <= lo or fits(hi):
+        return max(lo, hi)
     while hi - lo > max(1, lo // 64):  # binary search to within ~2 %
         mid = (lo + hi) // 2
         if fits(mid):
