@@ -133,6 +133,12 @@ def test_fuse_luma_goes_band_wise_under_a_small_budget(tiny_model, real_pair, wh
     forced = fuse_luma(tiny_model, ir, vi, tile=40)
     assert (auto - whole).abs().max().item() < 1e-5
     assert (forced - whole).abs().max().item() < 1e-5
+    # a batch runs band-wise one image at a time (the estimate is per image)
+    pair = (torch.cat([ir, ir.flip(-1)]), torch.cat([vi, vi.flip(-1)]))
+    with torch.no_grad():
+        whole2 = tiny_model(*pair)
+    both = fuse_luma(tiny_model, *pair, tile="auto", memory_budget=budget)
+    assert both.shape == (2, 1, 100, 100) and (both - whole2).abs().max().item() < 1e-5
 
 
 # ----------------------------------------------------------- memory estimate

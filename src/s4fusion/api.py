@@ -256,7 +256,8 @@ def fuse_luma(
     (B, 1, H, W) float32 fused Y on the model's device, unclamped.
 
     ``tile``: ``"auto"`` runs band-wise only what does not fit ``memory_budget`` bytes
-    (default :func:`s4fusion.tiling.memory_budget`), splitting the batch first; ``0``
+    (default :func:`s4fusion.tiling.memory_budget`), splitting the batch first (band-wise
+    runs take one image at a time); ``0``
     never; ``N`` runs band-wise with bands of an N-pixel tile's worth of tokens
     (:func:`s4fusion.tiling.tile_tokens`); both give the whole-image result up to
     float rounding. Raises :class:`FusionError` for an image
@@ -278,12 +279,13 @@ def fuse_luma(
         except ValueError as e:
             raise FusionError(str(e)) from e
         per_pass = tiling.estimate_bytes(model.config, height, width, 1, fused_scan)
-        chunk = batch if band is not None else max(1, min(batch, budget // max(per_pass, 1)))
+        chunk = 1 if band is not None else max(1, min(batch, budget // max(per_pass, 1)))
     elif isinstance(tile, int) and tile >= 0:
         try:
-            band, chunk = (tiling.tile_tokens(model.config, tile) if tile else None), batch
+            band = tiling.tile_tokens(model.config, tile) if tile else None
         except ValueError as e:
             raise FusionError(str(e)) from e
+        chunk = 1 if band is not None else batch
     else:
         raise FusionError(f"tile must be 'auto', 0 (never tile) or a tile size in pixels, got {tile!r}")
     outs = []
