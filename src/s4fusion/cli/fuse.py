@@ -68,26 +68,22 @@ class Job:
         return f"{self.infrared} + {self.visible}"
 
 
-def _tile(value: str) -> Union[str, int]:
-    if value == "auto":
-        return value
+def _int_at_least(value: str, minimum: int, expected: str) -> int:
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto', 0 or a tile size in pixels, got {value!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"tile size must be >= 0, got {n}")
+        n = None
+    if n is None or n < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return n
+
+
+def _tile(value: str) -> Union[str, int]:
+    return value if value == "auto" else _int_at_least(value, 0, "'auto', 0 or a tile size in pixels")
 
 
 def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+    return _int_at_least(value, 1, "a positive integer")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
