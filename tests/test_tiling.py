@@ -122,15 +122,20 @@ def test_banded_refuses_autograd(tiny_model):
             pass
 
 
-def test_fuse_luma_goes_band_wise_under_a_small_budget(tiny_model, real_pair, whole):
+def test_fuse_luma_goes_band_wise_under_a_small_budget(tiny_model, real_pair, whole, monkeypatch):
     ir, vi = real_pair
     cfg = tiny_model.config
     budget = tiling.estimate_bytes(cfg, 100, 100) - 1
-    band = tiling.choose_band(cfg, 100, 100, budget)
-    assert band is not None and tiling.estimate_bytes(cfg, 100, 100, 1, True, band) <= budget
     assert tiling.choose_band(cfg, 100, 100, tiling.estimate_bytes(cfg, 100, 100)) is None
+    monkeypatch.setattr(tiling, "BAND_TOKENS", 300)  # several bands on the 36 x 36 finest map
+    band = tiling.choose_band(cfg, 100, 100, budget)
+    assert band == 300 and tiling.estimate_bytes(cfg, 100, 100, 1, True, band) <= budget
+    calls = []
+    original = tiling.banded_forward
+    monkeypatch.setattr(tiling, "banded_forward", lambda m, i, v, b: calls.append((i.shape[0], b)) or original(m, i, v, b))
     auto = fuse_luma(tiny_model, ir, vi, tile="auto", memory_budget=budget)
     forced = fuse_luma(tiny_model, ir, vi, tile=40)
+    assert calls == [(1, 300), (1, tiling.tile_tokens(cfg, 40))]
     assert (auto - whole).abs().max().item() < 1e-5
     assert (forced - whole).abs().max().item() < 1e-5
     # a batch runs band-wise one image at a time (the estimate is per image)
@@ -138,7 +143,17 @@ def test_fuse_luma_goes_band_wise_under_a_small_budget(tiny_model, real_pair, wh
     with torch.no_grad():
         whole2 = tiny_model(*pair)
     both = fuse_luma(tiny_model, *pair, tile="auto", memory_budget=budget)
+    assert calls[2:] == [(1, 300), (1, 300)]
     assert both.shape == (2, 1, 100, 100) and (both - whole2).abs().max().item() < 1e-5
+
+
+def test_nested_banded_contexts_restore_each_other(tiny_model):
+    with torch.no_grad(), streaming.banded(tiny_model, 50):
+        outer = [vars(m).get("forward") for m in tiny_model.modules()]
+        with streaming.banded(tiny_model, 10):
+            pass
+        assert [vars(m).get("forward") for m in tiny_model.modules()] == outer
+    assert all("forward" not in vars(m) for m in tiny_model.modules())
 
 
 # ----------------------------------------------------------- memory estimate

@@ -122,7 +122,8 @@ def estimate_bytes(
         if config.cmsa_depth and (i > 0 or config.topology == "paper"):
             layers.append((2, config.cmsa_d_state))
         for M, n in layers:
-            if band_tokens is None:
+            if band_tokens is None or (M == 2 and config.fusion != "cmsa"):
+                # whole image, or an ablation's fusion module (it runs on the whole map)
                 work = _scan_bytes(M, tokens, d, n, r, fused_scan)
             else:
                 band = min(tokens, band_tokens)
@@ -164,11 +165,12 @@ def choose_band(
     budget: int,
     fused_scan: bool = True,
     fused_state: bool = True,
-    largest: int = BAND_TOKENS,
+    largest: Optional[int] = None,
 ) -> Optional[int]:
     """None when one whole-image (1, 1, height, width) pass fits ``budget`` bytes;
-    otherwise the largest band (in tokens, at most ``largest``) whose band-wise
-    pass fits. Raises
+    otherwise the largest band (in tokens, at most ``largest``, default
+    :data:`BAND_TOKENS`, at least one row or column of the finest map) whose
+    band-wise pass fits. Raises
     ValueError when even one-row bands do not fit (the maps between blocks alone
     are over the budget). ``fused_scan`` / ``fused_state``: whether the whole-image
     scan / the band scan (:func:`s4fusion.ops.cross_scan_state`) has a fused backend
@@ -188,7 +190,7 @@ def choose_band(
             f"by band (needs about {estimate_bytes(config, height, width, 1, fused_state, lo) / 2**30:.2f} GiB); "
             "raise the budget or fuse a smaller image"
         )
-    hi = min(largest, _tokens(config, hp) * _tokens(config, wp))
+    hi = min(BAND_TOKENS if largest is None else largest, _tokens(config, hp) * _tokens(config, wp))
     if hi <= lo or fits(hi):
         return max(lo, hi)
     while hi - lo > max(1, lo // 64):  # binary search to within ~2 %

@@ -236,7 +236,7 @@ def _reason(e: BaseException) -> str:
         return str(e)
     text = f"{type(e).__name__}: {e}"
     if "out of memory" in str(e).lower() or isinstance(e, MemoryError):
-        text += " (lower --batch-size, or set --memory-budget / --tile smaller)"
+        text += " (lower --batch-size or --memory-budget: images over the budget are fused band by band)"
     return text
 
 

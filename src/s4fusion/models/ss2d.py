@@ -87,8 +87,11 @@ class GatedScanBranch(ScanParams):
         """x (b, H, W, C) -> a (b, d, H, W) after conv + SiLU, z (b, H, W, d)."""
         xz = self.in_proj(x)
         x_in, z = xz.chunk(2, dim=-1)
-        a = F.silu(self.conv2d(x_in.permute(0, 3, 1, 2)))
-        return a, z
+        return self.conv_act(x_in), z
+
+    def conv_act(self, x_in: torch.Tensor) -> torch.Tensor:
+        """The depthwise conv + SiLU of the branch: x_in (b, H, W, d) -> a (b, d, H, W)."""
+        return F.silu(self.conv2d(x_in.permute(0, 3, 1, 2)))
 
     def branch_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y (b, d, L) scan output, z (b, H, W, d) -> (b, H, W, C)."""

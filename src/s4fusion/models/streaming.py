@@ -61,12 +61,16 @@ def _branch_input(branch: GatedScanBranch, x: torch.Tensor, band_tokens: int, no
     computed by bands of rows with the conv's halo: x (b, H, W, C) (``norm``
     applied first, per token) -> (b, d, H, W)."""
     b, H, W, _ = x.shape
+    d = branch.d_inner
     halo = (branch.conv2d.kernel_size[0] - 1) // 2
-    a = x.new_empty(b, branch.d_inner, H, W)
+    a = None
     for r0, r1 in _row_bands(H, W, band_tokens):
         lo, hi = max(r0 - halo, 0), min(r1 + halo, H)
         xb = x[:, lo:hi] if norm is None else norm(x[:, lo:hi])
-        a[:, :, r0:r1] = branch.branch_in(xb)[0][:, :, r0 - lo : r1 - lo]
+        ab = branch.conv_act(F.linear(xb, branch.in_proj.weight[:d]))[:, :, r0 - lo : r1 - lo]
+        if a is None:  # the dtype the whole-map branch would give (bf16 under autocast)
+            a = ab.new_empty(b, d, H, W)
+        a[:, :, r0:r1] = ab
     return a
 
 
@@ -148,17 +152,21 @@ def banded(model: torch.nn.Module, band_tokens: int) -> Iterator[torch.nn.Module
         raise ValueError(f"band_tokens must be >= 1, got {band_tokens}")
     if torch.is_grad_enabled():
         raise RuntimeError("band-wise execution is for inference: use torch.no_grad() or torch.inference_mode()")
-    patched = []
+    patched = []  # (block, the instance attribute it had: an enclosing banded() context's)
     try:
         for block in model.modules():
             if isinstance(block, VSSBlock):
-                block.forward = functools.partial(vss_block_banded, block, band_tokens=band_tokens)
+                fn = vss_block_banded
             elif isinstance(block, CMSABlock):
-                block.forward = functools.partial(cmsa_block_banded, block, band_tokens=band_tokens)
+                fn = cmsa_block_banded
             else:
                 continue
-            patched.append(block)
+            patched.append((block, vars(block).get("forward")))
+            block.forward = functools.partial(fn, block, band_tokens=band_tokens)
         yield model
     finally:
-        for block in patched:
-            del block.forward
+        for block, previous in patched:
+            if previous is None:
+                del block.forward
+            else:
+                block.forward = previous

@@ -1,5 +1,6 @@
 """Registration of the fast scan backends (the triton one has no state op:
-:func:`s4fusion.ops.cross_scan_state` uses the reference on the GPU).
+:func:`s4fusion.ops.cross_scan_state` runs the CPU kernel on host copies on the
+GPU, see :func:`s4fusion.ops.resolve_state_backend`).
 
 Each backend lives in its own module and is imported only when first used;
 the probe functions here only check whether it could be imported/run.
