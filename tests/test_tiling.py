@@ -132,10 +132,15 @@ def test_fuse_luma_goes_band_wise_under_a_small_budget(tiny_model, real_pair, wh
     assert band == 300 and tiling.estimate_bytes(cfg, 100, 100, 1, True, band) <= budget
     calls = []
     original = tiling.banded_forward
-    monkeypatch.setattr(tiling, "banded_forward", lambda m, i, v, b: calls.append((i.shape[0], b)) or original(m, i, v, b))
+    monkeypatch.setattr(
+        tiling, "banded_forward", lambda m, i, v, b, p=None: calls.append((i.shape[0], b)) or original(m, i, v, b, p)
+    )
     auto = fuse_luma(tiny_model, ir, vi, tile="auto", memory_budget=budget)
-    forced = fuse_luma(tiny_model, ir, vi, tile=40)
+    status: list[str] = []
+    forced = fuse_luma(tiny_model, ir, vi, tile=40, progress=status.append)
     assert calls == [(1, 300), (1, tiling.tile_tokens(cfg, 40))]
+    # one status line per scan block run: 2 x 3 encoder, 2 CMSA (released topology), 3 decoder
+    assert status == [f"band-wise, {n} blocks done" for n in range(1, 12)]
     assert (auto - whole).abs().max().item() < 1e-5
     assert (forced - whole).abs().max().item() < 1e-5
     # a batch runs band-wise one image at a time (the estimate is per image)

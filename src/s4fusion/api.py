@@ -35,7 +35,7 @@ import importlib.resources
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -251,6 +251,7 @@ def fuse_luma(
     tile: Union[str, int] = "auto",
     memory_budget: Optional[int] = None,
     precision: str = "fp32",
+    progress: Optional[Callable[[str], None]] = None,
 ) -> torch.Tensor:
     """The network on a batch: (B, 1, H, W) infrared and visible Y in [0, 1] ->
     (B, 1, H, W) float32 fused Y on the model's device, unclamped.
@@ -260,7 +261,8 @@ def fuse_luma(
     runs take one image at a time); ``0`` never; ``N`` runs band-wise with bands of an
     N-pixel tile's worth of tokens (:func:`s4fusion.tiling.tile_tokens`). Band-wise
     results equal whole-image ones up to float rounding (about 1e-7 in float32, a few
-    1e-3 under bf16). Raises :class:`FusionError` for an image
+    1e-3 under bf16); ``progress`` receives a short status line as band-wise
+    blocks finish. Raises :class:`FusionError` for an image
     smaller than the network minimum or a non-finite output."""
     device = next(model.parameters()).device
     infrared = infrared.to(device=device, dtype=torch.float32)
@@ -295,7 +297,8 @@ def fuse_luma(
             if band is None:
                 out = model(ir, vi)
             else:
-                out = tiling.banded_forward(model, ir, vi, band)
+                report = None if progress is None else (lambda n: progress(f"band-wise, {n} blocks done"))
+                out = tiling.banded_forward(model, ir, vi, band, report)
             outs.append(out.float())
     fused = torch.cat(outs)
     if not torch.isfinite(fused).all():

@@ -23,7 +23,7 @@ device's free memory; :func:`choose_band` picks the largest band that fits.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -203,7 +203,13 @@ def choose_band(
 
 
 @torch.no_grad()
-def banded_forward(model: S4Fusion, infrared: torch.Tensor, visible: torch.Tensor, band_tokens: int) -> torch.Tensor:
+def banded_forward(
+    model: S4Fusion,
+    infrared: torch.Tensor,
+    visible: torch.Tensor,
+    band_tokens: int,
+    progress: Optional[Callable[[int], None]] = None,
+) -> torch.Tensor:
     """``model(infrared, visible)`` computed band-wise (see
     :mod:`s4fusion.models.streaming`): the same output up to float rounding, with
     the memory of :func:`estimate_bytes` for ``band_tokens``.
@@ -212,8 +218,9 @@ def banded_forward(model: S4Fusion, infrared: torch.Tensor, visible: torch.Tenso
         infrared, visible: (B, 1, H, W) float tensors on the model's device.
         band_tokens: tokens per band (:func:`tile_tokens` of a tile size, or
             :func:`choose_band`).
+        progress: called as ``progress(n)`` after each of the network's scan blocks.
     Returns:
         (B, 1, H, W) fused, unclamped.
     """
-    with banded(model, band_tokens):
+    with banded(model, band_tokens, progress):
         return model(infrared, visible)

@@ -289,6 +289,7 @@ def run_fuse(args: argparse.Namespace) -> int:
     )
     written: list[Path] = []
     bar = tqdm(total=len(todo), unit="pair", desc="fusing", disable=None, file=sys.stderr)
+    run_options["progress"] = bar.set_postfix_str
 
     def fused(batch: list[tuple[Job, PreparedPair]]) -> list[tuple[Job, np.ndarray]]:
         """Run one batch; a failing batch is retried pair by pair."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -143,16 +143,20 @@ def cmsa_block_banded(
 
 
 @contextlib.contextmanager
-def banded(model: torch.nn.Module, band_tokens: int) -> Iterator[torch.nn.Module]:
+def banded(
+    model: torch.nn.Module, band_tokens: int, progress: Optional[Callable[[int], None]] = None
+) -> Iterator[torch.nn.Module]:
     """Within the ``with`` block, every VSS and CMSA block of ``model`` runs band by
     band, bands of about ``band_tokens`` tokens. Inference only (no autograd); the
     model must not be called from another thread meanwhile, since its blocks'
-    ``forward`` is replaced for the duration."""
+    ``forward`` is replaced for the duration. ``progress(n)`` is called after each
+    block with the number of blocks done so far."""
     if band_tokens < 1:
         raise ValueError(f"band_tokens must be >= 1, got {band_tokens}")
     if torch.is_grad_enabled():
         raise RuntimeError("band-wise execution is for inference: use torch.no_grad() or torch.inference_mode()")
     patched = []  # (block, the instance attribute it had: an enclosing banded() context's)
+    done = [0]  # blocks run, shared by the counters
     try:
         for block in model.modules():
             if isinstance(block, VSSBlock):
@@ -163,6 +167,8 @@ def banded(model: torch.nn.Module, band_tokens: int) -> Iterator[torch.nn.Module
                 continue
             patched.append((block, vars(block).get("forward")))
             block.forward = functools.partial(fn, block, band_tokens=band_tokens)
+            if progress is not None:
+                block.forward = _counted(block.forward, progress, done)
         yield model
     finally:
         for block, previous in patched:
@@ -170,3 +176,13 @@ def banded(model: torch.nn.Module, band_tokens: int) -> Iterator[torch.nn.Module
                 del block.forward
             else:
                 block.forward = previous
+
+
+def _counted(fn: Callable, progress: Callable[[int], None], done: list[int]) -> Callable:
+    def run(*args):
+        out = fn(*args)
+        done[0] += 1
+        progress(done[0])
+        return out
+
+    return run
