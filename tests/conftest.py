@@ -10,6 +10,22 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GOLDEN = SHARED / "reference" / "golden"
 
 
+@pytest.fixture
+def single_threaded_scan():
+    """Scan tests run single-threaded (tiny tensors; the reference's many small ops
+    only lose time to thread hand-offs) unless they set a thread count themselves;
+    the forced scan backend and the thread count are restored afterwards."""
+    import torch
+
+    from s4fusion.ops import set_backend
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    set_backend(None)
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not GOLDEN.is_dir():

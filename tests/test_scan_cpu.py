@@ -15,11 +15,13 @@ from safetensors.torch import load_file
 
 from s4fusion import S4Fusion, ops
 from s4fusion.ops import BackendUnavailableError, cross_scan, cross_scan_ref, resolve_backend, set_backend
+from scan_helpers import FWD_TOL, make_inputs, rel
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed"),
+    pytest.mark.usefixtures("single_threaded_scan"),
+]
 
-# relative error (Frobenius norm) allowed against the reference, by dtype
-FWD_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 GRAD_TOL = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 NAMES = ("u", "delta", "A", "B", "C", "D", "delta_bias")
 
@@ -29,39 +31,6 @@ def cross_scan_cpu():
     from s4fusion.ops.cpu_scan import cross_scan_cpu
 
     return cross_scan_cpu
-
-
-@pytest.fixture(autouse=True)
-def restore_backend_and_threads():
-    """Tests run single-threaded (tiny tensors; the reference's many small ops only
-    lose time to thread hand-offs) unless they set a thread count themselves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    set_backend(None)
-    torch.set_num_threads(threads)
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    out, ref = out.detach().double(), ref.detach().double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def make_inputs(b, M, d, N, H, W, dtype=torch.float64, seed=0, K=4):
-    """Random scan inputs with a mix of short and long memory: softplus(delta +
-    bias) spans about 0.02 .. 3, A about -0.4 .. -3."""
-    g = torch.Generator().manual_seed(seed)
-    L = H * W
-    return [
-        torch.randn(b, M, d, L, generator=g, dtype=torch.float64).to(dtype),
-        torch.randn(b, M, K, d, L, generator=g, dtype=torch.float64).to(dtype),
-        (-torch.exp(0.5 * torch.randn(K * d, N, generator=g, dtype=torch.float64))).to(dtype),
-        torch.randn(b, M, K, N, L, generator=g, dtype=torch.float64).to(dtype),
-        torch.randn(b, M, K, N, L, generator=g, dtype=torch.float64).to(dtype),
-        torch.randn(K * d, generator=g, dtype=torch.float64).to(dtype),
-        (2 * torch.randn(K * d, generator=g, dtype=torch.float64) - 1).to(dtype),
-    ]
 
 
 def grads(fn, inputs, H, W, grad_out):

@@ -11,41 +11,12 @@ import pytest
 import torch
 
 from s4fusion import ops
-from s4fusion.ops import cross_scan_ref, cross_scan_state, cross_scan_state_ref, resolve_backend, set_backend
+from s4fusion.ops import cross_scan_ref, cross_scan_state, cross_scan_state_ref, resolve_backend
+from scan_helpers import FWD_TOL, make_inputs, rel
 
 needs_numba = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
 
-# relative error (Frobenius norm) allowed against the reference, by dtype (as test_scan_cpu)
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def restore_backend_and_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    set_backend(None)
-    torch.set_num_threads(threads)
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
-def make_inputs(b, M, d, N, H, W, dtype=torch.float64, seed=0, K=4):
-    """Random cross_scan inputs (u, delta, A, B, C, D, delta_bias) of K directions;
-    softplus(delta + bias) spans about 0.02 .. 3, A about -0.4 .. -3."""
-    g = torch.Generator().manual_seed(seed)
-    L = H * W
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    out = [randn(b, M, d, L), randn(b, M, K, d, L), -torch.exp(0.5 * randn(K * d, N))]
-    out += [randn(b, M, K, N, L), randn(b, M, K, N, L), randn(K * d), 2 * randn(K * d) - 1]
-    return [x.to(dtype) for x in out]
+pytestmark = pytest.mark.usefixtures("single_threaded_scan")
 
 
 def direction_args(inputs, k):
@@ -151,8 +122,8 @@ def test_cpu_backend_matches_reference(dtype, M, H, W):
         y, h = cross_scan_state_cpu(*args, H, W, k, h0)
         y_ref, h_ref = cross_scan_state_ref(*args, H, W, k, h0)
         assert y.dtype == dtype and h.dtype == dtype and h.shape == h_ref.shape
-        assert rel(y, y_ref) < TOL[dtype], f"direction {k}: y rel. error {rel(y, y_ref):.2e}"
-        assert rel(h, h_ref) < TOL[dtype], f"direction {k}: h_last rel. error {rel(h, h_ref):.2e}"
+        assert rel(y, y_ref) < FWD_TOL[dtype], f"direction {k}: y rel. error {rel(y, y_ref):.2e}"
+        assert rel(h, h_ref) < FWD_TOL[dtype], f"direction {k}: h_last rel. error {rel(h, h_ref):.2e}"
 
 
 @needs_numba
@@ -169,7 +140,7 @@ def test_cpu_backend_half_precision_inputs_compute_in_float32(dtype):
         y, h = cross_scan_state_cpu(*args, H, W, k, h0)
         y_ref, h_ref = cross_scan_state_ref(*[x.float() for x in args], H, W, k, h0.float())
         assert y.dtype == dtype and h.dtype == torch.float32
-        assert rel(y, y_ref) < TOL[dtype] and rel(h, h_ref) < TOL[dtype]
+        assert rel(y, y_ref) < FWD_TOL[dtype] and rel(h, h_ref) < FWD_TOL[dtype]
 
 
 @needs_numba
