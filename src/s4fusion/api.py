@@ -280,8 +280,11 @@ def fuse_luma(
             band = tiling.choose_band(model.config, height, width, budget, fused_scan, fused_state)
         except ValueError as e:
             raise FusionError(str(e)) from e
-        per_pass = tiling.estimate_bytes(model.config, height, width, 1, fused_scan)
-        chunk = 1 if band is not None else max(1, min(batch, budget // max(per_pass, 1)))
+        if band is not None:
+            chunk = 1
+        else:
+            per_pass = tiling.estimate_bytes(model.config, height, width, 1, fused_scan)
+            chunk = max(1, min(batch, budget // max(per_pass, 1)))
     elif isinstance(tile, int) and tile >= 0:
         try:
             band = tiling.tile_tokens(model.config, tile) if tile else None

@@ -49,14 +49,15 @@ class CMSABlock(GatedScanBranch):
         self.y_proj_weight = uniform_((NUM_DIRECTIONS, rows, self.d_inner), self.d_inner**-0.5)
         self.patch_mark = PatchMark(self.d_inner) if patch_mark else None
 
-    def scan_inputs(self, a_ir: torch.Tensor, a_vi: torch.Tensor):
+    def scan_inputs(self, a_ir: torch.Tensor, a_vi: torch.Tensor, direction: int | None = None):
         """a_ir, a_vi (b, d, H, W) -> u (b, 2, d, L), delta (b, 2, K, d, L), B, C (b, 2, K, N, L)
-        in row-major position order (modality 0 = infrared)."""
+        in row-major position order (modality 0 = infrared); with ``direction``, that
+        direction's only (K = 1)."""
         b, d, H, W = a_ir.shape
         a_ir = a_ir.reshape(b, d, H * W)
         a_vi = a_vi.reshape(b, d, H * W)
-        d_ir, B_ir, C_ir = self.project(a_ir, self.x_proj_weight)
-        d_vi, B_vi, C_vi = self.project(a_vi, self.y_proj_weight)
+        d_ir, B_ir, C_ir = self.project(a_ir, self.x_proj_weight, direction)
+        d_vi, B_vi, C_vi = self.project(a_vi, self.y_proj_weight, direction)
         if self.patch_mark is None:
             u = torch.stack([a_ir, a_vi], dim=1)
         else:

@@ -46,13 +46,17 @@ class ScanParams(nn.Module):
         self.A_logs._no_weight_decay = True
         self.Ds._no_weight_decay = True
 
-    def project(self, a: torch.Tensor, x_proj_weight: torch.Tensor):
+    def project(self, a: torch.Tensor, x_proj_weight: torch.Tensor, direction: int | None = None):
         """a (b, d, L) -> delta (b, K, d, L), B (b, K, N, L), C (b, K, N, L), all in
         row-major position order (the projections are position-wise, so no unfolding
-        is needed before them)."""
+        is needed before them); with ``direction``, that direction's only (K = 1)."""
         R, N = self.dt_rank, self.d_state
+        dt_weight = self.dt_projs_weight
+        if direction is not None:
+            x_proj_weight = x_proj_weight[direction : direction + 1]
+            dt_weight = dt_weight[direction : direction + 1]
         P = torch.einsum("bdl,kcd->bkcl", a, x_proj_weight)  # (b, K, R+2N, L)
-        delta = torch.einsum("bkrl,kdr->bkdl", P[:, :, :R], self.dt_projs_weight)
+        delta = torch.einsum("bkrl,kdr->bkdl", P[:, :, :R], dt_weight)
         return delta, P[:, :, R : R + N], P[:, :, R + N :]
 
     def scan(self, u, delta, B, C, height: int, width: int) -> torch.Tensor:

@@ -74,32 +74,27 @@ def _branch_input(branch: GatedScanBranch, x: torch.Tensor, band_tokens: int, no
     return a
 
 
-def _scan_bands(branch: GatedScanBranch, a: list[torch.Tensor], weights: list[torch.Tensor], band_tokens: int):
+def _scan_bands(branch: GatedScanBranch, a: list[torch.Tensor], band_inputs: Callable, band_tokens: int):
     """The four direction scans of a VSS (one ``a``) or Cross SS2D (two) block,
-    swept over bands: a[m] (b, d, H, W) scan branch inputs, weights[m] (K, R+2N, d)
-    their projections -> the recovered sum of the directions plus the D skip,
-    (b, M, d, H, W) in float32 (float64 for float64 inputs)."""
+    swept over bands: a[m] (b, d, H, W) scan branch inputs; ``band_inputs(bands, k)``
+    gives the scan inputs (u, delta, B, C) of direction k from the bands of the a[m]
+    (the block's own projections, with K = 1) -> the recovered sum of the
+    directions plus the D skip, (b, M, d, H, W) in float32 (float64 for float64
+    inputs)."""
     b, d, H, W = a[0].shape
-    M, R, N = len(a), branch.dt_rank, branch.d_state
+    M, N = len(a), branch.d_state
     A = -torch.exp(branch.A_logs).view(NUM_DIRECTIONS, d, N)
     D = branch.Ds.view(NUM_DIRECTIONS, d).sum(0)
     acc_dtype = torch.promote_types(a[0].dtype, torch.float32)
     out = torch.zeros(b, M, d, H, W, dtype=acc_dtype, device=a[0].device)
-    mark = getattr(branch, "patch_mark", None)
     for k in range(NUM_DIRECTIONS):
         h = torch.zeros(b, d, N, dtype=acc_dtype, device=a[0].device)
         for r0, r1, c0, c1 in direction_bands(H, W, band_tokens, k):
             hs, ws = r1 - r0, c1 - c0
-            ab = [t[:, :, r0:r1, c0:c1].reshape(b, d, hs * ws) for t in a]
-            P = [torch.einsum("bdl,cd->bcl", t, w[k]) for t, w in zip(ab, weights)]  # (b, R+2N, L) each
-            delta = torch.stack([torch.einsum("brl,dr->bdl", p[:, :R], branch.dt_projs_weight[k]) for p in P], 1)
-            B = torch.stack([p[:, R : R + N] for p in P], 1)
-            C = torch.stack([p[:, R + N :] for p in P], 1)
-            if mark is not None:
-                m = mark(ab[0], ab[1])
-                ab = [t + m for t in ab]
-            u = torch.stack(ab, 1)  # (b, M, d, L)
-            y, h = ops.cross_scan_state(u, delta, A[k], B, C, branch.dt_projs_bias[k], hs, ws, k, h)
+            u, delta, B, C = band_inputs([t[:, :, r0:r1, c0:c1] for t in a], k)  # u (b, M, d, L), others K = 1
+            y, h = ops.cross_scan_state(
+                u, delta[:, :, 0], A[k], B[:, :, 0], C[:, :, 0], branch.dt_projs_bias[k], hs, ws, k, h
+            )
             y = y.to(acc_dtype)
             if k == 0:
                 y = y + D[:, None] * u
@@ -125,8 +120,13 @@ def _branch_output(
 def vss_block_banded(block: VSSBlock, x: torch.Tensor, band_tokens: int) -> torch.Tensor:
     """:meth:`VSSBlock.forward` band by band: x (b, H, W, C) -> same."""
     ss2d = block.ss2d
+
+    def band_inputs(a: list[torch.Tensor], k: int):
+        u = a[0].flatten(2)  # (b, d, L)
+        return (u[:, None], *(t[:, None] for t in ss2d.project(u, ss2d.x_proj_weight, k)))
+
     a = _branch_input(ss2d, x, band_tokens, block.norm)
-    y = _scan_bands(ss2d, [a], [ss2d.x_proj_weight], band_tokens)[:, 0]
+    y = _scan_bands(ss2d, [a], band_inputs, band_tokens)[:, 0]
     del a
     return x + _branch_output(ss2d, y, x, band_tokens, block.norm)
 
@@ -137,7 +137,7 @@ def cmsa_block_banded(
     """:meth:`CMSABlock.forward` band by band: x (infrared), y (visible) (b, H, W, C)
     -> the two outputs, without residual."""
     a = [_branch_input(block, x, band_tokens), _branch_input(block, y, band_tokens)]
-    o = _scan_bands(block, a, [block.x_proj_weight, block.y_proj_weight], band_tokens)
+    o = _scan_bands(block, a, lambda bands, k: block.scan_inputs(*bands, k), band_tokens)
     del a
     return _branch_output(block, o[:, 0], x, band_tokens), _branch_output(block, o[:, 1], y, band_tokens)
 
