@@ -89,6 +89,26 @@ def test_non_contiguous_and_mixed_dtype_inputs(cross_scan_cpu):
     assert rel(out, cross_scan_ref(u, delta, A, B, C, D, bias, H, W)) < FWD_TOL[torch.float32]
 
 
+def test_channels_innermost_inputs_as_the_network_passes_them(cross_scan_cpu):
+    """u and delta with their channels innermost in memory (the network's layout),
+    read in place: output and every gradient equal those of contiguous copies (up
+    to the summation order of the reductions over positions)."""
+    H, W = 5, 7
+    inputs = make_inputs(1, 2, 10, 4, H, W, torch.float32, seed=8)
+    last = [t.detach().transpose(-1, -2).contiguous().transpose(-1, -2) if i < 2 else t.detach()
+            for i, t in enumerate(inputs)]  # fmt: skip
+    dense = [t.detach().contiguous() for t in inputs]
+    assert not (last[0].is_contiguous() or last[1].is_contiguous())
+    grad_out = torch.randn(1, 2, 10, H * W, generator=torch.Generator().manual_seed(9))
+    results = []
+    for xs in (last, dense):
+        xs = [t.requires_grad_() for t in xs]
+        out = cross_scan_cpu(*xs, H, W)
+        results.append([out, *torch.autograd.grad(out, xs, grad_out)])
+    for a, b in zip(*results):
+        assert rel(a, b) < 1e-6
+
+
 def test_results_do_not_depend_on_the_thread_count(cross_scan_cpu):
     """40 channels, 78 positions (two chunks): with 1 thread one unit per direction
     holds two channel blocks (the second partial), with 8 threads the work is split

@@ -43,8 +43,10 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def make_inputs(b, M, d, N, H, W, dtype, device, seed=0, K=4):
-    """Scan inputs like the network's: activations in ``dtype``, A, D, delta_bias float32."""
+def make_inputs(b, M, d, N, H, W, dtype, device, seed=0, K=4, channels_last=False):
+    """Scan inputs like the network's: activations in ``dtype``, A, D, delta_bias float32;
+    ``channels_last``: u and delta with their channels innermost in memory, B and C
+    slices of one wider tensor, as the network passes them."""
     g = torch.Generator().manual_seed(seed)
     L = H * W
     act = [
@@ -57,6 +59,10 @@ def make_inputs(b, M, d, N, H, W, dtype, device, seed=0, K=4):
     bias = 0.5 * torch.randn(K * d, generator=g)
     u, delta = (t.to(device, dtype) for t in act)
     B, C = (t.to(device, dtype) for t in BC)
+    if channels_last:
+        u, delta = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (u, delta))
+        wide = torch.cat([B, C], dim=3).permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)
+        B, C = wide[:, :, :, :N], wide[:, :, :, N:]
     return [t.requires_grad_() for t in (u, delta, A.to(device), B, C, D.to(device), bias.to(device))]
 
 
@@ -69,15 +75,16 @@ def reference_and_grads(inputs, gout, H, W):
 # ------------------------------------------------------------------ on the GPU
 
 
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}M{}d{}N{}_{}x{}".format(*c))
 @pytest.mark.gpu
 @needs_cuda
-def test_matches_reference_forward_and_every_gradient(case, dtype):
+def test_matches_reference_forward_and_every_gradient(case, dtype, layout):
     from s4fusion.ops.triton_scan import cross_scan_triton
 
     b, M, d, N, H, W = case
-    inputs = make_inputs(b, M, d, N, H, W, dtype, "cuda")
+    inputs = make_inputs(b, M, d, N, H, W, dtype, "cuda", channels_last=layout == "channels_last")
     out = cross_scan_triton(*inputs, H, W)
     assert out.dtype == dtype and out.shape == (b, M, d, H * W)
     gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
@@ -199,15 +206,18 @@ except Exception as e:
     raise SystemExit(0)
 from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
-ts.FWD_STEPS, ts.BWD_STEPS, ts.COMBINE_ROWS = 2, 2, 4  # several blocks, segments, combine blocks
+ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES = 2, 2, 4, 8
+# (several blocks, segments, combine blocks and forward programs)
 worst = 0.0
-for b, M, d, N, H, W in [(1, 2, 5, 3, 4, 3), (2, 1, 3, 2, 3, 5)]:
+for b, M, d, N, H, W, last in [(1, 2, 5, 3, 4, 3, False), (2, 1, 3, 2, 3, 5, False), (1, 2, 5, 3, 3, 4, True)]:
     g = torch.Generator().manual_seed(H * W)
     L, K = H * W, 4
     x = [torch.randn(b, M, d, L, generator=g), 0.5 * torch.randn(b, M, K, d, L, generator=g),
          -torch.exp(0.5 * torch.randn(K * d, N, generator=g)), torch.randn(b, M, K, N, L, generator=g),
          torch.randn(b, M, K, N, L, generator=g), torch.randn(K * d, generator=g),
          0.5 * torch.randn(K * d, generator=g)]
+    if last:  # channels innermost in memory, as the network passes u and delta
+        x[0], x[1] = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in x[:2])
     x = [t.requires_grad_() for t in x]
     out = ts.cross_scan_triton(*x, H, W)
     gout = torch.randn(out.shape, generator=g)

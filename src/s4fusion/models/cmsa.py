@@ -20,11 +20,11 @@ class PatchMark(nn.Module):
         self.mark_proj = uniform_((d_inner, 2 * d_inner), (2 * d_inner) ** -0.5)
 
     def forward(self, a_ir: torch.Tensor, a_vi: torch.Tensor) -> torch.Tensor:
-        """a_ir, a_vi (b, d, L) -> mark (b, d, L)."""
+        """a_ir, a_vi (b, d, L) -> mark (b, d, L), computed token-major (channels
+        innermost in memory)."""
         d = a_ir.shape[1]
-        return torch.einsum("bcl,dc->bdl", a_ir, self.mark_proj[:, :d]) + torch.einsum(
-            "bcl,dc->bdl", a_vi, self.mark_proj[:, d:]
-        )
+        w = self.mark_proj
+        return (a_ir.transpose(1, 2) @ w[:, :d].t() + a_vi.transpose(1, 2) @ w[:, d:].t()).transpose(1, 2)
 
 
 class CMSABlock(GatedScanBranch):
@@ -59,11 +59,12 @@ class CMSABlock(GatedScanBranch):
         d_ir, B_ir, C_ir = self.project(a_ir, self.x_proj_weight, direction)
         d_vi, B_vi, C_vi = self.project(a_vi, self.y_proj_weight, direction)
         if self.patch_mark is None:
-            u = torch.stack([a_ir, a_vi], dim=1)
+            u = (a_ir, a_vi)
         else:
             mark = self.patch_mark(a_ir, a_vi)
-            u = torch.stack([a_ir + mark, a_vi + mark], dim=1)
-        return u, torch.stack([d_ir, d_vi], 1), torch.stack([B_ir, B_vi], 1), torch.stack([C_ir, C_vi], 1)
+            u = (a_ir + mark, a_vi + mark)
+        delta = _stack_channels_last((d_ir, d_vi), 2)
+        return _stack_channels_last(u, 1), delta, torch.stack([B_ir, B_vi], 1), torch.stack([C_ir, C_vi], 1)
 
     def cross_ss2d(self, a_ir: torch.Tensor, a_vi: torch.Tensor) -> torch.Tensor:
         """Patch Mark, Interleaving, Cross SS2D and Recovering: a_ir, a_vi (b, d, H, W)
@@ -77,6 +78,12 @@ class CMSABlock(GatedScanBranch):
         a_y, z_y = self.branch_in(y)
         o = self.cross_ss2d(a_x, a_y)
         return self.branch_out(o[:, 0], z_x), self.branch_out(o[:, 1], z_y)
+
+
+def _stack_channels_last(ts: tuple[torch.Tensor, torch.Tensor], channel_dim: int) -> torch.Tensor:
+    """torch.stack(ts, 1) of (b, ..., d, L) tensors, with the channels innermost in
+    memory (as the GPU scan reads them)."""
+    return torch.stack([t.transpose(channel_dim, channel_dim + 1) for t in ts], 1).transpose(channel_dim + 1, channel_dim + 2)
 
 
 class ResidualPairStack(nn.Module):

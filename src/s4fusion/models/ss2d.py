@@ -49,15 +49,19 @@ class ScanParams(nn.Module):
     def project(self, a: torch.Tensor, x_proj_weight: torch.Tensor, direction: int | None = None):
         """a (b, d, L) -> delta (b, K, d, L), B (b, K, N, L), C (b, K, N, L), all in
         row-major position order (the projections are position-wise, so no unfolding
-        is needed before them); with ``direction``, that direction's only (K = 1)."""
+        is needed before them); with ``direction``, that direction's only (K = 1).
+        Computed token-major: delta has its channels innermost in memory, as the GPU
+        scan reads them."""
         R, N = self.dt_rank, self.d_state
         dt_weight = self.dt_projs_weight
         if direction is not None:
             x_proj_weight = x_proj_weight[direction : direction + 1]
             dt_weight = dt_weight[direction : direction + 1]
-        P = torch.einsum("bdl,kcd->bkcl", a, x_proj_weight)  # (b, K, R+2N, L)
-        delta = torch.einsum("bkrl,kdr->bkdl", P[:, :, :R], dt_weight)
-        return delta, P[:, :, R : R + N], P[:, :, R + N :]
+        K, rows, d = x_proj_weight.shape
+        b, L = a.shape[0], a.shape[2]
+        P = (a.transpose(1, 2) @ x_proj_weight.reshape(K * rows, d).t()).view(b, L, K, rows)
+        delta = (P[..., :R].transpose(1, 2) @ dt_weight.transpose(1, 2)).transpose(2, 3)  # storage (b, K, L, d)
+        return delta, P[..., R : R + N].permute(0, 2, 3, 1), P[..., R + N :].permute(0, 2, 3, 1)
 
     def scan(self, u, delta, B, C, height: int, width: int) -> torch.Tensor:
         """u (b, M, d, L), delta (b, M, K, d, L), B/C (b, M, K, N, L) -> (b, M, d, L)."""
@@ -94,8 +98,9 @@ class GatedScanBranch(ScanParams):
         return self.conv_act(x_in), z
 
     def conv_act(self, x_in: torch.Tensor) -> torch.Tensor:
-        """The depthwise conv + SiLU of the branch: x_in (b, H, W, d) -> a (b, d, H, W)."""
-        return F.silu(self.conv2d(x_in.permute(0, 3, 1, 2)))
+        """The depthwise conv + SiLU of the branch: x_in (b, H, W, d) -> a (b, d, H, W),
+        channels innermost in memory (``torch.channels_last``)."""
+        return F.silu(self.conv2d(x_in.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)))
 
     def branch_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y (b, d, L) scan output, z (b, H, W, d) -> (b, H, W, C)."""

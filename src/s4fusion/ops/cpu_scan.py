@@ -525,7 +525,7 @@ def _check(u, delta, A, B, C, D, delta_bias, height: int, width: int) -> None:
 
 
 def _scan_units(u, delta, A, B, C, delta_bias, h0, height, width, dir0, save):
-    """Runs the forward kernel on state-dtype contiguous tensors, shapes as
+    """Runs the forward kernel on state-dtype tensors (any strides), shapes as
     :func:`_forward_units`. Returns (out_k, h_last, ckpt)."""
     b, M, d, L = u.shape
     K, N = delta.shape[2], A.shape[1]
@@ -543,7 +543,7 @@ def _scan_units(u, delta, A, B, C, delta_bias, h0, height, width, dir0, save):
 
 
 def _scan_forward(u, delta, A, B, C, D, delta_bias, height, width, save):
-    """Runs the kernels on state-dtype contiguous tensors. Returns (out, ckpt)."""
+    """Runs the kernels on state-dtype tensors (any strides). Returns (out, ckpt)."""
     b, d, K, N = u.shape[0], u.shape[2], delta.shape[2], A.shape[1]
     h0 = torch.zeros(b, K * d, N, dtype=u.dtype)
     out_k, _, ckpt = _scan_units(u, delta, A, B, C, delta_bias, h0, height, width, 0, save)
@@ -562,7 +562,7 @@ class _CrossScanCPU(torch.autograd.Function):
     def forward(ctx, u, delta, A, B, C, D, delta_bias, height, width):
         sd = _state_dtype(u.dtype)
         ctx.dtypes = tuple(t.dtype for t in (u, delta, A, B, C, D, delta_bias))
-        ts = tuple(t.detach().to(sd).contiguous() for t in (u, delta, A, B, C, D, delta_bias))
+        ts = tuple(t.detach().to(sd) for t in (u, delta, A, B, C, D, delta_bias))
         out, ckpt = _scan_forward(*ts, height, width, save=True)
         ctx.save_for_backward(*ts, ckpt)
         ctx.hw = (height, width)
@@ -629,7 +629,7 @@ def cross_scan_cpu(
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _CrossScanCPU.apply(*inputs, height, width)
     sd = _state_dtype(u.dtype)
-    ts = tuple(t.detach().to(sd).contiguous() for t in inputs)
+    ts = tuple(t.detach().to(sd) for t in inputs)
     out, _ = _scan_forward(*ts, height, width, save=False)
     return out.to(u.dtype)
 
@@ -657,7 +657,7 @@ def cross_scan_state_cpu(
     named = (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("delta_bias", delta_bias), ("h0", h0))
     _check_on_cpu("cross_scan_state", named)
     sd = _state_dtype(u.dtype)
-    u_, delta_, A_, B_, C_, bias_, h0_ = (t.detach().to(sd).contiguous() for _, t in named)
+    u_, delta_, A_, B_, C_, bias_, h0_ = (t.detach().to(sd) for _, t in named)
     out_k, h_last, _ = _scan_units(
         u_, delta_[:, :, None], A_, B_[:, :, None], C_[:, :, None], bias_, h0_, height, width, int(direction), False
     )

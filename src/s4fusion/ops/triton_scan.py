@@ -32,7 +32,16 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
   atomically over channel blocks and directions; A, D and delta_bias as
   per-program partial sums).
 
-Work layout of the scan kernels: a program owns one segment of ``G = 32 *
+Work layout of the forward kernel: a program owns ``E`` lanes of one segment of
+one direction and batch element; a lane is one line and ``CB`` neighbouring
+channels, with the ``N`` states of each channel in registers (``N`` is a
+compile-time constant). Lanes of one line are neighbours, so at every step a
+warp reads the channels of a few positions: coalesced for every direction when
+the channels are innermost in memory, the layout the network passes (and
+outputs: the result has the input's layout). B and C are read once per line and
+step and shared by the line's lanes.
+
+Work layout of the backward kernels: a program owns one segment of ``G = 32 *
 num_warps`` lines (one line per thread) of one direction and batch element, and
 ``CB`` channels (inside the thread); it loops over the blocks of its segment and,
 per block, over the state index n (loads for n + 1 are issued before the work on
@@ -41,10 +50,13 @@ tuples), so the recurrence runs sequentially in registers. Each pass is launched
 once for the row directions and once for the column directions (``ROWS``): along
 columns neighbouring threads read neighbouring positions already; along rows the
 block is read and written as coalesced (lines, TB) tiles and transposed in
-registers (one shared-memory exchange). ``H``, ``W``, ``N``,
-``SEG`` and the size-dependent strides are runtime values that are not
-specialised on: one compiled kernel per dtype, M and block shape serves every
-image size.
+registers (one shared-memory exchange). These kernels read along positions, so
+the backward first makes position-innermost copies of inputs that have their
+channels innermost.
+
+``H``, ``W``, ``SEG`` and the size-dependent strides are runtime values that are
+not specialised on: one compiled kernel per dtype, M, N and block shape serves
+every image size.
 """
 
 from __future__ import annotations
@@ -67,30 +79,34 @@ LN2 = tl.constexpr(0.6931471805599453)
 # inline PTX and uses tl.exp2.
 FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
-# Launch configuration: lines per program = 32 * NUM_WARPS; channels per thread;
-# scan steps per unrolled block for M = 1 (halved for M = 2); programs wanted per
-# scan kernel launch (lines are cut into segments until there are about as many).
+# Launch configuration.
+# Forward: lanes (one line x FWD_CB neighbouring channels each) per program, tokens
+# unrolled per loop iteration, lanes wanted per launch (lines are cut into segments
+# until there are about as many).
+FWD_CB, FWD_LANES, FWD_UNROLL = 2, 128, 2
+TARGET_LANES = 1 << 18
+# Backward: lines per program = 32 * NUM_WARPS (one per thread); channels per
+# thread; scan steps per unrolled block for M = 1 (halved for M = 2).
 NUM_WARPS = 1
-FWD_CB, FWD_STEPS = 2, 8
 BWD_CB, BWD_STEPS = 2, 8
+# Chunk combine: chunk slots per scan block, states per program, warps.
 COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 64, 32, 4
-TARGET_PROGRAMS = 8192
 
 _SIZES = ["H", "W", "N", "NL", "NS", "SEG", "NBLK", "GRID0"]
 _STRIDES = [
     "su_b", "su_m", "su_c", "sd_b", "sd_m", "sd_k", "sd_c", "sb_b", "sb_m", "sb_k", "sb_n",
-    "sc_b", "sc_m", "sc_k", "sc_n", "sg_b", "sg_m", "sg_c",
+    "sc_b", "sc_m", "sc_k", "sc_n", "sg_b", "sg_m", "sg_c", "so_b", "so_m", "so_c",
 ]  # fmt: skip
 
 
-# ---------------------------------------------------------------------- helpers
 # ---------------------------------------------------------------------- helpers
 
 
 def _scan_jit(fn):
     """triton.jit without specialisation on sizes, size-dependent strides and pointer
     alignment (every access is a gather, so they would only multiply compilations)."""
-    names = list(inspect.signature(fn).parameters)
+    params = inspect.signature(fn).parameters
+    names = [a for a, p in params.items() if p.annotation is not tl.constexpr and p.annotation != "tl.constexpr"]
     fixed = [a for a in names if a in _SIZES or a in _STRIDES or a == "d" or a.endswith("_ptr")]
     return triton.jit(do_not_specialize=fixed)(fn)
 
@@ -284,87 +300,112 @@ def _chunk(pid0, pid_bk, NL, NS, SEG, H, W, K: tl.constexpr, G: tl.constexpr, RO
 @_scan_jit
 def _fwd_kernel(
     u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr,
-    st_ptr,  # (b*K, NL, NS, d, N) f32: pass 1 writes chunk-local end states; pass 3 reads start states (clobbered)
+    st_ptr,  # (b*K, NL, NS, d, N) f32: pass 1 writes chunk-local end states; pass 3 reads start states
     dts_ptr,  # (b*K, NL, NS, d) f32: pass 1 writes the chunk sums of dt
-    out_ptr,  # (b, M, d, L) f32, zeroed: pass 3 adds y
-    H, W, N, NL, NS, SEG, d,
+    out_ptr,  # (b, M, d, L) f32, zeroed, any strides: pass 3 adds y
+    H, W, NL, NS, SEG, d,
     su_b, su_m, su_c, su_l,
     sd_b, sd_m, sd_k, sd_c, sd_l,
     sb_b, sb_m, sb_k, sb_n, sb_l,
     sc_b, sc_m, sc_k, sc_n, sc_l,
-    K: tl.constexpr, M: tl.constexpr, CB: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
-    WITH_Y: tl.constexpr, ROWS: tl.constexpr,
+    so_b, so_m, so_c, so_l,
+    K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, E: tl.constexpr, TB: tl.constexpr,
+    WITH_Y: tl.constexpr,
 ):  # fmt: skip
-    NT: tl.constexpr = TB * M
-    bi, k, bk, j, lmask, line_off, llen, pos_step, lo, hi, row = _chunk(
-        tl.program_id(0), tl.program_id(1), NL, NS, SEG, H, W, K, G, ROWS
-    )
-    c = tl.program_id(2) * CB + tl.arange(0, CB)
-    cmask = c < d
-    kc = k * d + c
-    lc = cmask[:, None] & lmask[None, :]
-    one = tl.zeros([1], tl.int32) == 0
-    bias = tl.load(bias_ptr + kc, mask=cmask, other=0.0)[:, None]
-    dsk = tl.load(dsk_ptr + kc, mask=cmask, other=0.0)[:, None]
-    u_base = u_ptr + bi * su_b + c[:, None] * su_c
-    dl_base = dl_ptr + bi * sd_b + k * sd_k + c[:, None] * sd_c
-    b_base = b_ptr + bi * sb_b + k * sb_k + tl.zeros([1, 1], tl.int32)
-    c_base = c_ptr + bi * sc_b + k * sc_k + tl.zeros([1, 1], tl.int32)
-    st_ptrs = st_ptr + (row * d + c[:, None]) * N
-    out_base = out_ptr + bi * (M * d * H * W) + c[:, None] * (H * W)
-    a2_ptrs = a2_ptr + kc * N
-    dtsum = tl.zeros([CB, G], tl.float32)
-    for i0 in range(lo, hi, TB):
-        P, V, pos2, ok2 = _block(i0, line_off, lmask, llen, pos_step, M, TB)
-        DL = _tokens(dl_base, sd_m, sd_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
-        UU = _tokens(u_base, su_m, su_l, cmask, P, V, pos2, ok2, M, TB, ROWS)
-        DT = tl.tuple([])
-        DTU = tl.tuple([])
-        Y = tl.tuple([])
-        for t in tl.static_range(NT):
-            dt = tl.where(cmask[:, None] & V[t][None, :], _softplus(DL[t] + bias), 0.0)
-            DT = DT + (dt,)
-            DTU = DTU + (dt * UU[t],)
-            Y = Y + (dsk * UU[t],)
-            dtsum += dt
-        # n = 0, then in iteration n the loads of n + 1
-        a2 = tl.load(a2_ptrs, mask=cmask, other=0.0)[:, None]
-        if WITH_Y:
-            h = tl.load(st_ptrs, mask=lc, other=0.0)
-            CV = _tokens(c_base, sc_m, sc_l, one, P, V, pos2, ok2, M, TB, ROWS)
-        else:
-            h = tl.load(st_ptrs, mask=lc & (i0 > lo), other=0.0)
-        BV = _tokens(b_base, sb_m, sb_l, one, P, V, pos2, ok2, M, TB, ROWS)
-        for n in range(N):
-            ok = n + 1 < N
-            okn = one & ok
-            a2_nx = tl.load(a2_ptrs + n + 1, mask=cmask & ok, other=0.0)[:, None]
-            BV_nx = _tokens(b_base + (n + 1) * sb_n, sb_m, sb_l, okn, P, V, pos2, ok2, M, TB, ROWS)
+    """One chunk (a segment of SEG steps of a line) of E (line, channel group) lanes;
+    lane = one line x CB neighbouring channels, the N states of each in registers."""
+    pid0 = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    bi = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    nq = (d + CB - 1) // CB  # channel groups per line
+    sg = pid0 % NS
+    f = (pid0 // NS) * E + tl.arange(0, E)
+    j = f // nq
+    c0 = (f % nq) * CB
+    nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
+    lmask = j < nlines
+    line_off = (base + j * line_step).to(tl.int64)
+    lo = sg * SEG
+    hi = tl.minimum(lo + SEG, llen)
+    row = (pid_bk.to(tl.int64) * NL + j) * NS + sg
+    # per channel e of the lane: mask, pointers, bias, skip, A * log2(e) per state (index n * CB + e)
+    CM = tl.tuple([])
+    UP = tl.tuple([])
+    DP = tl.tuple([])
+    OP = tl.tuple([])
+    BIAS = tl.tuple([])
+    DSK = tl.tuple([])
+    for e in tl.static_range(CB):
+        c = c0 + e
+        cm = lmask & (c < d)
+        CM = CM + (cm,)
+        UP = UP + (u_ptr + bi * su_b + c * su_c,)
+        DP = DP + (dl_ptr + bi * sd_b + k * sd_k + c * sd_c,)
+        OP = OP + (out_ptr + bi * so_b + c * so_c,)
+        BIAS = BIAS + (tl.load(bias_ptr + k * d + c, mask=cm, other=0.0),)
+        DSK = DSK + (tl.load(dsk_ptr + k * d + c, mask=cm, other=0.0),)
+    A2 = tl.tuple([])
+    Hs = tl.tuple([])
+    for n in tl.static_range(N):
+        for e in tl.static_range(CB):
+            c = c0 + e
+            A2 = A2 + (tl.load(a2_ptr + (k * d + c) * N + n, mask=CM[e], other=0.0),)
             if WITH_Y:
-                h_nx = tl.load(st_ptrs + n + 1, mask=lc & ok, other=0.0)
-                CV_nx = _tokens(c_base + (n + 1) * sc_n, sc_m, sc_l, okn, P, V, pos2, ok2, M, TB, ROWS)
+                Hs = Hs + (tl.load(st_ptr + (row * d + c) * N + n, mask=CM[e], other=0.0),)
             else:
-                h_nx = tl.load(st_ptrs + n + 1, mask=lc & ok & (i0 > lo), other=0.0)
-            Y2 = tl.tuple([])
-            for t in tl.static_range(NT):
-                h = _exp2(DT[t] * a2) * h + DTU[t] * BV[t]
+                Hs = Hs + (tl.zeros([E], tl.float32),)
+    DTS = tl.tuple([])
+    for e in tl.static_range(CB):
+        DTS = DTS + (tl.zeros([E], tl.float32),)
+    b_base = b_ptr + bi * sb_b + k * sb_k
+    c_base = c_ptr + bi * sc_b + k * sc_k
+    for i0 in range(lo, hi, TB):
+        for s in tl.static_range(TB):
+            v = lmask & (i0 + s < hi)
+            p = line_off + (i0 + s) * pos_step
+            for m in tl.static_range(M):
+                DT = tl.tuple([])
+                DTU = tl.tuple([])
+                Y = tl.tuple([])
+                for e in tl.static_range(CB):
+                    ve = v & CM[e]
+                    dl = tl.load(DP[e] + m * sd_m + p * sd_l, mask=ve, other=0.0).to(tl.float32)
+                    uu = tl.load(UP[e] + m * su_m + p * su_l, mask=ve, other=0.0).to(tl.float32)
+                    dt = tl.where(ve, _softplus(dl + BIAS[e]), 0.0)
+                    DT = DT + (dt,)
+                    DTU = DTU + (dt * uu,)
+                    Y = Y + (DSK[e] * uu,)
+                DTS2 = tl.tuple([])
+                for e in tl.static_range(CB):
+                    DTS2 = DTS2 + (DTS[e] + DT[e],)
+                DTS = DTS2
+                pb = b_base + m * sb_m + p * sb_l
+                pc = c_base + m * sc_m + p * sc_l
+                H2 = tl.tuple([])
+                for n in tl.static_range(N):
+                    bn = tl.load(pb + n * sb_n, mask=v, other=0.0).to(tl.float32)
+                    if WITH_Y:
+                        cn = tl.load(pc + n * sc_n, mask=v, other=0.0).to(tl.float32)
+                    Y2 = tl.tuple([])
+                    for e in tl.static_range(CB):
+                        h = _exp2(DT[e] * A2[n * CB + e]) * Hs[n * CB + e] + DTU[e] * bn
+                        H2 = H2 + (h,)
+                        if WITH_Y:
+                            Y2 = Y2 + (Y[e] + cn * h,)
+                    if WITH_Y:
+                        Y = Y2
+                Hs = H2
                 if WITH_Y:
-                    Y2 = Y2 + (Y[t] + CV[t] * h,)
-            tl.store(st_ptrs + n, h, mask=lc)
-            a2 = a2_nx
-            BV = BV_nx
-            h = h_nx
-            if WITH_Y:
-                Y = Y2
-                CV = CV_nx
-        if WITH_Y:
-            _put(out_base, d * H * W, cmask, Y, P, V, pos2, ok2, M, TB, ROWS, True)
+                    for e in tl.static_range(CB):
+                        tl.atomic_add(OP[e] + m * so_m + p * so_l, Y[e], mask=v & CM[e], sem="relaxed")
     if not WITH_Y:
-        # a segment slot past the line's end is an identity for the combine: dt sum 0, state 0
-        tl.store(dts_ptr + row * d + c[:, None], dtsum, mask=lc)
-        zero = tl.zeros([CB, G], tl.float32)
-        for n in range(N):
-            tl.store(st_ptrs + n, zero, mask=lc & (lo >= llen))
+        # a segment slot past the line's end stays an identity for the combine: dt sum 0, state 0
+        for e in tl.static_range(CB):
+            c = c0 + e
+            tl.store(dts_ptr + row * d + c, DTS[e], mask=CM[e])
+            for n in tl.static_range(N):
+                tl.store(st_ptr + (row * d + c) * N + n, Hs[n * CB + e], mask=CM[e])
 
 
 @triton.jit
@@ -387,9 +428,8 @@ def _chunk_combine_kernel(
     dts_ptr,  # (b*K, NL, NS, d) f32: per-chunk sum of dt (a chunk decays by exp(A * it))
     a2_ptr,  # (K*d, N) f32: A * log2(e)
     o_ptr,  # (b*K, NL, NS, d, N) f32 out: exclusive scan over the chunks (scan order or reversed)
-    o2_ptr,  # second copy of the output (written when SAVE2)
-    H, W, N, NL, NS, SEG, d,
-    K: tl.constexpr, REVERSE: tl.constexpr, SAVE2: tl.constexpr, JB: tl.constexpr, SB: tl.constexpr,
+    H, W, N, NL, NS, d,
+    K: tl.constexpr, REVERSE: tl.constexpr, JB: tl.constexpr, SB: tl.constexpr,
 ):  # fmt: skip
     """Over the chunk slots e = line * NS + segment of one direction (slots past a
     line's last segment hold identities, written by the producers): forward ``o_0 = 0, o_{e+1} = dec_e o_e +
@@ -408,15 +448,12 @@ def _chunk_combine_kernel(
     v_slab = v_ptr + slab * d * N
     dts_slab = dts_ptr + slab * d
     o_slab = o_ptr + slab * d * N
-    o2_slab = o2_ptr + slab * d * N
     if REVERSE:
         first = ne - 1
     else:
         first = 0
     zero = tl.zeros([SB], tl.float32)
     tl.store(o_slab + first * d * N + s, zero, mask=smask)
-    if SAVE2:
-        tl.store(o2_slab + first * d * N + s, zero, mask=smask)
     carry = tl.zeros([SB], tl.float32)
     ii = tl.arange(0, JB)
     v, ds = _combine_rows(v_slab, dts_slab, ii, ne, s, c, smask, d, N, REVERSE)
@@ -431,8 +468,6 @@ def _chunk_combine_kernel(
             eo = eb + ii + 1
         mo = (eb + ii + 1 < ne)[:, None] & smask[None, :]
         tl.store(o_slab + eo[:, None] * (d * N) + s[None, :], incl, mask=mo)
-        if SAVE2:
-            tl.store(o2_slab + eo[:, None] * (d * N) + s[None, :], incl, mask=mo)
         # rows past the last slot are identities, so the block's last row is the carry
         carry = tl.sum(tl.where((ii == JB - 1)[:, None], incl, 0.0), axis=0)
         v = v_nx
@@ -673,12 +708,12 @@ def _steps(steps: int, M: int) -> int:
 
 
 def _segments(H: int, W: int, b: int, K: int, d: int, M: int) -> tuple[int, int]:
-    """(SEG, NS): steps per chunk (a multiple of both block sizes) and chunk slots
-    per line, so that a scan kernel launch has about TARGET_PROGRAMS programs."""
+    """(SEG, NS): steps per chunk (a multiple of the backward's block) and chunk slots
+    per line, so that a forward launch has about TARGET_LANES lanes."""
     longest = max(H, W)
-    unit = max(_steps(FWD_STEPS, M), _steps(BWD_STEPS, M))
-    programs = triton.cdiv(longest, 32 * NUM_WARPS) * b * K * triton.cdiv(d, FWD_CB)
-    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, programs), triton.cdiv(longest, unit)))
+    unit = _steps(BWD_STEPS, M)
+    lanes = longest * b * K * triton.cdiv(d, FWD_CB)
+    splits = max(1, min(triton.cdiv(TARGET_LANES, lanes), triton.cdiv(longest, unit)))
     seg = triton.cdiv(triton.cdiv(longest, splits), unit) * unit
     return seg, triton.cdiv(longest, seg)
 
@@ -695,29 +730,27 @@ class _CrossScan(torch.autograd.Function):
         bias = delta_bias.detach().to(f32).contiguous()
         NL = max(H, W)
         seg, ns = _segments(H, W, b, K, d, M)
-        grid0, grid2 = triton.cdiv(NL, 32 * NUM_WARPS) * ns, triton.cdiv(d, FWD_CB)
-        consts = dict(K=K, M=M, CB=FWD_CB, G=32 * NUM_WARPS, TB=_steps(FWD_STEPS, M), num_warps=NUM_WARPS)
-        sizes = (H, W, N, NL, ns, seg, d)
-        strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride())
+        grid = (triton.cdiv(NL * triton.cdiv(d, FWD_CB), FWD_LANES) * ns, b * K)
+        consts = dict(K=K, M=M, N=N, CB=FWD_CB, E=FWD_LANES, TB=FWD_UNROLL, num_warps=max(1, FWD_LANES // 32))
+        sizes = (H, W, NL, ns, seg, d)
+        # the output in the input's layout: channels innermost (the network's) or positions innermost
+        if u.stride(2) < u.stride(3):
+            out = torch.zeros(b, M, L, d, device=dev, dtype=f32).transpose(2, 3)
+        else:
+            out = torch.zeros(b, M, d, L, device=dev, dtype=f32)
+        strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *out.stride())
         state = torch.empty(b * K, NL, ns, d, N, device=dev, dtype=f32)
         dts = torch.empty(b * K, NL, ns, d, device=dev, dtype=f32)
-        for rows, kc in _classes(K):
-            _fwd_kernel[(grid0, b * kc, grid2)](u, delta, a2, B, C, dsk, bias, state, dts, state, *sizes, *strides,
-                                                WITH_Y=False, ROWS=rows, **consts)  # fmt: skip
-        save = any(ctx.needs_input_grad[:7])
+        _fwd_kernel[grid](u, delta, a2, B, C, dsk, bias, state, dts, out, *sizes, *strides, WITH_Y=False, **consts)
         start = torch.empty_like(state)
-        saved_start = torch.empty_like(state) if save else start
         _chunk_combine_kernel[(b * K, triton.cdiv(d * N, COMBINE_STATES))](
-            state, dts, a2, start, saved_start, *sizes,
-            K=K, REVERSE=False, SAVE2=save, JB=COMBINE_ROWS, SB=COMBINE_STATES, num_warps=COMBINE_WARPS,
+            state, dts, a2, start, H, W, N, NL, ns, d,
+            K=K, REVERSE=False, JB=COMBINE_ROWS, SB=COMBINE_STATES, num_warps=COMBINE_WARPS,
         )  # fmt: skip
         del state
-        out = torch.zeros(b, M, d, L, device=dev, dtype=f32)
-        for rows, kc in _classes(K):
-            _fwd_kernel[(grid0, b * kc, grid2)](u, delta, a2, B, C, dsk, bias, start, dts, out, *sizes, *strides,
-                                                WITH_Y=True, ROWS=rows, **consts)  # fmt: skip
-        if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, saved_start, dts)
+        _fwd_kernel[grid](u, delta, a2, B, C, dsk, bias, start, dts, out, *sizes, *strides, WITH_Y=True, **consts)
+        if any(ctx.needs_input_grad[:7]):
+            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, start, dts)
             ctx.plan = (H, W, seg, ns)
         return out if u.dtype == f32 else out.to(u.dtype)
 
@@ -725,6 +758,8 @@ class _CrossScan(torch.autograd.Function):
     def backward(ctx, gout):  # type: ignore[override]
         u, delta, A, B, C, D, delta_bias, start, dts = ctx.saved_tensors
         H, W, seg, ns = ctx.plan
+        # the backward kernels read along positions: positions innermost (a no-op when already so)
+        u, delta, B, C, gout = (t.contiguous() for t in (u, delta, B, C, gout))
         b, M, d, L = u.shape
         K, N = delta.shape[2], A.shape[1]
         dev, f32 = u.device, torch.float32
@@ -746,8 +781,8 @@ class _CrossScan(torch.autograd.Function):
         del prod
         arriving = torch.empty_like(start)
         _chunk_combine_kernel[(b * K, triton.cdiv(d * N, COMBINE_STATES))](
-            local, dts, a2, arriving, arriving, H, W, N, NL, ns, seg, d,
-            K=K, REVERSE=True, SAVE2=False, JB=COMBINE_ROWS, SB=COMBINE_STATES, num_warps=COMBINE_WARPS,
+            local, dts, a2, arriving, H, W, N, NL, ns, d,
+            K=K, REVERSE=True, JB=COMBINE_ROWS, SB=COMBINE_STATES, num_warps=COMBINE_WARPS,
         )  # fmt: skip
         del local
         g_delta = torch.empty(b, M, K, d, L, device=dev, dtype=delta.dtype)

@@ -1,0 +1,193 @@
+"""GPU benchmark of the scan op alone (issue 3), at the shapes the network feeds it.
+
+Run from the repository root on a CUDA machine::
+
+    python benchmarks/bench_scan.py --json scan.json
+    python benchmarks/bench_scan.py --sweep forward --json sweep.json   # launch configurations
+
+The inputs are made by the network's own blocks (``SS2D.project`` and
+``CMSABlock.scan_inputs`` on random activations), so their memory layout is the
+one the network passes: channels innermost. Cases: every scan of one fused
+481x649 pair (released topology: VSS blocks at the three scales, CMSA at the two
+coarser ones) and of the training batch (20 x 229x229). Timed with CUDA events:
+median of 20 runs after 3 warm-ups; ``forward`` under ``torch.no_grad()``,
+``train`` forward and backward of every input.
+
+``--sweep forward`` times the forward at each launch configuration of the triton
+backend (``FWD_*`` in ``s4fusion.ops.triton_scan``) over the fusing cases,
+``--sweep backward`` forward and backward (``BWD_*``) over the training cases;
+each configuration is checked against the default one's results, and the one
+with the smallest total is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+from typing import Callable
+
+import torch
+
+from s4fusion.models import S4FusionConfig
+from s4fusion.models.cmsa import CMSABlock
+from s4fusion.models.ss2d import SS2D
+from s4fusion.ops import cross_scan
+from s4fusion.ops import triton_scan as ts
+
+# (name, batch, H, W of the token map, scale, kind, scans of this shape per pass)
+FUSE_CASES = [
+    ("fuse s0 vss", 1, 160, 216, 0, "vss", 3),
+    ("fuse s1 vss", 1, 80, 108, 1, "vss", 6),
+    ("fuse s2 vss", 1, 40, 54, 2, "vss", 3),
+    ("fuse s1 cmsa", 1, 80, 108, 1, "cmsa", 3),
+    ("fuse s2 cmsa", 1, 40, 54, 2, "cmsa", 3),
+]
+TRAIN_CASES = [
+    ("train s0 vss", 20, 76, 76, 0, "vss", 3),
+    ("train s1 vss", 20, 38, 38, 1, "vss", 6),
+    ("train s2 vss", 20, 19, 19, 2, "vss", 3),
+    ("train s1 cmsa", 20, 38, 38, 1, "cmsa", 3),
+    ("train s2 cmsa", 20, 19, 19, 2, "cmsa", 3),
+]
+
+
+def scan_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.dtype) -> tuple:
+    """The scan arguments of one block of the default network at this map size."""
+    cfg = S4FusionConfig()
+    dim = cfg.dims[scale]
+    args = (cfg.expand, cfg.dt_rank(dim), cfg.d_conv, cfg.norm_eps)
+    torch.manual_seed(scale)
+    with torch.no_grad():
+        if kind == "vss":
+            block = SS2D(dim, cfg.ss2d_d_state, *args).cuda()
+            a = block.conv_act(torch.randn(batch, H, W, block.d_inner, device="cuda"))
+            u = a.reshape(batch, block.d_inner, H * W)
+            delta, B, C = block.project(u, block.x_proj_weight)
+            u, delta, B, C = u[:, None], delta[:, None], B[:, None], C[:, None]
+        else:
+            block = CMSABlock(dim, cfg.cmsa_d_state, *args).cuda()
+            a = [block.conv_act(torch.randn(batch, H, W, block.d_inner, device="cuda")) for _ in range(2)]
+            u, delta, B, C = block.scan_inputs(*a)
+    A = -torch.exp(block.A_logs.detach())
+    extra = (block.Ds.detach(), block.dt_projs_bias.detach().reshape(-1))
+    return tuple(t.to(dtype) for t in (u, delta)) + (A,) + tuple(t.to(dtype) for t in (B, C)) + extra
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 3, runs: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def bench_case(case: tuple, dtype: torch.dtype, train: bool) -> dict:
+    name, batch, H, W, scale, kind, count = case
+    x = scan_inputs(batch, H, W, scale, kind, dtype)
+    if train:
+        x = tuple(t.detach().requires_grad_() for t in x)
+        gout = torch.randn(x[0].shape, device="cuda", dtype=dtype)
+
+        def run():
+            out = cross_scan(*x, H, W, backend="triton")
+            torch.autograd.grad(out, x, gout)
+
+    else:
+
+        def run():
+            with torch.no_grad():
+                cross_scan(*x, H, W, backend="triton")
+
+    ms = time_ms(run)
+    return {"case": name, "dtype": str(dtype).split(".")[-1], "mode": "train" if train else "forward",
+            "median_ms": ms, "count": count, "total_ms": ms * count}  # fmt: skip
+
+
+SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_scan and the values tried
+    "forward": {"FWD_CB": (1, 2), "FWD_LANES": (64, 128, 256), "FWD_UNROLL": (1, 2)},
+    "backward": {"BWD_CB": (1, 2), "BWD_STEPS": (4, 8)},
+}
+
+
+def _results(x: tuple, H: int, W: int, train: bool, gout: torch.Tensor) -> list[torch.Tensor]:
+    if not train:
+        with torch.no_grad():
+            return [cross_scan(*x, H, W, backend="triton")]
+    xs = [t.detach().requires_grad_() for t in x]
+    out = cross_scan(*xs, H, W, backend="triton")
+    return [out, *torch.autograd.grad(out, xs, gout)]
+
+
+def sweep(which: str) -> dict:
+    """Times every combination of ``SWEEPS[which]`` (forward: the fusing cases under
+    no_grad; backward: the training cases, forward and backward), checks each
+    against the default configuration's results (relative L2 < 1e-5)."""
+    grid = SWEEPS[which]
+    train = which == "backward"
+    defaults = {name: getattr(ts, name) for name in grid}
+    cases = TRAIN_CASES if train else FUSE_CASES
+    inputs = []
+    for case in cases:
+        x = scan_inputs(*case[1:6], torch.float32)
+        gout = torch.randn(x[0].shape, device="cuda")
+        inputs.append((case, x, gout, _results(x, case[2], case[3], train, gout)))
+    rows = []
+    for values in itertools.product(*grid.values()):
+        config = dict(zip(grid, values))
+        for name, value in config.items():
+            setattr(ts, name, value)
+        total, worst = 0.0, 0.0
+        for case, x, gout, expected in inputs:
+            H, W = case[2], case[3]
+            got = _results(x, H, W, train, gout)
+            worst = max(worst, *(((a - e).norm() / e.norm().clamp_min(1e-30)).item() for a, e in zip(got, expected)))
+            total += case[6] * time_ms(lambda: _results(x, H, W, train, gout))
+        rows.append({**config, "total_ms": total, "rel_diff": worst})
+        print(json.dumps(rows[-1]), flush=True)
+    for name, value in defaults.items():
+        setattr(ts, name, value)
+    best = min((r for r in rows if r["rel_diff"] < 1e-5), key=lambda r: r["total_ms"], default=None)
+    return {"rows": rows, "best": best, "default": defaults}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the results to this JSON file")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), help="time the launch configurations of one pass")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    result: dict = {"device": torch.cuda.get_device_name()}
+    if args.sweep:
+        result["sweep"] = sweep(args.sweep)
+    else:
+        rows = []
+        for dtype in (torch.float32, torch.bfloat16):
+            for case in FUSE_CASES:
+                rows.append(bench_case(case, dtype, train=False))
+                print(json.dumps(rows[-1]), flush=True)
+            for case in TRAIN_CASES:
+                rows.append(bench_case(case, dtype, train=True))
+                print(json.dumps(rows[-1]), flush=True)
+        result["rows"] = rows
+        for dtype in ("float32", "bfloat16"):
+            for mode in ("forward", "train"):
+                total = sum(r["total_ms"] for r in rows if r["dtype"] == dtype and r["mode"] == mode)
+                print(f"{mode} {dtype}: all scans of one pass {total:.2f} ms")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
