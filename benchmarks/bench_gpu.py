@@ -12,8 +12,13 @@ the released code. Peak memory is the rise of ``torch.cuda.max_memory_allocated`
 over the inputs (and, for training, over model, optimizer state and batch).
 
 Modes: ``eager`` runs the module as is; ``graph`` replays one CUDA graph of the
-whole forward (or of forward, loss, backward and AdamW step); ``bf16`` adds
-bfloat16 autocast (the training default of this package). The reference scan
+whole forward (or of forward, loss, backward and AdamW step); ``compile`` runs the
+network compiled by ``torch.compile`` (``s4fusion.api.compiled``: inductor, static
+shapes, a graph break at every scan) and replays one CUDA graph of that; ``bf16``
+adds bfloat16 autocast (the training default of this package). Compilation
+happens in the warm-up, outside of timing; its wall time (compiling and the first
+run) is reported as ``compile_s``. A mode that fails is reported with its error
+and the others still run (exit code 1). The reference scan
 backend (a Python loop over tokens) is timed at the smallest size only.
 The training loss is the project's intensity term ``weighted_l1_loss`` with
 weights 1/2 and 1/2, i.e. mean |f - ir| / 2 + mean |f - vi| / 2.
@@ -25,12 +30,15 @@ import argparse
 import json
 import math
 import statistics
+import time
 from contextlib import nullcontext
+from functools import partial
 from typing import Callable, Optional
 
 import torch
 
 from s4fusion import S4Fusion
+from s4fusion.api import compiled
 from s4fusion.losses import weighted_l1_loss
 from s4fusion.ops import set_backend
 
@@ -44,6 +52,8 @@ RELEASED = {  # RELEASED-MODEL-FACTS.md section 7 (one H200, float32): median ms
     "train": (204.5, 15025),
 }
 TARGETS = {(481, 649): 3.0, (961, 1297): 10.0, "train": 35.0}
+MODES = ("eager", "bf16", "graph", "graph-bf16", "compile", "compile-bf16")
+KERNEL_COUNT_SIZE = (481, 649)
 
 
 def time_cuda(fn: Callable[[], object], warmup: int, runs: int) -> dict:
@@ -89,6 +99,31 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     return graph.replay
 
 
+def graph_mode(mode: str) -> bool:
+    """Whether ``mode`` replays a CUDA graph (the compile modes do, of the compiled call)."""
+    return mode.startswith(("graph", "compile"))
+
+
+def warm_up(fn: Callable[[], object]) -> float:
+    """Run ``fn`` once (compiling every kernel variant); its wall time in seconds."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def attempt(measure: Callable[[], dict], **labels) -> dict:
+    """``measure()``, or, when it raises, ``labels`` with the error: one failing mode
+    must not abort the others."""
+    try:
+        return measure()
+    except Exception as e:  # reported in the results instead
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        return {**labels, "error": f"{type(e).__name__}: {e}"}
+
+
 def count_kernels(fn: Callable[[], object]) -> int:
     """GPU kernels launched by one call of ``fn``."""
     from torch.profiler import ProfilerActivity, profile
@@ -109,23 +144,25 @@ def bench_fuse(model: S4Fusion, size: tuple[int, int], mode: str, backend: str) 
     ir = torch.rand(1, 1, H, W, device="cuda", generator=g)
     vi = torch.rand(1, 1, H, W, device="cuda", generator=g)
     bf16 = "bf16" in mode
+    net = compiled(model) if mode.startswith("compile") else model
     set_backend(backend)
     try:
 
         def fuse():
             with torch.no_grad(), autocast(bf16):
-                return model(ir, vi)
+                return net(ir, vi)
 
+        out = {"size": f"{H}x{W}", "pixels": H * W, "mode": mode, "backend": backend}
         if backend == "reference":  # seconds per run: no warm-up beyond the peak-memory run
             memory = peak_mib(fuse)
             timing = time_cuda(fuse, warmup=0, runs=2)
         else:
-            fuse()  # compile every kernel variant outside of timing and capture
+            out["compile_s"] = warm_up(fuse)  # every kernel variant, outside of timing and capture
             memory = peak_mib(fuse)
-            run = graphed(fuse) if mode.startswith("graph") else fuse
+            run = graphed(fuse) if graph_mode(mode) else fuse
             timing = time_cuda(run, warmup=3, runs=5 if H * W > 1000 * 1000 else 20)
-        out = {"size": f"{H}x{W}", "pixels": H * W, "mode": mode, "backend": backend, "peak_mib": memory, **timing}
-        if mode == "eager" and size == (481, 649) and backend != "reference":
+        out.update(peak_mib=memory, **timing)
+        if mode in ("eager", "compile") and size == KERNEL_COUNT_SIZE and backend != "reference":
             out["kernels"] = count_kernels(fuse)
         return out
     finally:
@@ -138,7 +175,8 @@ def bench_fuse(model: S4Fusion, size: tuple[int, int], mode: str, backend: str) 
 def bench_train(mode: str) -> dict:
     torch.manual_seed(0)
     model = S4Fusion().cuda().train()
-    graph = mode.startswith("graph")
+    net = compiled(model) if mode.startswith("compile") else model
+    graph = graph_mode(mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph)
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (TRAIN_BATCH, 1, TRAIN_SIZE, TRAIN_SIZE)
@@ -152,17 +190,20 @@ def bench_train(mode: str) -> dict:
         def step():
             opt.zero_grad(set_to_none=not graph)
             with autocast(bf16):
-                fused = model(ir, vi)
+                fused = net(ir, vi)
             loss = weighted_l1_loss(fused.float(), ir, vi, w, w)
             loss.backward()
             opt.step()
             return loss
 
-        step()  # compile, allocate optimizer state
+        compile_s = warm_up(step)  # compile, allocate optimizer state
         memory = peak_mib(step)
         run = graphed(step) if graph else step
         timing = time_cuda(run, warmup=3, runs=20)
-        return {"size": f"{TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}", "mode": mode, "peak_mib": memory, **timing}
+        return {
+            "size": f"{TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}", "mode": mode, "compile_s": compile_s,
+            "peak_mib": memory, **timing,
+        }
     finally:
         set_backend(None)
 
@@ -172,7 +213,11 @@ def bench_train(mode: str) -> dict:
 
 def exponent(rows: list[dict], mode: str) -> Optional[float]:
     """Least-squares slope of log(time) against log(pixels), 481x649 .. 1921x2593."""
-    pts = [(math.log(r["pixels"]), math.log(r["median_ms"])) for r in rows if r["mode"] == mode and r["pixels"] >= 481 * 649]
+    pts = [
+        (math.log(r["pixels"]), math.log(r["median_ms"]))
+        for r in rows
+        if r["mode"] == mode and r["pixels"] >= 481 * 649 and "error" not in r
+    ]
     if len(pts) < 2:
         return None
     mx = sum(x for x, _ in pts) / len(pts)
@@ -192,30 +237,57 @@ def markdown(result: dict) -> str:
         target = TARGETS.get(size)
         rel_ms, rel_mib = RELEASED[size]
         name = f"fuse {r['size']}" + (" (reference scan)" if r["backend"] == "reference" else "")
+        if "error" in r:
+            lines.append(f"| {name} | {r['mode']} | failed: {_first_line(r['error'])} | | | |")
+            continue
         lines.append(
             f"| {name} | {r['mode']} | {r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f}) | "
             f"{r['peak_mib']:.0f} | {'<= %g ms' % target if target else ''} | {rel_ms} ms, {rel_mib} MiB |"
         )
     for r in result["train"]:
         rel_ms, rel_mib = RELEASED["train"]
+        if "error" in r:
+            lines.append(f"| training step {r['size']} | {r['mode']} | failed: {_first_line(r['error'])} | | | |")
+            continue
         lines.append(
             f"| training step {r['size']} | {r['mode']} | {r['median_ms']:.2f} ({r['min_ms']:.2f}-{r['max_ms']:.2f}) | "
             f"{r['peak_mib']:.0f} | <= {TARGETS['train']:g} ms, <= {rel_mib / 2:.0f} MiB | {rel_ms} ms, {rel_mib} MiB |"
         )
     lines.append("")
     for mode, e in result["exponent"].items():
-        lines.append(f"- fitted exponent of time vs pixels, 481x649 .. 1921x2593, {mode}: {e:.3f} (target <= 1.1)")
-    kernels = [r["kernels"] for r in result["fuse"] if "kernels" in r]
-    if kernels:
-        lines.append(f"- GPU kernels launched by one eager forward at 481x649: {kernels[0]} (released code: 1,865)")
+        if e is not None:
+            lines.append(f"- fitted exponent of time vs pixels, 481x649 .. 1921x2593, {mode}: {e:.3f} (target <= 1.1)")
+    for r in result["fuse"]:
+        if "kernels" in r:
+            lines.append(f"- GPU kernels launched by one {r['mode']} forward at 481x649: {r['kernels']} (released code: 1,865)")
+    for r in result["fuse"] + result["train"]:
+        if "compile_s" in r and r["mode"].startswith("compile"):
+            lines.append(f"- {r['mode']} {r['size']}: first call (compiling) {r['compile_s']:.1f} s")
     return "\n".join(lines)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0].replace("|", "/") if text.strip() else "(no message)"
+
+
+def _modes(value: str) -> list[str]:
+    modes = value.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown} in {value!r}; choose from {', '.join(MODES)}")
+    return modes
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the measurements to this JSON file")
-    parser.add_argument("--modes", default="eager,graph,graph-bf16", help="fusing modes (comma separated)")
-    parser.add_argument("--train-modes", default="eager,graph,graph-bf16", help="training modes (comma separated)")
+    default = "eager,graph,graph-bf16,compile,compile-bf16"
+    parser.add_argument(
+        "--modes", type=_modes, default=default, help=f"fusing modes, comma separated, of {', '.join(MODES)}"
+    )
+    parser.add_argument(
+        "--train-modes", type=_modes, default=default, help=f"training modes, comma separated, of {', '.join(MODES)}"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
@@ -230,24 +302,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         "train": [],
     }
     model = S4Fusion().cuda().eval()
-    for size in FUSE_SIZES:
-        for mode in args.modes.split(","):
-            result["fuse"].append(bench_fuse(model, size, mode, "triton"))
-            print(json.dumps(result["fuse"][-1]), flush=True)
-    result["fuse"].append(bench_fuse(model, FUSE_SIZES[0], "eager", "reference"))
-    print(json.dumps(result["fuse"][-1]), flush=True)
+    runs = [(size, mode, "triton") for size in FUSE_SIZES for mode in args.modes] + [(FUSE_SIZES[0], "eager", "reference")]
+    for size, mode, backend in runs:
+        labels = {"size": f"{size[0]}x{size[1]}", "pixels": size[0] * size[1], "mode": mode, "backend": backend}
+        result["fuse"].append(attempt(partial(bench_fuse, model, size, mode, backend), **labels))
+        print(json.dumps(result["fuse"][-1]), flush=True)
     del model
     torch.cuda.empty_cache()
-    for mode in args.train_modes.split(","):
-        result["train"].append(bench_train(mode))
+    for mode in args.train_modes:
+        labels = {"size": f"{TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}", "mode": mode}
+        result["train"].append(attempt(partial(bench_train, mode), **labels))
         print(json.dumps(result["train"][-1]), flush=True)
         torch.cuda.empty_cache()
-    result["exponent"] = {m: exponent(result["fuse"], m) for m in args.modes.split(",")}
+    result["exponent"] = {m: exponent(result["fuse"], m) for m in args.modes}
     print(markdown(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
-    return 0
+    return 1 if any("error" in r for r in result["fuse"] + result["train"]) else 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ memory budget (:mod:`s4fusion.tiling`): the scan states are carried from band to
 band, so the result equals the whole-image result up to float rounding.
 ``tile=0`` never uses bands, ``tile=N`` forces bands of an N x N-pixel tile's
 worth of tokens.
+
+``compile=True`` runs whole-image passes through the network compiled with
+:func:`torch.compile` (:func:`compiled`): the first pass at each batch and image
+size compiles (tens of seconds), later ones run faster. Band-wise passes always
+run the network uncompiled.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ __all__ = [
     "default_weights",
     "example_pair",
     "load_model",
+    "compiled",
+    "COMPILE_LIMIT",
     "resolve_device",
     "prepare_pair",
     "PreparedPair",
@@ -65,6 +72,13 @@ __all__ = [
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 WEIGHTS_FILE = "s4fusion.safetensors"
 _KINDS = "give a path, numpy array, PIL image or torch tensor"
+# Compiled versions dynamo keeps of each function of the network (its recompile limit,
+# 8 by default) while a compiled model runs. The network's scales share their code,
+# so one input shape takes up to two versions per scale (VSS and CMSA blocks): about
+# ten shapes of the default network compile before torch warns and runs the rest of
+# the shapes eagerly.
+COMPILE_LIMIT = 64
+_COMPILED_ATTR = "_s4fusion_compiled"
 PathLike = Union[str, os.PathLike]
 
 
@@ -132,6 +146,50 @@ def _model(model: Union[S4Fusion, PathLike, None], device: Union[str, torch.devi
                 model = model.to(target)
         return model
     return load_model(model, device)
+
+
+class _CompiledSlot:
+    """Where a model keeps its compiled forward (:func:`compiled`). A copy or a
+    pickle of the model gets an empty slot: the compiled module is bound to the
+    model it was made from."""
+
+    __slots__ = ("forward",)
+
+    def __init__(self) -> None:
+        self.forward: Optional[Callable[..., torch.Tensor]] = None
+
+    def __reduce__(self) -> tuple:
+        return (_CompiledSlot, ())
+
+
+def compiled(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    """``model`` compiled with :func:`torch.compile` (inductor, static shapes), made
+    once per model and process and kept on the model; a copy of the model compiles
+    anew. Calls take and return what ``model(...)`` does, in training too (same
+    parameters, gradients through the compiled code).
+
+    Every scan is a graph break (:mod:`s4fusion.ops`): inductor fuses the layers
+    between the scans, which run as opaque calls of the scan backend. Compilation is
+    lazy: the first call with a new input shape (batch, height, width), dtype,
+    device, autocast, grad or train/eval mode compiles, and later calls with the
+    same ones reuse it. Shapes are static (``dynamic=False``): the scales share their
+    code, so dynamic shapes would make every scale's code shape-generic. Up to
+    :data:`COMPILE_LIMIT` versions of each function are kept. On the CPU, inductor
+    needs a C++ compiler."""
+    slot = vars(model).get(_COMPILED_ATTR)
+    if slot is None:
+        slot = _CompiledSlot()
+        setattr(model, _COMPILED_ATTR, slot)
+    if slot.forward is None:
+        module = torch.compile(model, dynamic=False)
+
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            # cache_size_limit: the recompile limit's name in every torch since 2.1
+            with torch._dynamo.config.patch(cache_size_limit=COMPILE_LIMIT):
+                return module(*args, **kwargs)
+
+        slot.forward = forward
+    return slot.forward
 
 
 # ------------------------------------------------------------------- inputs
@@ -252,6 +310,7 @@ def fuse_luma(
     memory_budget: Optional[int] = None,
     precision: str = "fp32",
     progress: Optional[Callable[[str], None]] = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """The network on a batch: (B, 1, H, W) infrared and visible Y in [0, 1] ->
     (B, 1, H, W) float32 fused Y on the model's device, unclamped.
@@ -262,8 +321,10 @@ def fuse_luma(
     N-pixel tile's worth of tokens (:func:`s4fusion.tiling.tile_tokens`). Band-wise
     results equal whole-image ones up to float rounding (about 1e-7 in float32, a few
     1e-3 under bf16); ``progress`` receives a short status line as band-wise
-    blocks finish. Raises :class:`FusionError` for an image
-    smaller than the network minimum or a non-finite output."""
+    blocks finish. ``compile``: whole-image passes run :func:`compiled` ``model``
+    (the first pass of each batch and image size compiles); band-wise passes run
+    ``model`` uncompiled. Raises :class:`FusionError` for an image
+    smaller than the network minimum, a failed compilation or a non-finite output."""
     device = next(model.parameters()).device
     infrared = infrared.to(device=device, dtype=torch.float32)
     visible_y = visible_y.to(device=device, dtype=torch.float32)
@@ -298,7 +359,7 @@ def fuse_luma(
         for first in range(0, batch, chunk):
             ir, vi = infrared[first : first + chunk], visible_y[first : first + chunk]
             if band is None:
-                out = model(ir, vi)
+                out = _run_compiled(model, ir, vi) if compile else model(ir, vi)
             else:
                 report = None if progress is None else (lambda n: progress(f"band-wise, {n} blocks done"))
                 out = tiling.banded_forward(model, ir, vi, band, report)
@@ -308,6 +369,19 @@ def fuse_luma(
         hint = " (fp16 overflow is likely: use precision 'fp32' or 'bf16')" if precision == "fp16" else ""
         raise FusionError(f"the network output holds NaN or infinite values{hint}; check the weights and inputs")
     return fused
+
+
+def _run_compiled(model: S4Fusion, infrared: torch.Tensor, visible_y: torch.Tensor) -> torch.Tensor:
+    from torch._dynamo.exc import TorchDynamoException
+
+    try:
+        return compiled(model)(infrared, visible_y)
+    except TorchDynamoException as e:
+        batch, _, height, width = infrared.shape
+        raise FusionError(
+            f"torch.compile failed on a batch of {batch} {width}x{height} (width x height) images "
+            f"({type(e).__name__}: {e}); fuse without compile (compile=False, or no --compile)"
+        ) from e
 
 
 def _compose(fused_y: np.ndarray, pair: PreparedPair, gray: bool) -> np.ndarray:
@@ -380,6 +454,7 @@ def fuse_images(
     memory_budget: Optional[int] = None,
     device: Union[str, torch.device, None] = None,
     precision: str = "fp32",
+    compile: bool = False,
 ) -> list:
     """Fuse a list of pairs; equal-size pairs run in batches of ``batch_size``.
 
@@ -387,7 +462,9 @@ def fuse_images(
     result i has the form of ``visible[i]``. ``model``: an :class:`S4Fusion`, a
     weights path, or None for the bundled weights; ``device`` None keeps a given
     model where it is (else CUDA when available), a named device moves the model
-    there. The first bad pair raises."""
+    there. ``compile``: run whole-image passes through :func:`compiled` ``model``
+    (the first batch of each size compiles, later ones reuse it; band-wise passes
+    run uncompiled); pays off for many pairs of few sizes. The first bad pair raises."""
     if len(infrared) != len(visible):
         raise FusionError(f"{len(infrared)} infrared images but {len(visible)} visible images")
     if batch_size < 1:
@@ -397,7 +474,7 @@ def fuse_images(
         prepare_pair(i, v, ir_norm=ir_norm, ir_percentiles=ir_percentiles, resize_visible=resize_visible)
         for i, v in zip(infrared, visible)
     ]
-    run = dict(tile=tile, memory_budget=memory_budget, precision=precision)
+    run = dict(tile=tile, memory_budget=memory_budget, precision=precision, compile=compile)
     results: list = [None] * len(prepared)
     for indices in _batches([p.size for p in prepared], batch_size):
         outs = fuse_prepared(net, [prepared[k] for k in indices], gray=gray, **run)
@@ -429,7 +506,7 @@ def fuse(
     ``gray``, ``ir_norm`` (``auto|minmax|percentile|scale``), ``ir_percentiles``,
     ``resize_visible``, ``tile`` (``"auto"``, 0, N),
     ``memory_budget`` (bytes), ``device``, ``precision`` (``fp32|bf16|fp16``),
-    ``batch_size``."""
+    ``batch_size``, ``compile``."""
     irs, vis = _items(infrared), _items(visible)
     if len(irs) != len(vis):
         raise FusionError(f"infrared batch of {len(irs)} but visible batch of {len(vis)}")

@@ -134,6 +134,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--memory-budget", type=float, metavar="GIB",
         help="memory for one pass in GiB (default: 60%% of available RAM, 80%% of free GPU memory)",
     )
+    run.add_argument(
+        "--compile", action="store_true",
+        help="run whole-image passes through the network compiled with torch.compile (inductor; on the CPU it "
+        "needs a C++ compiler): the first batch of each image size and batch size compiles (tens of seconds), "
+        "later ones run faster, so it pays off for many pairs of few sizes. Band-wise passes run uncompiled",
+    )
     safe = p.add_argument_group("existing outputs").add_mutually_exclusive_group()
     safe.add_argument("--skip-existing", action="store_true", help="skip pairs whose output exists (resume a run)")
     safe.add_argument("--overwrite", action="store_true", help="replace existing outputs (never inputs)")
@@ -286,6 +292,7 @@ def run_fuse(args: argparse.Namespace) -> int:
         tile=args.tile,
         memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None,
         precision=args.precision,
+        compile=args.compile,
     )
     written: list[Path] = []
     bar = tqdm(total=len(todo), unit="pair", desc="fusing", disable=None, file=sys.stderr)

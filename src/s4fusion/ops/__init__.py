@@ -9,6 +9,16 @@ function with the signature of :func:`s4fusion.ops.reference.cross_scan_state_re
 Choosing a backend, in order: the ``backend=`` argument, then
 :func:`set_backend` / the ``S4FUSION_SCAN_BACKEND`` environment variable, then
 the fastest available backend for the input's device (``auto``).
+
+Under :func:`torch.compile`, every scan call is a graph break: the backend, its
+choice included, runs eagerly as an opaque call (``torch.compiler.disable``,
+applied only while compiling, so that importing the package does not import
+dynamo), and dynamo compiles the code between scans. Dynamo cannot trace the numba and
+Triton kernels, and their autograd Functions save kernel-specific intermediates
+for the backward pass, which an op with a fake implementation would have to
+expose; the reference scan is a Python loop over tokens, which tracing would
+unroll. The backend is therefore chosen at every call, as without compilation:
+a compiled model follows :func:`set_backend`.
 """
 
 from __future__ import annotations
@@ -174,6 +184,13 @@ def cross_scan(
 ) -> torch.Tensor:
     """SS2D / Cross SS2D scan core; see :func:`s4fusion.ops.reference.cross_scan_ref`
     for the exact semantics and layouts. ``backend`` forces one backend."""
+    args = (u, delta, A, B, C, D, delta_bias, height, width, backend)
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_cross_scan_eager)(*args)
+    return _cross_scan_eager(*args)
+
+
+def _cross_scan_eager(u, delta, A, B, C, D, delta_bias, height, width, backend):
     name = resolve_backend(u.device, backend)
     return _load(name)(u, delta, A, B, C, D, delta_bias, height, width)
 
@@ -205,6 +222,13 @@ def cross_scan_state(
     which one runs instead, whether chosen automatically or forced: on a GPU,
     the CPU kernel on host copies of the inputs when numba is installed.
     """
+    args = (u, delta, A, B, C, delta_bias, height, width, direction, h0, backend)
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_cross_scan_state_eager)(*args)
+    return _cross_scan_state_eager(*args)
+
+
+def _cross_scan_state_eager(u, delta, A, B, C, delta_bias, height, width, direction, h0, backend):
     name = resolve_state_backend(u.device, backend)
     fn = _load_state(name)
     if u.device.type in _BACKENDS[name].devices:
