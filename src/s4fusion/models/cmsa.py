@@ -83,7 +83,8 @@ class CMSABlock(GatedScanBranch):
 def _stack_channels_last(ts: tuple[torch.Tensor, torch.Tensor], channel_dim: int) -> torch.Tensor:
     """torch.stack(ts, 1) of (b, ..., d, L) tensors, with the channels innermost in
     memory (as the GPU scan reads them)."""
-    return torch.stack([t.transpose(channel_dim, channel_dim + 1) for t in ts], 1).transpose(channel_dim + 1, channel_dim + 2)
+    stacked = torch.stack([t.transpose(channel_dim, channel_dim + 1) for t in ts], 1)
+    return stacked.transpose(channel_dim + 1, channel_dim + 2)
 
 
 class ResidualPairStack(nn.Module):
