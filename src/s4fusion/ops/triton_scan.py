@@ -84,7 +84,7 @@ FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 # unrolled per loop iteration, lanes wanted per launch (lines are cut into segments
 # until there are about as many).
 FWD_CB, FWD_LANES, FWD_UNROLL = 2, 128, 2
-TARGET_LANES = 1 << 18
+TARGET_LANES = 1 << 17
 # Backward: lines per program = 32 * NUM_WARPS (one per thread); channels per
 # thread; scan steps per unrolled block for M = 1 (halved for M = 2).
 NUM_WARPS = 1
