@@ -63,9 +63,8 @@ def scan_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.
         if kind == "vss":
             block = SS2D(dim, cfg.ss2d_d_state, *args).cuda()
             a = block.conv_act(torch.randn(batch, H, W, block.d_inner, device="cuda"))
-            u = a.reshape(batch, block.d_inner, H * W)
-            delta, B, C = block.project(u, block.x_proj_weight)
-            u, delta, B, C = u[:, None], delta[:, None], B[:, None], C[:, None]
+            u = a.reshape(batch, 1, block.d_inner, H * W)
+            delta, B, C = block.project(u, block.x_proj_weight[None])
         else:
             block = CMSABlock(dim, cfg.cmsa_d_state, *args).cuda()
             a = [block.conv_act(torch.randn(batch, H, W, block.d_inner, device="cuda")) for _ in range(2)]

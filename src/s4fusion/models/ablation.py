@@ -200,7 +200,7 @@ class FSSMBlock(nn.Module):
     def _branch_in(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, C) -> a (B, d, H, W) after conv + SiLU, gate z (B, H, W, d)."""
         a, z = self.in_proj(v).chunk(2, dim=-1)
-        return F.silu(self.conv2d(a.permute(0, 3, 1, 2))), z
+        return F.silu(self.conv2d(a.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))), z
 
     def _branch_out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """scan output (B, d, L) and gate z (B, H, W, d) -> (B, H, W, C)."""
@@ -211,12 +211,12 @@ class FSSMBlock(nn.Module):
         a_x, z_x = self._branch_in(x)
         a_y, z_y = self._branch_in(y)
         b, d, h, w = a_x.shape
-        a_x, a_y = a_x.reshape(b, d, h * w), a_y.reshape(b, d, h * w)
-        delta_x, B_x, C_x = self.ir.project(a_x, self.ir.x_proj_weight)
-        delta_y, B_y, C_y = self.vi.project(a_y, self.vi.x_proj_weight)
+        a_x, a_y = a_x.reshape(b, 1, d, h * w), a_y.reshape(b, 1, d, h * w)
+        delta_x, B_x, C_x = self.ir.project(a_x, self.ir.x_proj_weight[None])
+        delta_y, B_y, C_y = self.vi.project(a_y, self.vi.x_proj_weight[None])
         # M = 1 scans through the dispatcher; each stream driven by the other's parameters.
-        o_x = self.vi.scan(a_x[:, None], delta_y[:, None], B_y[:, None], C_y[:, None], h, w)[:, 0]
-        o_y = self.ir.scan(a_y[:, None], delta_x[:, None], B_x[:, None], C_x[:, None], h, w)[:, 0]
+        o_x = self.vi.scan(a_x, delta_y, B_y, C_y, h, w)[:, 0]
+        o_y = self.ir.scan(a_y, delta_x, B_x, C_x, h, w)[:, 0]
         return self._branch_out(o_x, z_x), self._branch_out(o_y, z_y)
 
 

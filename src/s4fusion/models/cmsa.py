@@ -51,20 +51,15 @@ class CMSABlock(GatedScanBranch):
 
     def scan_inputs(self, a_ir: torch.Tensor, a_vi: torch.Tensor, direction: int | None = None):
         """a_ir, a_vi (b, d, H, W) -> u (b, 2, d, L), delta (b, 2, K, d, L), B, C (b, 2, K, N, L)
-        in row-major position order (modality 0 = infrared); with ``direction``, that
-        direction's only (K = 1)."""
+        in row-major position order (modality 0 = infrared), u and delta with their
+        channels innermost in memory; with ``direction``, that direction's only (K = 1)."""
         b, d, H, W = a_ir.shape
-        a_ir = a_ir.reshape(b, d, H * W)
-        a_vi = a_vi.reshape(b, d, H * W)
-        d_ir, B_ir, C_ir = self.project(a_ir, self.x_proj_weight, direction)
-        d_vi, B_vi, C_vi = self.project(a_vi, self.y_proj_weight, direction)
-        if self.patch_mark is None:
-            u = (a_ir, a_vi)
-        else:
-            mark = self.patch_mark(a_ir, a_vi)
-            u = (a_ir + mark, a_vi + mark)
-        delta = _stack_channels_last((d_ir, d_vi), 2)
-        return _stack_channels_last(u, 1), delta, torch.stack([B_ir, B_vi], 1), torch.stack([C_ir, C_vi], 1)
+        a = torch.stack([t.reshape(b, d, H * W).transpose(1, 2) for t in (a_ir, a_vi)], 1)  # (b, 2, L, d)
+        delta, B, C = self.project(a.transpose(2, 3), torch.stack([self.x_proj_weight, self.y_proj_weight]), direction)
+        if self.patch_mark is not None:
+            mark = self.patch_mark(a[:, 0].transpose(1, 2), a[:, 1].transpose(1, 2))  # (b, d, L), channels innermost
+            a = a + mark.transpose(1, 2)[:, None]
+        return a.transpose(2, 3), delta, B, C
 
     def cross_ss2d(self, a_ir: torch.Tensor, a_vi: torch.Tensor) -> torch.Tensor:
         """Patch Mark, Interleaving, Cross SS2D and Recovering: a_ir, a_vi (b, d, H, W)
@@ -78,13 +73,6 @@ class CMSABlock(GatedScanBranch):
         a_y, z_y = self.branch_in(y)
         o = self.cross_ss2d(a_x, a_y)
         return self.branch_out(o[:, 0], z_x), self.branch_out(o[:, 1], z_y)
-
-
-def _stack_channels_last(ts: tuple[torch.Tensor, torch.Tensor], channel_dim: int) -> torch.Tensor:
-    """torch.stack(ts, 1) of (b, ..., d, L) tensors, with the channels innermost in
-    memory (as the GPU scan reads them)."""
-    stacked = torch.stack([t.transpose(channel_dim, channel_dim + 1) for t in ts], 1)
-    return stacked.transpose(channel_dim + 1, channel_dim + 2)
 
 
 class ResidualPairStack(nn.Module):

@@ -47,21 +47,22 @@ class ScanParams(nn.Module):
         self.Ds._no_weight_decay = True
 
     def project(self, a: torch.Tensor, x_proj_weight: torch.Tensor, direction: int | None = None):
-        """a (b, d, L) -> delta (b, K, d, L), B (b, K, N, L), C (b, K, N, L), all in
-        row-major position order (the projections are position-wise, so no unfolding
-        is needed before them); with ``direction``, that direction's only (K = 1).
-        Computed token-major: delta has its channels innermost in memory, as the GPU
-        scan reads them."""
+        """a (b, M, d, L), x_proj_weight (M, K, R+2N, d) (one per modality) -> delta
+        (b, M, K, d, L), B (b, M, K, N, L), C (b, M, K, N, L), all in row-major
+        position order (the projections are position-wise, so no unfolding is needed
+        before them); with ``direction``, that direction's only (K = 1). Computed
+        token-major in one batched product per projection: delta has its channels
+        innermost in memory, as the GPU scan reads them; B and C are views."""
         R, N = self.dt_rank, self.d_state
         dt_weight = self.dt_projs_weight
         if direction is not None:
-            x_proj_weight = x_proj_weight[direction : direction + 1]
+            x_proj_weight = x_proj_weight[:, direction : direction + 1]
             dt_weight = dt_weight[direction : direction + 1]
-        K, rows, d = x_proj_weight.shape
-        b, L = a.shape[0], a.shape[2]
-        P = (a.transpose(1, 2) @ x_proj_weight.reshape(K * rows, d).t()).view(b, L, K, rows)
-        delta = (P[..., :R].transpose(1, 2) @ dt_weight.transpose(1, 2)).transpose(2, 3)  # storage (b, K, L, d)
-        return delta, P[..., R : R + N].permute(0, 2, 3, 1), P[..., R + N :].permute(0, 2, 3, 1)
+        M, K, rows, d = x_proj_weight.shape
+        b, L = a.shape[0], a.shape[3]
+        P = (a.transpose(2, 3) @ x_proj_weight.reshape(M, K * rows, d).transpose(1, 2)).view(b, M, L, K, rows)
+        delta = P[..., :R].permute(0, 1, 3, 2, 4) @ dt_weight.transpose(1, 2)  # (b, M, K, L, d)
+        return delta.transpose(3, 4), P[..., R : R + N].permute(0, 1, 3, 4, 2), P[..., R + N :].permute(0, 1, 3, 4, 2)
 
     def scan(self, u, delta, B, C, height: int, width: int) -> torch.Tensor:
         """u (b, M, d, L), delta (b, M, K, d, L), B/C (b, M, K, N, L) -> (b, M, d, L)."""
@@ -119,9 +120,8 @@ class SS2D(GatedScanBranch):
     def core(self, a: torch.Tensor) -> torch.Tensor:
         """a (b, d, H, W) -> sum of the four direction scans (b, d, H*W)."""
         b, d, H, W = a.shape
-        a = a.reshape(b, d, H * W)
-        delta, B, C = self.project(a, self.x_proj_weight)
-        return self.scan(a[:, None], delta[:, None], B[:, None], C[:, None], H, W)[:, 0]
+        u = a.reshape(b, 1, d, H * W)
+        return self.scan(u, *self.project(u, self.x_proj_weight[None]), H, W)[:, 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, H, W, C) -> (b, H, W, C)
         a, z = self.branch_in(x)

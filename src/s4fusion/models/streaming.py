@@ -122,8 +122,8 @@ def vss_block_banded(block: VSSBlock, x: torch.Tensor, band_tokens: int) -> torc
     ss2d = block.ss2d
 
     def band_inputs(a: list[torch.Tensor], k: int):
-        u = a[0].flatten(2)  # (b, d, L)
-        return (u[:, None], *(t[:, None] for t in ss2d.project(u, ss2d.x_proj_weight, k)))
+        u = a[0].flatten(2)[:, None]  # (b, 1, d, L)
+        return (u, *ss2d.project(u, ss2d.x_proj_weight[None], k))
 
     a = _branch_input(ss2d, x, band_tokens, block.norm)
     y = _scan_bands(ss2d, [a], band_inputs, band_tokens)[:, 0]
