@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 from typing import Callable
 
 import torch
+from bench_gpu import time_cuda
 
 from s4fusion.models import S4FusionConfig
 from s4fusion.models.cmsa import CMSABlock
@@ -74,19 +74,9 @@ def scan_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.
     return tuple(t.to(dtype) for t in (u, delta)) + (A,) + tuple(t.to(dtype) for t in (B, C)) + extra
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 3, runs: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def time_ms(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` (CUDA events, 3 warm-ups, 20 runs)."""
+    return time_cuda(fn, warmup=3, runs=20)["median_ms"]
 
 
 def bench_case(case: tuple, dtype: torch.dtype, train: bool) -> dict:

@@ -106,7 +106,7 @@ def _scan_jit(fn):
     """triton.jit without specialisation on sizes, size-dependent strides and pointer
     alignment (every access is a gather, so they would only multiply compilations)."""
     params = inspect.signature(fn).parameters
-    names = [a for a, p in params.items() if p.annotation is not tl.constexpr and p.annotation != "tl.constexpr"]
+    names = [a for a, p in params.items() if p.annotation != "tl.constexpr"]  # (annotations are strings here)
     fixed = [a for a in names if a in _SIZES or a in _STRIDES or a == "d" or a.endswith("_ptr")]
     return triton.jit(do_not_specialize=fixed)(fn)
 
