@@ -206,10 +206,13 @@ except Exception as e:
     raise SystemExit(0)
 from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
-ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES = 2, 2, 4, 8
-# (several blocks, segments, combine blocks and forward programs)
+ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
+# (segments of one block, combine blocks, several programs; channel groups of 1, 2 and 4
+# lanes; "whole": one segment per line, of several blocks)
 worst = 0.0
-for b, M, d, N, H, W, last in [(1, 2, 5, 3, 4, 3, False), (2, 1, 3, 2, 3, 5, False), (1, 2, 5, 3, 3, 4, True)]:
+for b, M, d, N, H, W, last, whole in [(1, 2, 5, 3, 4, 3, False, False), (2, 1, 6, 2, 3, 5, False, False),
+                                      (1, 2, 4, 3, 3, 4, True, False), (2, 1, 6, 2, 3, 5, True, True)]:
+    ts.TARGET_LANES = 1 if whole else 1 << 17
     g = torch.Generator().manual_seed(H * W)
     L, K = H * W, 4
     x = [torch.randn(b, M, d, L, generator=g), 0.5 * torch.randn(b, M, K, d, L, generator=g),
