@@ -103,7 +103,7 @@ def bench_case(case: tuple, dtype: torch.dtype, train: bool) -> dict:
 
 SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_scan and the values tried
     "forward": {"FWD_CB": (1, 2), "FWD_LANES": (64, 128, 256), "FWD_UNROLL": (1, 2)},
-    "backward": {"BWD_LANES": (64, 128, 256), "BWD_STEPS": (4, 8), "BWD_GROUP": (8, 32)},
+    "backward": {"BWD_LANES": (32, 64, 128), "BWD_STEPS": (2, 4), "BWD_GROUP": (4, 8)},
 }
 
 

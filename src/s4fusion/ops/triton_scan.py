@@ -29,9 +29,8 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
   the adjoint arriving from the chunks after it; ``_bwd_kernel`` walks the blocks
   of every chunk backwards and, per state index n, recomputes the block's states
   from the stored one and runs the adjoint back through them. Gradients: u (over
-  directions), B and C (over channels) atomically; delta stored; A per block (in
-  the slot of the block's used-up stored state), D and delta_bias per lane, as
-  partial sums that torch reduces.
+  directions), B and C (over channels) atomically; delta stored; A, D and
+  delta_bias as per-lane partial sums that torch reduces.
 
 Work layout: a program owns ``E`` lanes of one segment of one direction and
 batch element; a lane is one line and ``CB`` neighbouring channels (``CB`` = 1
@@ -81,7 +80,7 @@ TARGET_LANES = 1 << 17
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
 # an adjoint per state); lanes (one line x one channel) per program; scan steps per block for
 # M = 1 (halved for M = 2); most lanes summed in registers before an atomic add.
-SWEEP_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 128, 8, 32
+SWEEP_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 64, 4, 8
 # Chunk combine: chunk slots per scan block, states per program, warps.
 COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 64, 32, 4
 
@@ -382,8 +381,9 @@ def _group_sum(x, GE: tl.constexpr, CT: tl.constexpr):
 @_scan_jit
 def _bwd_kernel(
     u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
-    ck_ptr,  # (b*K, NL, NBLK, N, d) f32: state entering every block (MODE_SWEEP); overwritten with the block's dL/dA
+    ck_ptr,  # (b*K, NL, NBLK, N, d) f32: state entering every block (MODE_SWEEP)
     q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at every chunk's last token; carries it between blocks (clobbered)
+    ga_ptr,  # (b*K, NL, NS, d, N) f32, zeroed: every lane's partial dL/dA
     gdsk_ptr, gbias_ptr,  # (b*K, NL, NS, d) f32, zeroed: every lane's partial dL/dD, dL/d(delta_bias)
     gdl_ptr,  # (b, M, K, d, L) out, delta's dtype, any strides
     gu_ptr,  # (b, M, d, L) f32, zeroed, any strides (atomic over the directions)
@@ -472,6 +472,7 @@ def _bwd_kernel(
         a2 = tl.load(a2_lane, mask=lmask, other=0.0)
         h = tl.load(ck_ptr + ck_lane + blk * N * d, mask=lmask, other=0.0)
         gnext = tl.load(q_ptr + st, mask=lmask, other=0.0)
+        ga = tl.load(ga_ptr + st, mask=lmask, other=0.0)
         BV = tl.tuple([])
         CV = tl.tuple([])
         for t in tl.static_range(NT):
@@ -482,6 +483,7 @@ def _bwd_kernel(
             a2_nx = tl.load(a2_lane + n + 1, mask=nx, other=0.0)
             h_nx = tl.load(ck_ptr + ck_lane + (blk * N + n + 1) * d, mask=nx, other=0.0)
             gnext_nx = tl.load(q_ptr + st + n + 1, mask=nx, other=0.0)
+            ga_nx = tl.load(ga_ptr + st + n + 1, mask=nx, other=0.0)
             BV_nx = tl.tuple([])
             CV_nx = tl.tuple([])
             for t in tl.static_range(NT):
@@ -499,13 +501,12 @@ def _bwd_kernel(
             # last token first: dL/dh_t = gy_t C_t + a_{t+1} dL/dh_{t+1}
             GA2 = tl.tuple([])
             GB2 = tl.tuple([])
-            gacc = tl.zeros([E], tl.float32)
             for t in tl.static_range(NT - 1, -1, -1):
                 g = GY[t] * CV[t] + gnext
                 gr = g * (HS[t] - DTU[t] * BV[t])  # g a_t h_{t-1}
                 GA2 = GA2 + (GA[t] + gr * (a2 * LN2),)
                 GB2 = GB2 + (GB[t] + g * BV[t],)
-                gacc += gr * DT[t]
+                ga += gr * DT[t]
                 pg = gline_off + (i0 + t // M) * pos_step
                 gbc = gbc_off + (t % M) * sgb_m + pg * sgb_l + n * sgb_n
                 tl.atomic_add(gb_ptr + gbc, _group_sum(g * DTU[t], GE, CT), mask=VG[t], sem="relaxed")
@@ -517,10 +518,11 @@ def _bwd_kernel(
                 GA = GA + (GA2[NT - 1 - t],)
                 GB = GB + (GB2[NT - 1 - t],)
             tl.store(q_ptr + st + n, gnext, mask=lmask)
-            tl.store(ck_ptr + ck_lane + (blk * N + n) * d, gacc, mask=lmask)  # (the state there is used up)
+            tl.store(ga_ptr + st + n, ga, mask=lmask)
             a2 = a2_nx
             h = h_nx
             gnext = gnext_nx
+            ga = ga_nx
             BV = BV_nx
             CV = CV_nx
         for t in tl.static_range(NT):
@@ -640,7 +642,7 @@ class _CrossScan(torch.autograd.Function):
         sizes = (H, W, NL, ns, seg, nblk, d)
         in_strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *gout.stride())
         # the state entering every block and the adjoint every chunk passes back from its own outputs
-        ck = torch.zeros(b * K, NL, nblk, N, d, device=dev, dtype=f32)  # (zeros where no block is: summed below)
+        ck = torch.empty(b * K, NL, nblk, N, d, device=dev, dtype=f32)
         local = torch.empty_like(start)
         grid = (triton.cdiv(NL * triton.cdiv(d, SWEEP_CB), FWD_LANES) * ns, b * K)
         _fwd_kernel[grid](*args, start, dts, gout, ck, local, *sizes, *in_strides, MODE=MODE_SWEEP, CKB=tb,
@@ -652,17 +654,18 @@ class _CrossScan(torch.autograd.Function):
         g_u = _new_like(u, f32, zero=True)
         g_B = _new_like(B, f32, zero=True)
         g_C = torch.zeros_like(g_B)
+        g_A = torch.zeros_like(start)
         g_D = torch.zeros_like(dts)
         g_bias = torch.zeros_like(dts)
         out_strides = (*g_delta.stride(), *g_u.stride(), *g_B.stride())
         _bwd_kernel[(triton.cdiv(NL * d, BWD_LANES) * ns, b * K)](
-            *args, gout, ck, arriving, g_D, g_bias, g_delta, g_u, g_B, g_C, *sizes, *in_strides, *out_strides,
+            *args, gout, ck, arriving, g_A, g_D, g_bias, g_delta, g_u, g_B, g_C, *sizes, *in_strides, *out_strides,
             K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(d), num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
         return (
             g_u.to(u.dtype),
             g_delta,
-            ck.view(b, K, NL * nblk, N, d).sum((0, 2)).transpose(1, 2).reshape(K * d, N).to(A.dtype),
+            g_A.view(b, K, NL * ns, d, N).sum((0, 2)).reshape(K * d, N).to(A.dtype),
             g_B.to(B.dtype),
             g_C.to(C.dtype),
             g_D.view(b, K, NL * ns, d).sum((0, 2)).reshape(K * d).to(D.dtype),
