@@ -80,7 +80,7 @@ TARGET_LANES = 1 << 17
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
 # an adjoint per state); lanes (one line x one channel) per program; scan steps per block for
 # M = 1 (halved for M = 2); most lanes summed in registers before an atomic add.
-SWEEP_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 64, 4, 8
+SWEEP_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 32, 4, 8
 # Chunk combine: chunk slots per scan block, states per program, warps.
 COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 64, 32, 4
 
