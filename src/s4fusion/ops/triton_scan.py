@@ -25,8 +25,9 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
   position, so the K directions sum in place.
 * Backward: ``_fwd_kernel`` (``MODE_SWEEP``) walks every chunk again from its
   start state and stores the state entering each block of ``TB`` steps and the
-  adjoint the chunk passes to the state before it (from its own outputs); ``_chunk_combine_kernel`` (reversed) gives every chunk
-  the adjoint arriving from the chunks after it; ``_bwd_kernel`` walks the blocks
+  adjoint the chunk passes to the state before it (from its own outputs);
+  ``_chunk_combine_kernel`` (reversed) gives every chunk the adjoint arriving
+  from the chunks after it; ``_bwd_kernel`` walks the blocks
   of every chunk backwards and, per state index n, recomputes the block's states
   from the stored one and runs the adjoint back through them. Gradients: u (over
   directions), B and C (over channels) atomically; delta stored; A, D and
@@ -78,8 +79,9 @@ FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 FWD_CB, FWD_LANES, FWD_UNROLL = 2, 128, 2
 TARGET_LANES = 1 << 17
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
-# an adjoint per state); lanes (one line x one channel) per program; scan steps per block for
-# M = 1 (halved for M = 2); most lanes summed in registers before an atomic add.
+# an adjoint per state); lanes (one line x one channel) per program; scan steps
+# per block for M = 1 (halved for M = 2); most lanes summed in registers before
+# an atomic add.
 SWEEP_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 32, 4, 8
 # Chunk combine: chunk slots per scan block, states per program, warps.
 COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 64, 32, 4
@@ -382,7 +384,7 @@ def _group_sum(x, GE: tl.constexpr, CT: tl.constexpr):
 def _bwd_kernel(
     u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
     ck_ptr,  # (b*K, NL, NBLK, N, d) f32: state entering every block (MODE_SWEEP)
-    q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at every chunk's last token; carries it between blocks (clobbered)
+    q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end; carries it between blocks (clobbered)
     ga_ptr,  # (b*K, NL, NS, d, N) f32, zeroed: every lane's partial dL/dA
     gdsk_ptr, gbias_ptr,  # (b*K, NL, NS, d) f32, zeroed: every lane's partial dL/dD, dL/d(delta_bias)
     gdl_ptr,  # (b, M, K, d, L) out, delta's dtype, any strides
