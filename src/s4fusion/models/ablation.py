@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from .cmsa import ResidualPairStack
 from .config import CROSS_ATTENTION_HEADS, S4FusionConfig
+from .layers import LayerNorm
 from .ss2d import NUM_DIRECTIONS, ScanParams, uniform_
 
 __all__ = [
@@ -194,7 +195,7 @@ class FSSMBlock(nn.Module):
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
         self.ir = _ModalityScan(d_inner, dt_rank, d_state)
         self.vi = _ModalityScan(d_inner, dt_rank, d_state)
-        self.out_norm = nn.LayerNorm(d_inner, eps=eps)
+        self.out_norm = LayerNorm(d_inner, eps=eps)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def _branch_in(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +206,7 @@ class FSSMBlock(nn.Module):
     def _branch_out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """scan output (B, d, L) and gate z (B, H, W, d) -> (B, H, W, C)."""
         b, h, w, d = z.shape
-        return self.out_proj(self.out_norm(o.transpose(1, 2).reshape(b, h, w, d)) * F.silu(z))
+        return self.out_proj(self.out_norm(o.transpose(1, 2).reshape(b, h, w, d), gate=z))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a_x, z_x = self._branch_in(x)

@@ -6,6 +6,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
+
+
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the last dimension (same parameters and state dict)
+    computed by :func:`s4fusion.ops.layer_norm`: on a GPU, the scan backend's
+    LayerNorm kernel. ``gate`` (x's shape) multiplies the result by ``silu(gate)``."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, gate)
+
 
 class OverlapPatchEmbed(nn.Module):
     """Conv (kernel ``patch_size``, stride ``stride``, no padding) + LayerNorm.
@@ -14,7 +25,7 @@ class OverlapPatchEmbed(nn.Module):
     def __init__(self, in_chans: int, dim: int, patch_size: int, stride: int, eps: float) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=stride)
-        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.norm = LayerNorm(dim, eps=eps)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(img).permute(0, 2, 3, 1))
@@ -27,7 +38,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(4 * dim, eps=eps)
+        self.norm = LayerNorm(4 * dim, eps=eps)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +55,7 @@ class PatchExpand(nn.Module):
     def __init__(self, dim_out: int, eps: float) -> None:
         super().__init__()
         self.expand = nn.Linear(2 * dim_out, 4 * dim_out, bias=False)
-        self.norm = nn.LayerNorm(dim_out, eps=eps)
+        self.norm = LayerNorm(dim_out, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from .layers import LayerNorm
 
 NUM_DIRECTIONS = 4
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -89,7 +90,7 @@ class GatedScanBranch(ScanParams):
         super().__init__(d_inner, dt_rank, d_state)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
-        self.out_norm = nn.LayerNorm(d_inner, eps=eps)
+        self.out_norm = LayerNorm(d_inner, eps=eps)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def branch_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +108,7 @@ class GatedScanBranch(ScanParams):
         """y (b, d, L) scan output, z (b, H, W, d) -> (b, H, W, C)."""
         b, H, W, d = z.shape
         y = y.transpose(1, 2).reshape(b, H, W, d)
-        return self.out_proj(self.out_norm(y) * F.silu(z))
+        return self.out_proj(self.out_norm(y, gate=z))
 
 
 class SS2D(GatedScanBranch):
@@ -133,7 +134,7 @@ class VSSBlock(nn.Module):
 
     def __init__(self, dim: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.norm = LayerNorm(dim, eps=eps)
         self.ss2d = SS2D(dim, d_state, expand, dt_rank, d_conv, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, H, W, C)

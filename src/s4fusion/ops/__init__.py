@@ -1,16 +1,20 @@
-"""Scan ops and their backends behind one dispatcher.
+"""Scan ops (and the channel LayerNorm) and their backends behind one dispatcher.
 
 Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`)
-only; they never import a backend. A backend is a function with the signature of
-:func:`s4fusion.ops.reference.cross_scan_ref` registered under a name with the
-devices it serves and a probe saying whether it can run here, optionally with a
-function with the signature of :func:`s4fusion.ops.reference.cross_scan_state_ref`.
+and :func:`layer_norm` only; they never import a backend. A backend is a function
+with the signature of :func:`s4fusion.ops.reference.cross_scan_ref` registered
+under a name with the devices it serves and a probe saying whether it can run
+here, optionally with a function with the signature of
+:func:`s4fusion.ops.reference.cross_scan_state_ref` and one with that of
+:func:`s4fusion.ops.reference.layer_norm_ref` (backends without one use the
+reference LayerNorm, PyTorch's own).
 
 Choosing a backend, in order: the ``backend=`` argument, then
 :func:`set_backend` / the ``S4FUSION_SCAN_BACKEND`` environment variable, then
 the fastest available backend for the input's device (``auto``).
 
-Under :func:`torch.compile`, every scan call is a graph break: the backend, its
+Under :func:`torch.compile`, :func:`layer_norm` is the reference (inductor fuses
+it with its neighbours), and every scan call is a graph break: the backend, its
 choice included, runs eagerly as an opaque call (``torch.compiler.disable``,
 applied only while compiling, so that importing the package does not import
 dynamo), and dynamo compiles the code between scans. Dynamo cannot trace the numba and
@@ -29,13 +33,15 @@ from typing import Callable, Optional
 
 import torch
 
-from .reference import cross_scan_ref, cross_scan_state_ref, direction_orders, selective_scan_ref
+from .reference import cross_scan_ref, cross_scan_state_ref, direction_orders, layer_norm_ref, selective_scan_ref
 
 __all__ = [
     "cross_scan",
     "cross_scan_ref",
     "cross_scan_state",
     "cross_scan_state_ref",
+    "layer_norm",
+    "layer_norm_ref",
     "selective_scan_ref",
     "direction_orders",
     "register_backend",
@@ -61,6 +67,7 @@ class Backend:
     priority: int  # higher wins in auto mode
     how_to_get: str
     state_loader: Optional[Callable[[], Callable]]  # returns the cross_scan_state function; None: has none
+    norm_loader: Optional[Callable[[], Callable]]  # returns the layer_norm function; None: the reference's
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -75,8 +82,9 @@ def register_backend(
     priority: int,
     how_to_get: str = "",
     state_loader: Optional[Callable[[], Callable]] = None,
+    norm_loader: Optional[Callable[[], Callable]] = None,
 ) -> None:
-    _BACKENDS[name] = Backend(name, fn_loader, devices, probe, priority, how_to_get, state_loader)
+    _BACKENDS[name] = Backend(name, fn_loader, devices, probe, priority, how_to_get, state_loader, norm_loader)
 
 
 def _no_reason() -> Optional[str]:
@@ -154,6 +162,7 @@ def resolve_backend(device: torch.device, name: Optional[str] = None) -> str:
 
 _loaded: dict[str, Callable] = {}
 _loaded_state: dict[str, Callable] = {}
+_loaded_norm: dict[str, Callable] = {}
 
 
 def _load(name: str) -> Callable:
@@ -168,6 +177,31 @@ def _load_state(name: str) -> Callable:
     if fn is None:
         fn = _loaded_state[name] = _BACKENDS[name].state_loader()
     return fn
+
+
+def _load_norm(name: str) -> Callable:
+    fn = _loaded_norm.get(name)
+    if fn is None:
+        loader = _BACKENDS[name].norm_loader
+        fn = _loaded_norm[name] = loader() if loader is not None else layer_norm_ref
+    return fn
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    gate: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """LayerNorm of x (..., C) over its last dimension, times ``silu(gate)`` when a
+    gate is given; see :func:`s4fusion.ops.reference.layer_norm_ref`. Runs on the
+    LayerNorm of the backend that :func:`cross_scan` would use for ``x``'s device
+    (``backend`` forces one)."""
+    if torch.compiler.is_compiling():
+        return layer_norm_ref(x, weight, bias, eps, gate)
+    return _load_norm(resolve_backend(x.device, backend))(x, weight, bias, eps, gate)
 
 
 def cross_scan(

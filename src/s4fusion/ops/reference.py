@@ -14,6 +14,8 @@ Notation (RELEASED-MODEL-FACTS.md section 3):
   given per position in row-major order, the op unfolds the four scan
   directions, interleaves the modalities (infrared first) per direction, scans,
   un-interleaves and sums the four directions back in row-major order.
+* ``layer_norm_ref`` is LayerNorm over the channels (last dimension), optionally
+  times a SiLU gate, as the network's blocks apply it.
 * ``cross_scan_state_ref`` is one direction of ``cross_scan_ref`` started from
   a given state, returning the final state (inference only), so that a map can
   be scanned in strips with the state carried across them exactly.
@@ -262,3 +264,12 @@ def cross_scan_state_ref(
     y = y.to(u.dtype).view(b, d, L, M).permute(0, 3, 1, 2)  # (b, M, d, L) in scan order
     out = torch.empty(b, M, d, L, dtype=u.dtype, device=u.device)
     return out.index_copy_(3, order, y), h_last
+
+
+def layer_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.layer_norm`` of x (..., C) over C, times ``F.silu(gate)`` when a gate (x's
+    shape) is given: SS2D's ``out_norm(y) * silu(z)``."""
+    out = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return out if gate is None else out * F.silu(gate)
