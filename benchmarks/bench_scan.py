@@ -9,12 +9,14 @@ The inputs are made by the network's own blocks (``SS2D.project`` and
 ``CMSABlock.scan_inputs`` on random activations), so their memory layout is the
 one the network passes: channels innermost. Cases: every scan of one fused
 481x649 pair (released topology: VSS blocks at the three scales, CMSA at the two
-coarser ones) and of the training batch (20 x 229x229). Timed with CUDA events:
-median of 20 runs after 3 warm-ups; ``forward`` under ``torch.no_grad()``,
-``train`` forward and backward of every input.
+coarser ones) and of the training batch (20 x 229x229). Each case is captured
+in a CUDA graph and timed with CUDA events: median of 20 replays after 3
+warm-ups; ``forward`` under ``torch.no_grad()``, ``train`` forward and backward
+of every input.
 
 ``--sweep forward`` times the forward at each launch configuration of the triton
-backend (``FWD_*`` in ``s4fusion.ops.triton_scan``) over the fusing cases,
+backend (``FWD_*`` and ``TARGET_LANES`` in ``s4fusion.ops.triton_scan``) over the
+fusing cases, ``--sweep combine`` the same with the chunk combine's ``COMBINE_*``,
 ``--sweep backward`` forward and backward (``BWD_*``) over the training cases;
 each configuration is checked against the default one's results, and the one
 with the smallest total is reported.
@@ -28,7 +30,7 @@ import json
 from typing import Callable
 
 import torch
-from bench_gpu import time_cuda
+from bench_gpu import graphed, time_cuda
 
 from s4fusion.models import S4FusionConfig
 from s4fusion.models.cmsa import CMSABlock
@@ -75,8 +77,10 @@ def scan_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.
 
 
 def time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of ``fn`` (CUDA events, 3 warm-ups, 20 runs)."""
-    return time_cuda(fn, warmup=3, runs=20)["median_ms"]
+    """Median milliseconds of ``fn`` replayed as one CUDA graph (CUDA events, 3
+    warm-ups, 20 runs): the GPU time of its kernels, without the host's launch
+    overhead, which at these sizes is as long as the kernels themselves."""
+    return time_cuda(graphed(fn), warmup=3, runs=20)["median_ms"]
 
 
 def bench_case(case: tuple, dtype: torch.dtype, train: bool) -> dict:
@@ -102,7 +106,13 @@ def bench_case(case: tuple, dtype: torch.dtype, train: bool) -> dict:
 
 
 SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_scan and the values tried
-    "forward": {"FWD_CB": (1, 2), "FWD_LANES": (64, 128, 256), "FWD_UNROLL": (1, 2)},
+    "forward": {
+        "FWD_CB": (1, 2),
+        "FWD_LANES": (64, 128),
+        "FWD_UNROLL": (1, 2),
+        "TARGET_LANES": (1 << 15, 1 << 16, 1 << 17),
+    },
+    "combine": {"COMBINE_ROWS": (16, 32, 64, 128), "COMBINE_STATES": (16, 32, 64), "COMBINE_WARPS": (1, 4)},
     "backward": {"BWD_LANES": (32, 64, 128), "BWD_STEPS": (2, 4), "BWD_GROUP": (4, 8)},
 }
 
@@ -117,8 +127,8 @@ def _results(x: tuple, H: int, W: int, train: bool, gout: torch.Tensor) -> list[
 
 
 def sweep(which: str) -> dict:
-    """Times every combination of ``SWEEPS[which]`` (forward: the fusing cases under
-    no_grad; backward: the training cases, forward and backward), checks each
+    """Times every combination of ``SWEEPS[which]`` (forward and combine: the fusing
+    cases under no_grad; backward: the training cases, forward and backward), checks each
     against the default configuration's results (relative L2 < 1e-5)."""
     grid = SWEEPS[which]
     train = which == "backward"

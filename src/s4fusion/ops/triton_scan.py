@@ -76,15 +76,15 @@ FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 # Forward: lanes (one line x FWD_CB neighbouring channels each) per program, tokens
 # unrolled per loop iteration, lanes wanted per launch (lines are cut into segments
 # until there are about as many).
-FWD_CB, FWD_LANES, FWD_UNROLL = 2, 128, 2
-TARGET_LANES = 1 << 17
+FWD_CB, FWD_LANES, FWD_UNROLL = 2, 128, 1
+TARGET_LANES = 1 << 16
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
 # an adjoint per state); lanes (one line x one channel) per program; scan steps
 # per block for M = 1 (halved for M = 2); most lanes summed in registers before
 # an atomic add.
 SWEEP_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 32, 4, 8
 # Chunk combine: chunk slots per scan block, states per program, warps.
-COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 64, 32, 4
+COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 16, 16, 4
 
 _SIZES = ["H", "W", "N", "NL", "NS", "SEG", "NBLK"]
 _STRIDES = [
@@ -384,8 +384,9 @@ def _group_sum(x, GE: tl.constexpr, CT: tl.constexpr):
 def _bwd_kernel(
     u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
     ck_ptr,  # (b*K, NL, NBLK, N, d) f32: state entering every block (MODE_SWEEP)
-    q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end; carries it between blocks (clobbered)
-    ga_ptr,  # (b*K, NL, NS, d, N) f32, zeroed: every lane's partial dL/dA
+    q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end
+    qc_ptr,  # (b*K, NL, NS, N, d) f32: the adjoint carried from block to block (scratch)
+    ga_ptr,  # (b*K, NL, NS, N, d) f32, zeroed: every lane's partial dL/dA
     gdsk_ptr, gbias_ptr,  # (b*K, NL, NS, d) f32, zeroed: every lane's partial dL/dD, dL/d(delta_bias)
     gdl_ptr,  # (b, M, K, d, L) out, delta's dtype, any strides
     gu_ptr,  # (b, M, d, L) f32, zeroed, any strides (atomic over the directions)
@@ -425,7 +426,8 @@ def _bwd_kernel(
     lo = sg * SEG
     hi = tl.maximum(tl.minimum(lo + SEG, llen), lo)
     row = (pid_bk.to(tl.int64) * NL + j) * NS + sg
-    st = (row * d + c) * N  # this lane's (d, N) slot of the per-chunk tensors
+    st = (row * d + c) * N  # this lane's slot of the per-chunk (d, N) tensors
+    sn = row * N * d + c  # and of the (N, d) ones: coalesced over the lanes of a line
     ck_lane = (pid_bk.to(tl.int64) * NL + j) * NBLK * N * d + c
     a2_lane = a2_ptr + (k * d + c) * N
     bias = tl.load(bias_ptr + k * d + c, mask=lmask, other=0.0)
@@ -471,10 +473,13 @@ def _bwd_kernel(
                 GB = GB + (tl.zeros([E], tl.float32),)
                 gd_acc += gy * uu
         # n = 0, then in iteration n the loads of n + 1
+        # the chunk's last block starts from the arriving adjoint, the others from the carry
+        q_blk = tl.where(ib == 0, q_ptr + st, qc_ptr + sn)
+        q_n = tl.where(ib == 0, 1, d)
         a2 = tl.load(a2_lane, mask=lmask, other=0.0)
         h = tl.load(ck_ptr + ck_lane + blk * N * d, mask=lmask, other=0.0)
-        gnext = tl.load(q_ptr + st, mask=lmask, other=0.0)
-        ga = tl.load(ga_ptr + st, mask=lmask, other=0.0)
+        gnext = tl.load(q_blk, mask=lmask, other=0.0)
+        ga = tl.load(ga_ptr + sn, mask=lmask, other=0.0)
         BV = tl.tuple([])
         CV = tl.tuple([])
         for t in tl.static_range(NT):
@@ -484,8 +489,8 @@ def _bwd_kernel(
             nx = lmask & (n + 1 < N)
             a2_nx = tl.load(a2_lane + n + 1, mask=nx, other=0.0)
             h_nx = tl.load(ck_ptr + ck_lane + (blk * N + n + 1) * d, mask=nx, other=0.0)
-            gnext_nx = tl.load(q_ptr + st + n + 1, mask=nx, other=0.0)
-            ga_nx = tl.load(ga_ptr + st + n + 1, mask=nx, other=0.0)
+            gnext_nx = tl.load(q_blk + (n + 1) * q_n, mask=nx, other=0.0)
+            ga_nx = tl.load(ga_ptr + sn + (n + 1) * d, mask=nx, other=0.0)
             BV_nx = tl.tuple([])
             CV_nx = tl.tuple([])
             for t in tl.static_range(NT):
@@ -519,8 +524,8 @@ def _bwd_kernel(
             for t in tl.static_range(NT):
                 GA = GA + (GA2[NT - 1 - t],)
                 GB = GB + (GB2[NT - 1 - t],)
-            tl.store(q_ptr + st + n, gnext, mask=lmask)
-            tl.store(ga_ptr + st + n, ga, mask=lmask)
+            tl.store(qc_ptr + sn + n * d, gnext, mask=lmask)
+            tl.store(ga_ptr + sn + n * d, ga, mask=lmask)
             a2 = a2_nx
             h = h_nx
             gnext = gnext_nx
@@ -656,18 +661,19 @@ class _CrossScan(torch.autograd.Function):
         g_u = _new_like(u, f32, zero=True)
         g_B = _new_like(B, f32, zero=True)
         g_C = torch.zeros_like(g_B)
-        g_A = torch.zeros_like(start)
+        g_A = torch.zeros(b * K, NL, ns, N, d, device=dev, dtype=f32)
+        carry = torch.empty_like(g_A)
         g_D = torch.zeros_like(dts)
         g_bias = torch.zeros_like(dts)
         out_strides = (*g_delta.stride(), *g_u.stride(), *g_B.stride())
         _bwd_kernel[(triton.cdiv(NL * d, BWD_LANES) * ns, b * K)](
-            *args, gout, ck, arriving, g_A, g_D, g_bias, g_delta, g_u, g_B, g_C, *sizes, *in_strides, *out_strides,
-            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(d), num_warps=max(1, BWD_LANES // 32),
+            *args, gout, ck, arriving, carry, g_A, g_D, g_bias, g_delta, g_u, g_B, g_C,
+            *sizes, *in_strides, *out_strides, K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(d), num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
         return (
             g_u.to(u.dtype),
             g_delta,
-            g_A.view(b, K, NL * ns, d, N).sum((0, 2)).reshape(K * d, N).to(A.dtype),
+            g_A.view(b, K, NL * ns, N, d).sum((0, 2)).transpose(1, 2).reshape(K * d, N).to(A.dtype),
             g_B.to(B.dtype),
             g_C.to(C.dtype),
             g_D.view(b, K, NL * ns, d).sum((0, 2)).reshape(K * d).to(D.dtype),
