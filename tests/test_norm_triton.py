@@ -98,6 +98,16 @@ def test_dispatcher_uses_the_scan_backends_layer_norm():
     torch.testing.assert_close(ops.layer_norm(x, w, b, 1e-5, backend="reference"), F.layer_norm(x, (48,), w, b, 1e-5))
 
 
+@needs_cuda
+@pytest.mark.gpu
+def test_constant_tokens_normalise_to_exactly_the_bias():
+    from s4fusion.ops.triton_norm import layer_norm_triton
+
+    x = torch.full((7, 72), 0.7310586, device="cuda")
+    w, b = torch.randn(72, device="cuda"), torch.randn(72, device="cuda")
+    assert torch.equal(layer_norm_triton(x, w, b, 1e-5), b.expand(7, 72))
+
+
 def test_module_on_the_cpu_is_pytorchs_layer_norm_exactly():
     norm = LayerNorm(24, eps=1e-5)
     torch.nn.init.normal_(norm.weight)
@@ -148,6 +158,11 @@ for lead, C, gated, strided in [((3, 5), 7, False, False), ((2, 9), 12, True, Tr
     ref_grads = torch.autograd.grad(ref, ref_in, gout.double())
     for a, r in zip([out, *grads], [ref, *ref_grads]):
         worst = max(worst, ((a.double() - r).norm() / r.norm()).item())
+# constant tokens (zero-padded borders) normalise to exactly the bias, as in PyTorch
+x = torch.full((5, 48), 0.7310586)
+b = torch.randn(48)
+if not torch.equal(tn.layer_norm_triton(x, torch.randn(48), b, 1e-5), b.expand(5, 48)):
+    worst = float("inf")
 print("WORST", worst)
 """
 
