@@ -181,6 +181,7 @@ def compiled(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
         slot = _CompiledSlot()
         setattr(model, _COMPILED_ATTR, slot)
     if slot.forward is None:
+        ops.prepare_for_compile()
         module = torch.compile(model, dynamic=False)
 
         def forward(*args: Any, **kwargs: Any) -> torch.Tensor:

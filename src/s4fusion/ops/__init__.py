@@ -16,8 +16,11 @@ the fastest available backend for the input's device (``auto``).
 Under :func:`torch.compile`, :func:`layer_norm` is the reference (inductor fuses
 it with its neighbours), and every scan call is a graph break: the backend, its
 choice included, runs eagerly as an opaque call (``torch.compiler.disable``,
-applied only while compiling, so that importing the package does not import
-dynamo), and dynamo compiles the code between scans. Dynamo cannot trace the numba and
+applied only when compiling, so that importing the package does not import
+dynamo: :func:`prepare_for_compile`, which :func:`s4fusion.api.compiled` calls,
+wraps the scans before tracing; without it they are wrapped during tracing,
+which dynamo before torch 2.12 cannot trace, adding a graph break), and dynamo
+compiles the code between scans. Dynamo cannot trace the numba and
 Triton kernels, and their autograd Functions save kernel-specific intermediates
 for the backward pass, which an op with a fake implementation would have to
 expose; the reference scan is a Python loop over tokens, which tracing would
@@ -42,6 +45,7 @@ __all__ = [
     "cross_scan_state_ref",
     "layer_norm",
     "layer_norm_ref",
+    "prepare_for_compile",
     "selective_scan_ref",
     "direction_orders",
     "register_backend",
@@ -204,6 +208,17 @@ def layer_norm(
     return _load_norm(resolve_backend(x.device, backend))(x, weight, bias, eps, gate)
 
 
+_opaque: dict[str, Callable] = {}  # the scan calls wrapped in torch.compiler.disable
+
+
+def prepare_for_compile() -> None:
+    """Wrap the scan calls in ``torch.compiler.disable`` now (this imports dynamo),
+    outside of tracing, so that a compiled model breaks its graph at the scans only."""
+    if not _opaque:
+        _opaque["scan"] = torch.compiler.disable(_cross_scan_eager)
+        _opaque["state"] = torch.compiler.disable(_cross_scan_state_eager)
+
+
 def cross_scan(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -220,7 +235,8 @@ def cross_scan(
     for the exact semantics and layouts. ``backend`` forces one backend."""
     args = (u, delta, A, B, C, D, delta_bias, height, width, backend)
     if torch.compiler.is_compiling():
-        return torch.compiler.disable(_cross_scan_eager)(*args)
+        opaque = _opaque.get("scan") or torch.compiler.disable(_cross_scan_eager)
+        return opaque(*args)
     return _cross_scan_eager(*args)
 
 
@@ -258,7 +274,8 @@ def cross_scan_state(
     """
     args = (u, delta, A, B, C, delta_bias, height, width, direction, h0, backend)
     if torch.compiler.is_compiling():
-        return torch.compiler.disable(_cross_scan_state_eager)(*args)
+        opaque = _opaque.get("state") or torch.compiler.disable(_cross_scan_state_eager)
+        return opaque(*args)
     return _cross_scan_state_eager(*args)
 
 
