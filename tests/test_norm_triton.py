@@ -29,7 +29,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # relative L2 error of (output, gradients) against a float64 reference on the same inputs
 TOLERANCES = {torch.float32: (1e-6, 1e-5), torch.float16: (2e-3, 3e-3), torch.bfloat16: (1e-2, 2e-2)}
 
-# (leading shape, C, gated, strided input): the network's widths (48 ... 576), odd
+# (leading shape, C, gated, strided input): the network's widths (48 ... 384) and wider, odd
 # widths, a single token, and strided views (the gate is a chunk of the input projection)
 CASES = [
     ((2, 13, 17), 48, False, False),

@@ -1,7 +1,7 @@
 """LayerNorm over the channels (last dimension) as Triton kernels, optionally
 multiplied by a SiLU gate: the GPU twin of :func:`s4fusion.ops.reference.layer_norm_ref`.
 
-S4Fusion normalises tokens of 48 to 576 channels, and many of them (up to millions
+S4Fusion normalises tokens of 48 to 384 channels, and many of them (up to millions
 per call). PyTorch's CUDA LayerNorm gives every token a thread block of its own,
 so at these widths most of its threads idle and its time goes into scheduling
 blocks; here a program normalises a tile of BR tokens x BC channels. The gated
