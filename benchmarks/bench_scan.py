@@ -15,7 +15,7 @@ warm-ups; ``forward`` under ``torch.no_grad()``, ``train`` forward and backward
 of every input.
 
 ``--sweep forward`` times the forward at each launch configuration of the triton
-backend (``FWD_*`` and ``TARGET_LANES`` in ``s4fusion.ops.triton_scan``) over the
+backend (``FWD_CB``, ``FWD_LANES`` and ``TARGET_LANES`` in ``s4fusion.ops.triton_scan``) over the
 fusing cases, ``--sweep combine`` the same with the chunk combine's ``COMBINE_*``,
 ``--sweep backward`` forward and backward (``BWD_*``) over the training cases;
 each configuration is checked against the default one's results, and the one
@@ -107,9 +107,8 @@ def bench_case(case: tuple, dtype: torch.dtype, train: bool) -> dict:
 
 SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_scan and the values tried
     "forward": {
-        "FWD_CB": (1, 2),
+        "FWD_CB": ((2, 2), (2, 1), (1, 1)),  # channels per lane for M = 1, M = 2
         "FWD_LANES": (64, 128),
-        "FWD_UNROLL": (1, 2),
         "TARGET_LANES": (1 << 15, 1 << 16, 1 << 17),
     },
     "combine": {"COMBINE_ROWS": (16, 32, 64, 128), "COMBINE_STATES": (16, 32, 64), "COMBINE_WARPS": (1, 4)},

@@ -208,11 +208,12 @@ from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
 # (segments of one block, combine blocks, several programs; channel groups of 1, 2 and 4
-# lanes; "whole": one segment per line, of several blocks)
+# lanes; "whole": one segment per line, of several blocks; forward lanes of 1 or 2 channels)
 worst = 0.0
-for b, M, d, N, H, W, last, whole in [(1, 2, 5, 3, 4, 3, False, False), (2, 1, 6, 2, 3, 5, False, False),
-                                      (1, 2, 4, 3, 3, 4, True, False), (2, 1, 6, 2, 3, 5, True, True)]:
+for b, M, d, N, H, W, last, whole, cb in [(1, 2, 5, 3, 4, 3, False, False, 2), (2, 1, 6, 2, 3, 5, False, False, 2),
+                                          (1, 2, 4, 3, 3, 4, True, False, 1), (2, 1, 6, 2, 3, 5, True, True, 1)]:
     ts.TARGET_LANES = 1 if whole else 1 << 17
+    ts.FWD_CB = (cb, cb)
     g = torch.Generator().manual_seed(H * W)
     L, K = H * W, 4
     x = [torch.randn(b, M, d, L, generator=g), 0.5 * torch.randn(b, M, K, d, L, generator=g),

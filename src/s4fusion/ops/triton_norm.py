@@ -9,9 +9,10 @@ form (SS2D's ``out_norm(y) * silu(z)``) reads z once and writes one tensor inste
 of three.
 
 Forward statistics are computed in float32 as in PyTorch (biased variance,
-``rstd = 1 / sqrt(var + eps)``; a constant token normalises to exactly the bias); inputs may be float32, bfloat16 or float16. The
-backward recomputes the normalised input from the saved mean and rstd and writes
-per-program partial sums of dL/dweight and dL/dbias, summed on the host.
+``rstd = 1 / sqrt(var + eps)``; a constant token normalises to exactly the bias);
+inputs may be float32, bfloat16 or float16. The backward recomputes the
+normalised input from the saved mean and rstd and writes per-program partial
+sums of dL/dweight and dL/dbias, summed on the host.
 """
 
 from __future__ import annotations

@@ -73,10 +73,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 # Launch configuration.
-# Forward: lanes (one line x FWD_CB neighbouring channels each) per program, tokens
-# unrolled per loop iteration, lanes wanted per launch (lines are cut into segments
-# until there are about as many).
-FWD_CB, FWD_LANES, FWD_UNROLL = 2, 128, 1
+# Forward: neighbouring channels per lane (one line each) for M = 1 and for M = 2
+# (Cross SS2D keeps twice the tokens per step in flight: ptxas puts its pass 3 at
+# 254 registers with 2 channels, 128 with 1), lanes per program, tokens unrolled per
+# loop iteration, lanes wanted per launch (lines are cut into segments until there
+# are about as many).
+FWD_CB, FWD_LANES, FWD_UNROLL = (2, 2), 128, 1
 TARGET_LANES = 1 << 16
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
 # an adjoint per state); lanes (one line x one channel) per program; scan steps
@@ -569,7 +571,7 @@ def _segments(H: int, W: int, b: int, K: int, d: int, M: int) -> tuple[int, int]
     per line, so that a forward launch has about TARGET_LANES lanes."""
     longest = max(H, W)
     unit = _steps(BWD_STEPS, M)
-    lanes = longest * b * K * triton.cdiv(d, FWD_CB)
+    lanes = longest * b * K * triton.cdiv(d, FWD_CB[M - 1])
     splits = max(1, min(triton.cdiv(TARGET_LANES, lanes), triton.cdiv(longest, unit)))
     seg = triton.cdiv(triton.cdiv(longest, splits), unit) * unit
     return seg, triton.cdiv(longest, seg)
@@ -614,8 +616,9 @@ class _CrossScan(torch.autograd.Function):
         bias = delta_bias.detach().to(f32).contiguous()
         NL = max(H, W)
         seg, ns = _segments(H, W, b, K, d, M)
-        grid = (triton.cdiv(NL * triton.cdiv(d, FWD_CB), FWD_LANES) * ns, b * K)
-        consts = dict(K=K, M=M, N=N, CB=FWD_CB, E=FWD_LANES, TB=FWD_UNROLL, CKB=FWD_UNROLL,
+        cb = FWD_CB[M - 1]
+        grid = (triton.cdiv(NL * triton.cdiv(d, cb), FWD_LANES) * ns, b * K)
+        consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, TB=FWD_UNROLL, CKB=FWD_UNROLL,
                       num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         sizes = (H, W, NL, ns, seg, 1, d)
         out = _new_like(u, f32, zero=True)
@@ -668,7 +671,8 @@ class _CrossScan(torch.autograd.Function):
         out_strides = (*g_delta.stride(), *g_u.stride(), *g_B.stride())
         _bwd_kernel[(triton.cdiv(NL * d, BWD_LANES) * ns, b * K)](
             *args, gout, ck, arriving, carry, g_A, g_D, g_bias, g_delta, g_u, g_B, g_C,
-            *sizes, *in_strides, *out_strides, K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(d), num_warps=max(1, BWD_LANES // 32),
+            *sizes, *in_strides, *out_strides,
+            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(d), num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
         return (
             g_u.to(u.dtype),
