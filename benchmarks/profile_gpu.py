@@ -1,0 +1,105 @@
+"""Where the GPU time goes: kernel time of one eager pass, summed by kernel name.
+
+Run from the repository root on a CUDA machine::
+
+    python benchmarks/profile_gpu.py --json profile.json
+
+For each fusing size (default 481x649 and 961x1297): one eager fp32 forward under
+``torch.no_grad()`` and, for comparison, the wall time of the same forward replayed
+as one CUDA graph (when the two are close, launch gaps are not what costs time).
+Then one eager fp32 training step (batch 20, 229x229, the benchmark's loss and
+AdamW, as ``bench_gpu.py``). Every pass runs twice before it is profiled, so
+kernels are compiled and the allocator is warm. Random weights of the default
+(released) configuration, triton scan backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from typing import Callable, Optional
+
+import torch
+from bench_gpu import TRAIN_BATCH, TRAIN_SIZE, graphed, time_cuda
+from torch.profiler import ProfilerActivity, profile
+
+from s4fusion import S4Fusion
+from s4fusion.losses import weighted_l1_loss
+from s4fusion.ops import set_backend
+
+
+def kernel_table(fn: Callable[[], object]) -> dict:
+    """GPU kernel time of one call of ``fn``: total, count, and per kernel name."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            rows[event.name][0] += event.device_time_total / 1000
+            rows[event.name][1] += 1
+    ordered = sorted(rows.items(), key=lambda kv: -kv[1][0])
+    return {
+        "total_ms": sum(v[0] for v in rows.values()),
+        "kernels": sum(v[1] for v in rows.values()),
+        "rows": [{"name": k, "ms": v[0], "calls": v[1]} for k, v in ordered],
+    }
+
+
+def show(title: str, table: dict, top: int) -> None:
+    print(f"== {title}: {table['total_ms']:.2f} ms of GPU kernel time, {table['kernels']} kernels")
+    for row in table["rows"][:top]:
+        print(f"{row['ms']:9.3f} ms {row['calls']:5d}x {1000 * row['ms'] / row['calls']:9.1f} us  {row['name'][:90]}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="481x649,961x1297", help="fusing sizes HxW, comma-separated")
+    parser.add_argument("--top", type=int, default=25, help="kernels listed per pass")
+    parser.add_argument("--json", help="write the tables to this JSON file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    set_backend("triton")
+    result: dict = {"device": torch.cuda.get_device_name(), "passes": {}}
+    model = S4Fusion().cuda().eval()
+    for size in args.sizes.split(","):
+        H, W = (int(v) for v in size.lower().split("x"))
+        ir = torch.rand(1, 1, H, W, device="cuda")
+        vi = torch.rand_like(ir)
+
+        def fuse() -> None:
+            with torch.no_grad():
+                model(ir, vi)
+
+        fuse()
+        fuse()
+        table = kernel_table(fuse)
+        table["graph_wall_ms"] = time_cuda(graphed(fuse), warmup=3, runs=20)["median_ms"]
+        show(f"fuse {H}x{W}, eager fp32 (CUDA graph wall {table['graph_wall_ms']:.2f} ms)", table, args.top)
+        result["passes"][f"fuse {H}x{W}"] = table
+    model = S4Fusion().cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ir = torch.rand(TRAIN_BATCH, 1, TRAIN_SIZE, TRAIN_SIZE, device="cuda")
+    vi = torch.rand_like(ir)
+    half = torch.full((TRAIN_BATCH,), 0.5, device="cuda")
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        weighted_l1_loss(model(ir, vi), ir, vi, half, half).backward()
+        opt.step()
+
+    step()
+    step()
+    table = kernel_table(step)
+    show(f"training step {TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}, eager fp32", table, args.top)
+    result["passes"]["train"] = table
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
