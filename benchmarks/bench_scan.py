@@ -15,8 +15,9 @@ warm-ups; ``forward`` under ``torch.no_grad()``, ``train`` forward and backward
 of every input.
 
 ``--sweep forward`` times the forward at each launch configuration of the triton
-backend (``FWD_CB``, ``FWD_LANES`` and ``TARGET_LANES`` in ``s4fusion.ops.triton_scan``) over the
-fusing cases, ``--sweep combine`` the same with the chunk combine's ``COMBINE_*``,
+backend (``FWD_CB``, ``FWD_LANES`` and ``TARGET_LANES`` in
+``s4fusion.ops.triton_scan``) over the fusing cases, ``--sweep combine`` the same
+with the chunk combine's ``COMBINE_*``,
 ``--sweep backward`` forward and backward (``BWD_*``) over the training cases;
 each configuration is checked against the default one's results, and the one
 with the smallest total is reported.
