@@ -63,7 +63,7 @@ def _ln_fwd_kernel(
 def _ln_bwd_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, g_ptr, mean_ptr, rstd_ptr,
     dx_ptr, dz_ptr,  # (R, C) dense
-    part_ptr,  # (2, programs, C) f32: this program's partial sums of dL/dweight, dL/dbias
+    dw_ptr, db_ptr,  # (programs, C) f32: this program's partial sums
     R, C, rows_per_program, sx_r, sx_c, sz_r, sz_c, sg_r, sg_c,
     GATE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
@@ -100,8 +100,8 @@ def _ln_bwd_kernel(
         c2 = tl.sum(dxhat, axis=1) / C
         dx = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(dx_ptr + r * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
-    tl.store(part_ptr + pid * C + cols, dw, mask=cmask)
-    tl.store(part_ptr + (tl.num_programs(0) + pid) * C + cols, db, mask=cmask)
+    tl.store(dw_ptr + pid * C + cols, dw, mask=cmask)
+    tl.store(db_ptr + pid * C + cols, db, mask=cmask)
 
 
 def _tile(C: int) -> tuple[int, int]:
@@ -147,14 +147,21 @@ class _LayerNorm(torch.autograd.Function):
         programs = max(1, min(triton.cdiv(R, br), BWD_PROGRAMS_PER_SM * sms))
         per_program = triton.cdiv(triton.cdiv(R, programs), br) * br
         programs = max(1, triton.cdiv(R, per_program))
-        partial = torch.empty(2, programs, C, device=x2.device, dtype=torch.float32)
+        dw = torch.empty(programs, C, device=x2.device, dtype=torch.float32)
+        db = torch.empty_like(dw)
         _ln_bwd_kernel[(programs,)](
-            x2, z2, weight, bias, g2, mean, rstd, dx, dz, partial, R, C, per_program,
+            x2, z2, weight, bias, g2, mean, rstd, dx, dz, dw, db, R, C, per_program,
             *x2.stride(), *z2.stride(), *g2.stride(), GATE=gate_info is not None, BR=br, BC=bc, num_warps=4,
         )  # fmt: skip
         g_gate = dz.view(gate_info[0]) if gate_info is not None and ctx.needs_input_grad[4] else None
-        g_weight, g_bias = partial.sum(1)
-        return dx.view(x_shape), g_weight.to(weight.dtype), g_bias.to(bias.dtype), None, g_gate, None
+        return (
+            dx.view(x_shape),
+            dw.sum(0).to(weight.dtype),
+            db.sum(0).to(bias.dtype),
+            None,
+            g_gate,
+            None,
+        )
 
 
 def layer_norm_triton(
