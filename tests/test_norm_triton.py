@@ -88,7 +88,7 @@ def test_autocast_gives_float32_like_pytorch():
 def test_dispatcher_uses_the_scan_backends_layer_norm():
     from s4fusion.ops.triton_norm import layer_norm_triton
 
-    assert ops._load_norm(ops.resolve_backend(torch.device("cuda"))) is layer_norm_triton
+    assert ops._load(ops.resolve_backend(torch.device("cuda")), "norm") is layer_norm_triton
     x, w, b = _inputs((3, 4), 48, False, False, torch.float32, "cuda")[:3]
     torch.testing.assert_close(ops.layer_norm(x, w, b, 1e-5, backend="reference"), F.layer_norm(x, (48,), w, b, 1e-5))
 

@@ -71,7 +71,7 @@ class Backend:
     priority: int  # higher wins in auto mode
     how_to_get: str
     state_loader: Optional[Callable[[], Callable]]  # returns the cross_scan_state function; None: has none
-    norm_loader: Optional[Callable[[], Callable]]  # returns the layer_norm function; None: the reference's
+    norm_loader: Callable[[], Callable]  # returns the layer_norm function (the reference's by default)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -88,6 +88,7 @@ def register_backend(
     state_loader: Optional[Callable[[], Callable]] = None,
     norm_loader: Optional[Callable[[], Callable]] = None,
 ) -> None:
+    norm_loader = norm_loader or (lambda: layer_norm_ref)
     _BACKENDS[name] = Backend(name, fn_loader, devices, probe, priority, how_to_get, state_loader, norm_loader)
 
 
@@ -164,30 +165,15 @@ def resolve_backend(device: torch.device, name: Optional[str] = None) -> str:
     return "reference"
 
 
-_loaded: dict[str, Callable] = {}
-_loaded_state: dict[str, Callable] = {}
-_loaded_norm: dict[str, Callable] = {}
+_loaded: dict[tuple[str, str], Callable] = {}
 
 
-def _load(name: str) -> Callable:
-    fn = _loaded.get(name)
+def _load(name: str, kind: str = "fn") -> Callable:
+    """Backend ``name``'s function of this kind (``fn``: cross_scan, ``state``,
+    ``norm``), imported on first use."""
+    fn = _loaded.get((name, kind))
     if fn is None:
-        fn = _loaded[name] = _BACKENDS[name].fn_loader()
-    return fn
-
-
-def _load_state(name: str) -> Callable:
-    fn = _loaded_state.get(name)
-    if fn is None:
-        fn = _loaded_state[name] = _BACKENDS[name].state_loader()
-    return fn
-
-
-def _load_norm(name: str) -> Callable:
-    fn = _loaded_norm.get(name)
-    if fn is None:
-        loader = _BACKENDS[name].norm_loader
-        fn = _loaded_norm[name] = loader() if loader is not None else layer_norm_ref
+        fn = _loaded[(name, kind)] = getattr(_BACKENDS[name], f"{kind}_loader")()
     return fn
 
 
@@ -205,7 +191,7 @@ def layer_norm(
     (``backend`` forces one)."""
     if torch.compiler.is_compiling():
         return layer_norm_ref(x, weight, bias, eps, gate)
-    return _load_norm(resolve_backend(x.device, backend))(x, weight, bias, eps, gate)
+    return _load(resolve_backend(x.device, backend), "norm")(x, weight, bias, eps, gate)
 
 
 _opaque: dict[str, Callable] = {}  # the scan calls wrapped in torch.compiler.disable
@@ -281,7 +267,7 @@ def cross_scan_state(
 
 def _cross_scan_state_eager(u, delta, A, B, C, delta_bias, height, width, direction, h0, backend):
     name = resolve_state_backend(u.device, backend)
-    fn = _load_state(name)
+    fn = _load(name, "state")
     if u.device.type in _BACKENDS[name].devices:
         return fn(u, delta, A, B, C, delta_bias, height, width, direction, h0)
     host = [t.cpu() for t in (u, delta, A, B, C, delta_bias, h0)]
