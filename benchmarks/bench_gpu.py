@@ -172,7 +172,10 @@ def bench_fuse(model: S4Fusion, size: tuple[int, int], mode: str, backend: str) 
 # --------------------------------------------------------------------- training
 
 
-def bench_train(mode: str) -> dict:
+def training_step(mode: str) -> Callable[[], torch.Tensor]:
+    """The benchmark's training step in ``mode``: a fresh seeded network, AdamW, the
+    batch of random pairs and the loss; each call runs forward, loss, backward and
+    the optimizer step and returns the loss."""
     torch.manual_seed(0)
     model = S4Fusion().cuda().train()
     net = compiled(model) if mode.startswith("compile") else model
@@ -184,21 +187,26 @@ def bench_train(mode: str) -> dict:
     vi = torch.rand(shape, device="cuda", generator=g)
     w = torch.full((TRAIN_BATCH,), 0.5, device="cuda")
     bf16 = "bf16" in mode
+
+    def step():
+        opt.zero_grad(set_to_none=not graph)
+        with autocast(bf16):
+            fused = net(ir, vi)
+        loss = weighted_l1_loss(fused.float(), ir, vi, w, w)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def bench_train(mode: str) -> dict:
     set_backend("triton")
     try:
-
-        def step():
-            opt.zero_grad(set_to_none=not graph)
-            with autocast(bf16):
-                fused = net(ir, vi)
-            loss = weighted_l1_loss(fused.float(), ir, vi, w, w)
-            loss.backward()
-            opt.step()
-            return loss
-
+        step = training_step(mode)
         compile_s = warm_up(step)  # compile, allocate optimizer state
         memory = peak_mib(step)
-        run = graphed(step) if graph else step
+        run = graphed(step) if graph_mode(mode) else step
         timing = time_cuda(run, warmup=3, runs=20)
         return {
             "size": f"{TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}", "mode": mode, "compile_s": compile_s,

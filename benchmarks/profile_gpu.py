@@ -7,8 +7,8 @@ Run from the repository root on a CUDA machine::
 For each fusing size (default 481x649 and 961x1297): one eager fp32 forward under
 ``torch.no_grad()`` and, for comparison, the wall time of the same forward replayed
 as one CUDA graph (when the two are close, launch gaps are not what costs time).
-Then one eager fp32 training step (batch 20, 229x229, the benchmark's loss and
-AdamW, as ``bench_gpu.py``). Every pass runs twice before it is profiled, so
+Then one eager fp32 training step (``bench_gpu.training_step``: batch 20,
+229x229, the benchmark's loss and AdamW). Every pass runs twice before it is profiled, so
 kernels are compiled and the allocator is warm. Random weights of the default
 (released) configuration, triton scan backend.
 """
@@ -21,11 +21,10 @@ import json
 from typing import Callable, Optional
 
 import torch
-from bench_gpu import TRAIN_BATCH, TRAIN_SIZE, graphed, time_cuda
+from bench_gpu import TRAIN_BATCH, TRAIN_SIZE, graphed, time_cuda, training_step
 from torch.profiler import ProfilerActivity, profile
 
 from s4fusion import S4Fusion
-from s4fusion.losses import weighted_l1_loss
 from s4fusion.ops import set_backend
 
 
@@ -79,17 +78,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         table["graph_wall_ms"] = time_cuda(graphed(fuse), warmup=3, runs=20)["median_ms"]
         show(f"fuse {H}x{W}, eager fp32 (CUDA graph wall {table['graph_wall_ms']:.2f} ms)", table, args.top)
         result["passes"][f"fuse {H}x{W}"] = table
-    model = S4Fusion().cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ir = torch.rand(TRAIN_BATCH, 1, TRAIN_SIZE, TRAIN_SIZE, device="cuda")
-    vi = torch.rand_like(ir)
-    half = torch.full((TRAIN_BATCH,), 0.5, device="cuda")
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        weighted_l1_loss(model(ir, vi), ir, vi, half, half).backward()
-        opt.step()
-
+    step = training_step("eager")
     step()
     step()
     table = kernel_table(step)
