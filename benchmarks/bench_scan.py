@@ -109,11 +109,12 @@ def bench_case(case: tuple, dtype: torch.dtype, train: bool) -> dict:
 SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_scan and the values tried
     "forward": {
         "FWD_CB": ((2, 2), (2, 1), (1, 1)),  # channels per lane for M = 1, M = 2
-        "FWD_LANES": (64, 128),
-        "TARGET_LANES": (1 << 15, 1 << 16, 1 << 17),
+        "FWD_PREFETCH": ((True, False), (True, True), (False, False)),  # for M = 1, M = 2
+        "FWD_LANES": (128,),
+        "TARGET_LANES": (1 << 16, 1 << 17),
     },
     "combine": {"COMBINE_ROWS": (16, 32, 64, 128), "COMBINE_STATES": (16, 32, 64), "COMBINE_WARPS": (1, 4)},
-    "backward": {"BWD_LANES": (32, 64, 128), "BWD_STEPS": (2, 4), "BWD_GROUP": (4, 8)},
+    "backward": {"BWD_LANES": (32, 64, 128), "BWD_STEPS": (2, 4), "BWD_GROUP": (4, 8, 16)},
 }
 
 
@@ -144,13 +145,13 @@ def sweep(which: str) -> dict:
         config = dict(zip(grid, values))
         for name, value in config.items():
             setattr(ts, name, value)
-        total, worst = 0.0, 0.0
+        per_case, worst = {}, 0.0
         for case, x, gout, expected in inputs:
             H, W = case[2], case[3]
             got = _results(x, H, W, train, gout)
             worst = max(worst, *(((a - e).norm() / e.norm().clamp_min(1e-30)).item() for a, e in zip(got, expected)))
-            total += case[6] * time_ms(lambda: _results(x, H, W, train, gout))
-        rows.append({**config, "total_ms": total, "rel_diff": worst})
+            per_case[case[0]] = case[6] * time_ms(lambda: _results(x, H, W, train, gout))
+        rows.append({**config, "total_ms": sum(per_case.values()), "rel_diff": worst, "cases_ms": per_case})
         print(json.dumps(rows[-1]), flush=True)
     for name, value in defaults.items():
         setattr(ts, name, value)

@@ -185,20 +185,26 @@ from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
 # (segments of one block, combine blocks, several programs; channel groups of 1, 2 and 4
-# lanes; "whole": one segment per line, of several blocks; forward lanes of 1 or 2 channels)
+# lanes; "whole": one segment per line, of several blocks; forward lanes of 1 or 2 channels,
+# loads one iteration ahead or not)
 worst = 0.0
-for b, M, d, N, H, W, last, whole, cb in [(1, 2, 5, 3, 4, 3, False, False, 2), (2, 1, 6, 2, 3, 5, False, False, 2),
-                                          (1, 2, 4, 3, 3, 4, True, False, 1), (2, 1, 6, 2, 3, 5, True, True, 1)]:
+for b, M, d, N, H, W, last, whole, cb, pf in [
+    (1, 2, 5, 3, 4, 3, False, False, 2, True), (2, 1, 6, 2, 3, 5, False, False, 2, False),
+    (1, 2, 4, 3, 3, 4, True, False, 1, False), (2, 1, 6, 2, 3, 5, True, True, 1, True),
+]:
     ts.TARGET_LANES = 1 if whole else 1 << 17
     ts.FWD_CB = (cb, cb)
+    ts.FWD_PREFETCH = (pf, pf)
     g = torch.Generator().manual_seed(H * W)
     L, K = H * W, 4
     x = [torch.randn(b, M, d, L, generator=g), 0.5 * torch.randn(b, M, K, d, L, generator=g),
          -torch.exp(0.5 * torch.randn(K * d, N, generator=g)), torch.randn(b, M, K, N, L, generator=g),
          torch.randn(b, M, K, N, L, generator=g), torch.randn(K * d, generator=g),
          0.5 * torch.randn(K * d, generator=g)]
-    if last:  # channels innermost in memory, as the network passes u and delta
+    if last:  # channels innermost in memory, B and C slices of one wider tensor, as the network passes them
         x[0], x[1] = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in x[:2])
+        wide = torch.cat([x[3], x[4]], dim=3).permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)
+        x[3], x[4] = wide[:, :, :, :N], wide[:, :, :, N:]
     x = [t.requires_grad_() for t in x]
     out = ts.cross_scan_triton(*x, H, W)
     gout = torch.randn(out.shape, generator=g)
@@ -214,3 +220,21 @@ print("WORST", worst)
 
 def test_kernels_in_the_triton_interpreter_match_the_reference():
     assert worst_in_interpreter(INTERPRETER_CHECK) < 1e-5
+
+
+# softplus of delta + delta_bias and its derivative, computed in the kernels from one exp2
+# and one reciprocal each: within a few float32 ulps of float64 torch (see triton_math.py)
+ACTIVATION_ULPS = 8
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_kernel_softplus_and_sigmoid_are_float32_accurate_on_gpu():
+    from triton_math import worst_ulp
+
+    assert worst_ulp("cuda") < ACTIVATION_ULPS
+
+
+def test_kernel_softplus_and_sigmoid_are_float32_accurate_in_the_interpreter():
+    check = "from triton_math import worst_ulp\nprint('WORST', worst_ulp('cpu'))\n"
+    assert worst_in_interpreter(check) < ACTIVATION_ULPS

@@ -39,8 +39,9 @@ def worst_in_interpreter(check: str) -> float:
     ``TRITON_INTERPRET=1``, so that interpreter mode cannot leak into other tests;
     skips where this triton's interpreter cannot run a loop with a runtime bound."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    src = Path(__file__).resolve().parents[1] / "src"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH", "")) if p)
+    here = Path(__file__).resolve().parent  # the tests' helper modules, and the package's sources
+    paths = (str(here.parent / "src"), str(here), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     code = textwrap.dedent(PROBE) + textwrap.dedent(check)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -67,6 +67,7 @@ __all__ = ["cross_scan_triton"]
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
+LOG2E_F = tl.constexpr(LOG2E)
 # One-instruction exp2 (results below 2**-126 flush to zero); the Triton
 # interpreter (TRITON_INTERPRET=1, used to check the kernels on a CPU) has no
 # inline PTX and uses tl.exp2.
@@ -77,13 +78,14 @@ FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 # (Cross SS2D keeps twice the tokens per step in flight: ptxas puts its pass 3 at
 # 254 registers with 2 channels, 128 with 1), lanes per program, tokens unrolled per
 # loop iteration, lanes wanted per launch (lines are cut into segments until there
-# are about as many).
-FWD_CB, FWD_LANES, FWD_UNROLL = (2, 2), 128, 1
-TARGET_LANES = 1 << 16
+# are about as many), and for M = 1, M = 2 whether a loop iteration's loads are issued
+# one iteration ahead (more registers, loads in flight during arithmetic).
+FWD_CB, FWD_LANES, FWD_UNROLL, FWD_PREFETCH = (1, 1), 128, 1, (False, False)
+TARGET_LANES = 1 << 17
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
-# an adjoint per state); lanes (one line x one channel) per program; scan steps
-# per block for M = 1 (halved for M = 2); most lanes summed in registers before
-# an atomic add.
+# an adjoint per state; its loads are not issued ahead, which measured no faster);
+# lanes (one line x one channel) per program; scan steps per block for M = 1 (halved
+# for M = 2); most lanes summed in registers before an atomic add.
 SWEEP_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 32, 4, 8
 # Chunk combine: chunk slots per scan block, states per program, warps.
 COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 16, 16, 4
@@ -119,18 +121,38 @@ def _exp2(x):
 
 
 @triton.jit
+def _rcp(x):
+    """1 / x in one instruction (relative error below 2**-23)."""
+    if FAST_EXP2:
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    else:
+        return 1.0 / x
+
+
+@triton.jit
 def _softplus(x):
-    """torch.nn.functional.softplus (beta 1, threshold 20) in float32."""
-    e = tl.exp(tl.minimum(x, 20.0))
-    z = 1.0 + e
-    # log1p(e) to full precision: log(z) * e / (z - 1), and e where z rounds to 1
-    lp = tl.where(z == 1.0, e, tl.log(z) * (e / (z - 1.0)))
-    return tl.where(x > 20.0, x, lp)
+    """torch.nn.functional.softplus (beta 1, threshold 20) in float32 to a few ulp, from
+    one exp2 and one reciprocal: max(x, 0) + log1p(t) with t = exp(-|x|) in (0, 1], and
+    log1p(t) = 2 atanh(s), s = t / (2 + t) in (0, 1/3], by its odd series to s**13
+    (truncation below 2e-8 relative; the libdevice log it replaces was a quarter of the
+    forward kernel's instructions)."""
+    t = _exp2(tl.abs(x) * -LOG2E_F)
+    s = t * _rcp(2.0 + t)
+    s2 = s * s
+    q = s2 * (1.0 / 13.0) + (1.0 / 11.0)
+    q = q * s2 + (1.0 / 9.0)
+    q = q * s2 + (1.0 / 7.0)
+    q = q * s2 + (1.0 / 5.0)
+    q = q * s2 + (1.0 / 3.0)
+    q = q * s2 + 1.0
+    return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + 2.0 * s * q)
 
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    return _rcp(1.0 + _exp2(x * -LOG2E_F))
 
 
 @triton.jit
@@ -162,6 +184,48 @@ MODE_Y = tl.constexpr(1)  # forward pass 3: y from the chunks' true start states
 MODE_SWEEP = tl.constexpr(2)  # backward: the state entering every block, the chunks' local adjoints
 
 
+@triton.jit
+def _fwd_loads(
+    i0, hi, lmask, line_off, pos_step, UP, DP, YP, CM, b_base, c_base,
+    su_m, su_l, sd_m, sd_l, sb_m, sb_n, sb_l, sc_m, sc_n, sc_l, sy_m, sy_l,
+    M: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr, MODE: tl.constexpr, UNIT_N: tl.constexpr,
+):  # fmt: skip
+    """The raw inputs of the TB steps from i0: per step and modality (delta, u, dL/dy per
+    channel, zeros past hi; B, C per state), what MODE reads. B and C are loaded
+    unmasked, from position 0 where the step is masked (its dt is 0, so they are unused);
+    with UNIT_N (state stride 1 in both) at constant offsets from one address."""
+    X = tl.tuple([])
+    for s in tl.static_range(TB):
+        v = lmask & (i0 + s < hi)
+        p = line_off + (i0 + s) * pos_step
+        p_bc = tl.where(v, p, 0)
+        for m in tl.static_range(M):
+            DL = tl.tuple([])
+            UU = tl.tuple([])
+            GY = tl.tuple([])
+            for e in tl.static_range(CB):
+                ve = v & CM[e]
+                DL = DL + (tl.load(DP[e] + m * sd_m + p * sd_l, mask=ve, other=0.0),)
+                UU = UU + (tl.load(UP[e] + m * su_m + p * su_l, mask=ve, other=0.0),)
+                if MODE == MODE_SWEEP:
+                    GY = GY + (tl.load(YP[e] + m * sy_m + p * sy_l, mask=ve, other=0.0),)
+            pb = b_base + m * sb_m + p_bc * sb_l
+            pc = c_base + m * sc_m + p_bc * sc_l
+            BN = tl.tuple([])
+            CN = tl.tuple([])
+            for n in tl.static_range(N):
+                if UNIT_N:
+                    BN = BN + (tl.load(pb + n),)
+                    if MODE != MODE_END:
+                        CN = CN + (tl.load(pc + n),)
+                else:
+                    BN = BN + (tl.load(pb + n * sb_n),)
+                    if MODE != MODE_END:
+                        CN = CN + (tl.load(pc + n * sc_n),)
+            X = X + (tl.tuple([DL, UU, GY, BN, CN]),)
+    return X
+
+
 @_scan_jit
 def _fwd_kernel(
     u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr,
@@ -177,7 +241,7 @@ def _fwd_kernel(
     sc_b, sc_m, sc_k, sc_n, sc_l,
     sy_b, sy_m, sy_c, sy_l,
     K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, E: tl.constexpr, TB: tl.constexpr,
-    MODE: tl.constexpr, CKB: tl.constexpr,
+    MODE: tl.constexpr, CKB: tl.constexpr, PF: tl.constexpr, UNIT_N: tl.constexpr,
 ):  # fmt: skip
     """One chunk (a segment of SEG steps of a line) of E (line, channel group) lanes;
     lane = one line x CB neighbouring channels, the N states of each in registers;
@@ -234,7 +298,19 @@ def _fwd_kernel(
         DTS = DTS + (tl.zeros([E], tl.float32),)
     b_base = b_ptr + bi * sb_b + k * sb_k
     c_base = c_ptr + bi * sc_b + k * sc_k
+    if PF:
+        X = _fwd_loads(lo, hi, lmask, line_off, pos_step, UP, DP, YP, CM, b_base, c_base,
+                       su_m, su_l, sd_m, sd_l, sb_m, sb_n, sb_l, sc_m, sc_n, sc_l, sy_m, sy_l,
+                       M, N, CB, TB, MODE, UNIT_N)
     for i0 in range(lo, hi, TB):
+        if PF:  # the next iteration's loads go out before this one's arithmetic
+            X_nx = _fwd_loads(i0 + TB, hi, lmask, line_off, pos_step, UP, DP, YP, CM, b_base, c_base,
+                              su_m, su_l, sd_m, sd_l, sb_m, sb_n, sb_l, sc_m, sc_n, sc_l, sy_m, sy_l,
+                              M, N, CB, TB, MODE, UNIT_N)
+        else:
+            X = _fwd_loads(i0, hi, lmask, line_off, pos_step, UP, DP, YP, CM, b_base, c_base,
+                           su_m, su_l, sd_m, sd_l, sb_m, sb_n, sb_l, sc_m, sc_n, sc_l, sy_m, sy_l,
+                           M, N, CB, TB, MODE, UNIT_N)
         if MODE == MODE_SWEEP:
             blk = i0 // CKB
             at_block = i0 % CKB == 0
@@ -245,34 +321,31 @@ def _fwd_kernel(
             v = lmask & (i0 + s < hi)
             p = line_off + (i0 + s) * pos_step
             for m in tl.static_range(M):
+                DL, UU, GY, BN, CN = X[s * M + m]
                 DT = tl.tuple([])
                 DTU = tl.tuple([])
                 Y = tl.tuple([])  # MODE_Y: y; MODE_SWEEP: dL/dy
                 for e in tl.static_range(CB):
-                    ve = v & CM[e]
-                    dl = tl.load(DP[e] + m * sd_m + p * sd_l, mask=ve, other=0.0).to(tl.float32)
-                    uu = tl.load(UP[e] + m * su_m + p * su_l, mask=ve, other=0.0).to(tl.float32)
-                    dt = tl.where(ve, _softplus(dl + BIAS[e]), 0.0)
+                    uu = UU[e].to(tl.float32)
+                    dt = tl.where(v & CM[e], _softplus(DL[e].to(tl.float32) + BIAS[e]), 0.0)
                     DT = DT + (dt,)
                     DTU = DTU + (dt * uu,)
                     if MODE == MODE_Y:
                         Y = Y + (DSK[e] * uu,)
                     if MODE == MODE_SWEEP:
-                        Y = Y + (tl.load(YP[e] + m * sy_m + p * sy_l, mask=ve, other=0.0).to(tl.float32),)
+                        Y = Y + (GY[e].to(tl.float32),)
                 if MODE == MODE_END:
                     DTS2 = tl.tuple([])
                     for e in tl.static_range(CB):
                         DTS2 = DTS2 + (DTS[e] + DT[e],)
                     DTS = DTS2
-                pb = b_base + m * sb_m + p * sb_l
-                pc = c_base + m * sc_m + p * sc_l
                 H2 = tl.tuple([])
                 PR2 = tl.tuple([])
                 EA2 = tl.tuple([])
                 for n in tl.static_range(N):
-                    bn = tl.load(pb + n * sb_n, mask=v, other=0.0).to(tl.float32)
+                    bn = BN[n].to(tl.float32)
                     if MODE != MODE_END:
-                        cn = tl.load(pc + n * sc_n, mask=v, other=0.0).to(tl.float32)
+                        cn = CN[n].to(tl.float32)
                     Y2 = tl.tuple([])
                     for e in tl.static_range(CB):
                         a = _exp2(DT[e] * A2[n * CB + e])
@@ -293,6 +366,8 @@ def _fwd_kernel(
                 if MODE == MODE_Y:
                     for e in tl.static_range(CB):
                         tl.atomic_add(YP[e] + m * sy_m + p * sy_l, Y[e], mask=v & CM[e], sem="relaxed")
+        if PF:
+            X = X_nx
     # a segment slot past the line's end stays an identity for the combines: dt sum 0,
     # state 0, local adjoint 0
     if MODE == MODE_END:
@@ -588,6 +663,12 @@ def _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse: bool) -> torch.
     return out
 
 
+def _unit_states(B: torch.Tensor, C: torch.Tensor) -> bool:
+    """Whether B and C have state stride 1 (the network's layout): the kernels then read
+    a token's states at constant offsets."""
+    return B.stride(-2) == 1 and C.stride(-2) == 1
+
+
 def _group(d: int) -> int:
     """Lanes summed in registers before an atomic add: the largest power of two that
     divides d, at most BWD_GROUP and BWD_LANES."""
@@ -618,8 +699,8 @@ class _CrossScan(torch.autograd.Function):
         seg, ns = _segments(H, W, b, K, d, M)
         cb = FWD_CB[M - 1]
         grid = (triton.cdiv(NL * triton.cdiv(d, cb), FWD_LANES) * ns, b * K)
-        consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, TB=FWD_UNROLL, CKB=FWD_UNROLL,
-                      num_warps=max(1, FWD_LANES // 32))  # fmt: skip
+        consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, TB=FWD_UNROLL, CKB=FWD_UNROLL, PF=FWD_PREFETCH[M - 1],
+                      UNIT_N=_unit_states(B, C), num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         sizes = (H, W, NL, ns, seg, 1, d)
         out = _new_like(u, f32, zero=True)
         strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *out.stride())
@@ -656,8 +737,8 @@ class _CrossScan(torch.autograd.Function):
         local = torch.empty_like(start)
         grid = (triton.cdiv(NL * triton.cdiv(d, SWEEP_CB), FWD_LANES) * ns, b * K)
         _fwd_kernel[grid](*args, start, dts, gout, ck, local, *sizes, *in_strides, MODE=MODE_SWEEP, CKB=tb,
-                          K=K, M=M, N=N, CB=SWEEP_CB, E=FWD_LANES, TB=math.gcd(FWD_UNROLL, tb),
-                          num_warps=max(1, FWD_LANES // 32))  # fmt: skip
+                          K=K, M=M, N=N, CB=SWEEP_CB, E=FWD_LANES, TB=math.gcd(FWD_UNROLL, tb), PF=False,
+                          UNIT_N=_unit_states(B, C), num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         arriving = _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse=True)
         del local
         g_delta = _new_like(delta, delta.dtype, zero=False)
