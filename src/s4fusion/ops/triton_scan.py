@@ -46,6 +46,11 @@ In ``_bwd_kernel`` the channel sums of dL/dB and dL/dC are first taken over
 ``CT`` neighbouring lanes (warp shuffles; ``CT`` divides ``d``), so that only
 ``d / CT`` atomic adds reach each element.
 
+Every load stays inside its tensor: loads are masked, except the forward modes'
+loads of B and C, which read position 0 instead of a masked step's position (in
+bounds for any strides; that step's dt is 0, so the values are unused). Masks there
+cost 9-11% of a forward loop iteration's instructions.
+
 ``H``, ``W``, ``SEG`` and the size-dependent strides are runtime values that are
 not specialised on: one compiled kernel per dtype, M, N and block shape serves
 every image size.
