@@ -80,11 +80,12 @@ FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 # Launch configuration.
 # Forward: neighbouring channels per lane (one line each) for M = 1 and for M = 2
-# (Cross SS2D keeps twice the tokens per step in flight: ptxas puts its pass 3 at
-# 254 registers with 2 channels, 128 with 1), lanes per program, tokens unrolled per
-# loop iteration, lanes wanted per launch (lines are cut into segments until there
-# are about as many), and for M = 1, M = 2 whether a loop iteration's loads are issued
-# one iteration ahead (more registers, loads in flight during arithmetic).
+# (more channels share a step's B and C loads but need more registers, and give fewer
+# lanes), lanes per program, tokens unrolled per loop iteration, lanes wanted per
+# launch (lines are cut into segments until there are about as many), and for M = 1,
+# M = 2 whether a loop iteration's loads are issued one iteration ahead (more
+# registers, loads in flight during arithmetic). Chosen by `bench_scan.py --sweep
+# forward` on an H200 (BENCHMARKS.md).
 FWD_CB, FWD_LANES, FWD_UNROLL, FWD_PREFETCH = (1, 1), 128, 1, (False, False)
 TARGET_LANES = 1 << 17
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
@@ -141,8 +142,7 @@ def _softplus(x):
     """torch.nn.functional.softplus (beta 1, threshold 20) in float32 to a few ulp, from
     one exp2 and one reciprocal: max(x, 0) + log1p(t) with t = exp(-|x|) in (0, 1], and
     log1p(t) = 2 atanh(s), s = t / (2 + t) in (0, 1/3], by its odd series to s**13
-    (truncation below 2e-8 relative; the libdevice log it replaces was a quarter of the
-    forward kernel's instructions)."""
+    (truncation below 2e-8 relative)."""
     t = _exp2(tl.abs(x) * -LOG2E_F)
     s = t * _rcp(2.0 + t)
     s2 = s * s
