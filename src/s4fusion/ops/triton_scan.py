@@ -73,10 +73,10 @@ __all__ = ["cross_scan_triton"]
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E_F = tl.constexpr(LOG2E)
-# One-instruction exp2 (results below 2**-126 flush to zero); the Triton
-# interpreter (TRITON_INTERPRET=1, used to check the kernels on a CPU) has no
-# inline PTX and uses tl.exp2.
-FAST_EXP2 = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+# One-instruction exp2 and reciprocal (PTX ex2.approx.ftz, rcp.approx.ftz: results
+# below 2**-126 flush to zero); the Triton interpreter (TRITON_INTERPRET=1, used to
+# check the kernels on a CPU) has no inline PTX and uses tl.exp2 and a division.
+FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 # Launch configuration.
 # Forward: neighbouring channels per lane (one line each) for M = 1 and for M = 2
@@ -118,7 +118,7 @@ def _scan_jit(fn):
 
 @triton.jit
 def _exp2(x):
-    if FAST_EXP2:
+    if FAST_MATH:
         return tl.inline_asm_elementwise(
             "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
         )
@@ -129,7 +129,7 @@ def _exp2(x):
 @triton.jit
 def _rcp(x):
     """1 / x in one instruction (relative error below 2**-23)."""
-    if FAST_EXP2:
+    if FAST_MATH:
         return tl.inline_asm_elementwise(
             "rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
         )
