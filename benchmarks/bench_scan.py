@@ -108,13 +108,14 @@ def bench_case(case: tuple, dtype: torch.dtype, train: bool) -> dict:
 
 SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_scan and the values tried
     "forward": {
-        "FWD_CB": ((2, 2), (2, 1), (1, 1)),  # channels per lane for M = 1, M = 2
-        "FWD_PREFETCH": ((True, False), (True, True), (False, False)),  # for M = 1, M = 2
+        "FWD_CB": ((1, 1), (2, 1)),  # channels per lane for M = 1, M = 2
+        "FWD_PREFETCH": ((False, False), (True, False), (True, True)),  # for M = 1, M = 2
+        "FWD_UNROLL": (1, 2),
         "FWD_LANES": (128,),
-        "TARGET_LANES": (1 << 16, 1 << 17),
+        "TARGET_LANES": (1 << 17,),
     },
     "combine": {"COMBINE_ROWS": (16, 32, 64, 128), "COMBINE_STATES": (16, 32, 64), "COMBINE_WARPS": (1, 4)},
-    "backward": {"BWD_LANES": (32, 64, 128), "BWD_STEPS": (2, 4), "BWD_GROUP": (4, 8, 16)},
+    "backward": {"BWD_CB": (1, 2), "BWD_LANES": (32,), "BWD_STEPS": (2, 4), "BWD_GROUP": (4, 8, 16)},
 }
 
 

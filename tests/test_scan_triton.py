@@ -92,6 +92,26 @@ def test_matches_reference_forward_and_every_gradient(case, dtype, layout):
         assert rel(g, gr) < grad_tol, (name, rel(g, gr))
 
 
+@pytest.mark.parametrize("steps", [2, 4])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}M{}d{}N{}_{}x{}".format(*c))
+@pytest.mark.gpu
+@needs_cuda
+def test_backward_lanes_of_one_channel_match_the_reference(case, steps, monkeypatch):
+    """The backward kernel's other lane width (the default is two channels)."""
+    from s4fusion.ops import triton_scan as ts
+
+    monkeypatch.setattr(ts, "BWD_CB", 1)
+    monkeypatch.setattr(ts, "BWD_STEPS", steps)
+    b, M, d, N, H, W = case
+    inputs = make_inputs(b, M, d, N, H, W, torch.float32, "cuda", channels_last=True)
+    out = ts.cross_scan_triton(*inputs, H, W)
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to("cuda")
+    grads = torch.autograd.grad(out, inputs, gout)
+    _, ref_grads = reference_and_grads(inputs, gout, H, W)
+    for name, g, gr in zip(NAMES, grads, ref_grads):
+        assert rel(g, gr) < TOLERANCES[torch.float32][1], (name, rel(g, gr))
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_strided_inputs_give_the_contiguous_result():
@@ -185,15 +205,16 @@ from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
 # (segments of one block, combine blocks, several programs; channel groups of 1, 2 and 4
-# lanes; "whole": one segment per line, of several blocks; forward lanes of 1 or 2 channels,
-# loads one iteration ahead or not)
+# lanes; "whole": one segment per line, of several blocks; forward and backward lanes of 1
+# or 2 channels, forward loads one iteration ahead or not)
 worst = 0.0
 for b, M, d, N, H, W, last, whole, cb, pf in [
-    (1, 2, 5, 3, 4, 3, False, False, 2, True), (2, 1, 6, 2, 3, 5, False, False, 2, False),
+    (1, 2, 5, 3, 4, 3, False, False, 2, True), (2, 1, 8, 2, 3, 5, False, False, 2, False),
     (1, 2, 4, 3, 3, 4, True, False, 1, False), (2, 1, 6, 2, 3, 5, True, True, 1, True),
 ]:
     ts.TARGET_LANES = 1 if whole else 1 << 17
     ts.FWD_CB = (cb, cb)
+    ts.BWD_CB = cb
     ts.FWD_PREFETCH = (pf, pf)
     g = torch.Generator().manual_seed(H * W)
     L, K = H * W, 4

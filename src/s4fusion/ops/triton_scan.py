@@ -34,17 +34,18 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
   delta_bias as per-lane partial sums that torch reduces.
 
 Work layout: a program owns ``E`` lanes of one segment of one direction and
-batch element; a lane is one line and ``CB`` neighbouring channels (``CB`` = 1
-in ``_bwd_kernel``). Lanes of one line are neighbours, so at every step a warp
+batch element; a lane is one line and ``CB`` neighbouring channels (``CB`` is a
+launch constant of each pass: ``FWD_CB``, ``SWEEP_CB``, ``BWD_CB``). Lanes of one line are neighbours, so at every step a warp
 reads the channels of a few positions: coalesced for every direction when the
 channels are innermost in memory, the layout the network passes (the output and
 the gradients of u and delta have their input's layout). B and C are read once
 per line and step and shared by the line's lanes. The forward modes keep the
 ``N`` states of each channel in registers (``N`` is a compile-time constant);
 the backward holds one state index at a time over a block of ``TB * M`` tokens.
-In ``_bwd_kernel`` the channel sums of dL/dB and dL/dC are first taken over
-``CT`` neighbouring lanes (warp shuffles; ``CT`` divides ``d``), so that only
-``d / CT`` atomic adds reach each element.
+In ``_bwd_kernel`` the channel sums of dL/dB and dL/dC are first taken over a
+lane's ``CB`` channels and then over ``CT`` neighbouring lanes (warp shuffles;
+``CT`` divides the lanes per line), so that only ``d / (CB * CT)`` atomic adds
+reach each element.
 
 Every load stays inside its tensor: loads are masked, except the forward modes'
 loads of B and C, which read position 0 instead of a masked step's position (in
@@ -90,9 +91,11 @@ FWD_CB, FWD_LANES, FWD_UNROLL, FWD_PREFETCH = (1, 1), 128, 1, (False, False)
 TARGET_LANES = 1 << 17
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
 # an adjoint per state; its loads are not issued ahead, which measured no faster);
-# lanes (one line x one channel) per program; scan steps per block for M = 1 (halved
-# for M = 2); most lanes summed in registers before an atomic add.
-SWEEP_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 32, 4, 8
+# channels per lane of the backward kernel (its channel sums of dL/dB and dL/dC start
+# in registers); lanes (one line x BWD_CB channels) per program; scan steps per block
+# for M = 1 (halved for M = 2); most lanes summed in registers before an atomic add.
+# Chosen by `bench_scan.py --sweep backward` on an H200 (BENCHMARKS.md).
+SWEEP_CB, BWD_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 2, 32, 4, 8
 # Chunk combine: chunk slots per scan block, states per program, warps.
 COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 16, 16, 4
 
@@ -483,11 +486,13 @@ def _bwd_kernel(
     sgu_b, sgu_m, sgu_c, sgu_l,
     sgb_b, sgb_m, sgb_k, sgb_n, sgb_l,
     K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, TB: tl.constexpr, CT: tl.constexpr,
+    CB: tl.constexpr,
 ):  # fmt: skip
-    """One chunk of E (line, channel) lanes, walked backwards block by block; per
-    block, a loop over the state index n recomputes the block's states from the
-    stored one and runs the adjoint back through them. dL/dB and dL/dC sum over
-    channels: over CT neighbouring lanes (CT divides d) in registers, then atomically."""
+    """One chunk of E (line, channel group) lanes, walked backwards block by block; a
+    lane is one line x CB neighbouring channels. Per block, a loop over the state index
+    n recomputes the block's states from the stored one and runs the adjoint back
+    through them. dL/dB and dL/dC sum over channels: over a lane's CB channels and CT
+    neighbouring lanes (CT divides the lanes per line) in registers, then atomically."""
     NT: tl.constexpr = TB * M
     GE: tl.constexpr = E // CT
     pid0 = tl.program_id(0)
@@ -495,11 +500,12 @@ def _bwd_kernel(
     bi = (pid_bk // K).to(tl.int64)
     k = pid_bk % K
     sg = pid0 % NS
+    nq = (d + CB - 1) // CB  # lanes per line
     f = (pid0 // NS) * E + tl.arange(0, E)
-    j = f // d
-    c = f % d
+    j = f // nq
+    c0 = (f % nq) * CB
     fg = (pid0 // NS) * E + tl.arange(0, GE) * CT  # first lane of every group of CT
-    jg = fg // d
+    jg = fg // nq
     nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
     lmask = j < nlines
     gmask = jg < nlines
@@ -508,122 +514,183 @@ def _bwd_kernel(
     lo = sg * SEG
     hi = tl.maximum(tl.minimum(lo + SEG, llen), lo)
     row = (pid_bk.to(tl.int64) * NL + j) * NS + sg
-    st = (row * d + c) * N  # this lane's slot of the per-chunk (d, N) tensors
-    sn = row * N * d + c  # and of the (N, d) ones: coalesced over the lanes of a line
-    ck_lane = (pid_bk.to(tl.int64) * NL + j) * NBLK * N * d + c
-    a2_lane = a2_ptr + (k * d + c) * N
-    bias = tl.load(bias_ptr + k * d + c, mask=lmask, other=0.0)
-    dsk = tl.load(dsk_ptr + k * d + c, mask=lmask, other=0.0)
-    u_base = u_ptr + bi * su_b + c * su_c
-    dl_base = dl_ptr + bi * sd_b + k * sd_k + c * sd_c
-    g_base = g_ptr + bi * sg_b + c * sg_c
-    gdl_base = gdl_ptr + bi * sgd_b + k * sgd_k + c * sgd_c
-    gu_base = gu_ptr + bi * sgu_b + c * sgu_c
+    ck_line = (pid_bk.to(tl.int64) * NL + j) * NBLK * N * d
+    # per channel e of the lane: mask, its slot of the per-chunk (d, N) tensors and of
+    # the (N, d) ones (coalesced over the lanes of a line), parameters, pointers
+    CM = tl.tuple([])
+    ST = tl.tuple([])
+    SN = tl.tuple([])
+    CK = tl.tuple([])
+    A2L = tl.tuple([])
+    BIAS = tl.tuple([])
+    DSK = tl.tuple([])
+    UB = tl.tuple([])
+    DLB = tl.tuple([])
+    GYB = tl.tuple([])
+    GDLB = tl.tuple([])
+    GUB = tl.tuple([])
+    GD = tl.tuple([])  # partial dL/dD
+    GBIAS = tl.tuple([])  # partial dL/d(delta_bias)
+    for e in tl.static_range(CB):
+        c = c0 + e
+        cm = lmask & (c < d)
+        CM = CM + (cm,)
+        ST = ST + ((row * d + c) * N,)
+        SN = SN + (row * N * d + c,)
+        CK = CK + (ck_line + c,)
+        A2L = A2L + (a2_ptr + (k * d + c) * N,)
+        BIAS = BIAS + (tl.load(bias_ptr + k * d + c, mask=cm, other=0.0),)
+        DSK = DSK + (tl.load(dsk_ptr + k * d + c, mask=cm, other=0.0),)
+        UB = UB + (u_ptr + bi * su_b + c * su_c,)
+        DLB = DLB + (dl_ptr + bi * sd_b + k * sd_k + c * sd_c,)
+        GYB = GYB + (g_ptr + bi * sg_b + c * sg_c,)
+        GDLB = GDLB + (gdl_ptr + bi * sgd_b + k * sgd_k + c * sgd_c,)
+        GUB = GUB + (gu_ptr + bi * sgu_b + c * sgu_c,)
+        GD = GD + (tl.zeros([E], tl.float32),)
+        GBIAS = GBIAS + (tl.zeros([E], tl.float32),)
     b_base = b_ptr + bi * sb_b + k * sb_k
     c_base = c_ptr + bi * sc_b + k * sc_k
     gbc_off = bi * sgb_b + k * sgb_k
-    gd_acc = tl.zeros([E], tl.float32)
-    gbias_acc = tl.zeros([E], tl.float32)
     nb = (hi - lo + TB - 1) // TB
     for ib in range(0, nb):
         i0 = lo + (nb - 1 - ib) * TB
         blk = i0 // TB
-        # the block's tokens, t = step * M + modality
+        # the block's tokens t = step * M + modality; per token and channel (index t * CB + e)
         P = tl.tuple([])
         V = tl.tuple([])
         VG = tl.tuple([])
         GY = tl.tuple([])
         DT = tl.tuple([])
         DTU = tl.tuple([])
-        GA = tl.tuple([])  # sum over n of A g (h - x), per token
-        GB = tl.tuple([])  # sum over n of g B, per token
+        GA = tl.tuple([])  # sum over n of A g (h - x)
+        GB = tl.tuple([])  # sum over n of g B
         for s in tl.static_range(TB):
             for m in tl.static_range(M):
                 p = line_off + (i0 + s) * pos_step
                 v = lmask & (i0 + s < hi)
-                dl = tl.load(dl_base + m * sd_m + p * sd_l, mask=v, other=0.0).to(tl.float32)
-                uu = tl.load(u_base + m * su_m + p * su_l, mask=v, other=0.0).to(tl.float32)
-                gy = tl.load(g_base + m * sg_m + p * sg_l, mask=v, other=0.0).to(tl.float32)
-                dt = tl.where(v, _softplus(dl + bias), 0.0)
                 P = P + (p,)
                 V = V + (v,)
                 VG = VG + (gmask & (i0 + s < hi),)
-                GY = GY + (gy,)
-                DT = DT + (dt,)
-                DTU = DTU + (dt * uu,)
-                GA = GA + (tl.zeros([E], tl.float32),)
-                GB = GB + (tl.zeros([E], tl.float32),)
-                gd_acc += gy * uu
+                GD2 = tl.tuple([])
+                for e in tl.static_range(CB):
+                    ve = v & CM[e]
+                    dl = tl.load(DLB[e] + m * sd_m + p * sd_l, mask=ve, other=0.0).to(tl.float32)
+                    uu = tl.load(UB[e] + m * su_m + p * su_l, mask=ve, other=0.0).to(tl.float32)
+                    gy = tl.load(GYB[e] + m * sg_m + p * sg_l, mask=ve, other=0.0).to(tl.float32)
+                    dt = tl.where(ve, _softplus(dl + BIAS[e]), 0.0)
+                    GY = GY + (gy,)
+                    DT = DT + (dt,)
+                    DTU = DTU + (dt * uu,)
+                    GA = GA + (tl.zeros([E], tl.float32),)
+                    GB = GB + (tl.zeros([E], tl.float32),)
+                    GD2 = GD2 + (GD[e] + gy * uu,)
+                GD = GD2
         # n = 0, then in iteration n the loads of n + 1
         # the chunk's last block starts from the arriving adjoint, the others from the carry
-        q_blk = tl.where(ib == 0, q_ptr + st, qc_ptr + sn)
+        QB = tl.tuple([])
+        A2 = tl.tuple([])
+        Hs = tl.tuple([])
+        GN = tl.tuple([])  # the adjoint arriving from the step after
+        GAc = tl.tuple([])  # this lane's partial dL/dA
         q_n = tl.where(ib == 0, 1, d)
-        a2 = tl.load(a2_lane, mask=lmask, other=0.0)
-        h = tl.load(ck_ptr + ck_lane + blk * N * d, mask=lmask, other=0.0)
-        gnext = tl.load(q_blk, mask=lmask, other=0.0)
-        ga = tl.load(ga_ptr + sn, mask=lmask, other=0.0)
+        for e in tl.static_range(CB):
+            q_blk = tl.where(ib == 0, q_ptr + ST[e], qc_ptr + SN[e])
+            QB = QB + (q_blk,)
+            A2 = A2 + (tl.load(A2L[e], mask=CM[e], other=0.0),)
+            Hs = Hs + (tl.load(ck_ptr + CK[e] + blk * N * d, mask=CM[e], other=0.0),)
+            GN = GN + (tl.load(q_blk, mask=CM[e], other=0.0),)
+            GAc = GAc + (tl.load(ga_ptr + SN[e], mask=CM[e], other=0.0),)
         BV = tl.tuple([])
         CV = tl.tuple([])
         for t in tl.static_range(NT):
             BV = BV + (tl.load(b_base + (t % M) * sb_m + P[t] * sb_l, mask=V[t], other=0.0).to(tl.float32),)
             CV = CV + (tl.load(c_base + (t % M) * sc_m + P[t] * sc_l, mask=V[t], other=0.0).to(tl.float32),)
         for n in range(N):
-            nx = lmask & (n + 1 < N)
-            a2_nx = tl.load(a2_lane + n + 1, mask=nx, other=0.0)
-            h_nx = tl.load(ck_ptr + ck_lane + (blk * N + n + 1) * d, mask=nx, other=0.0)
-            gnext_nx = tl.load(q_blk + (n + 1) * q_n, mask=nx, other=0.0)
-            ga_nx = tl.load(ga_ptr + sn + (n + 1) * d, mask=nx, other=0.0)
+            A2_nx = tl.tuple([])
+            H_nx = tl.tuple([])
+            GN_nx = tl.tuple([])
+            GAc_nx = tl.tuple([])
+            for e in tl.static_range(CB):
+                nx = CM[e] & (n + 1 < N)
+                A2_nx = A2_nx + (tl.load(A2L[e] + n + 1, mask=nx, other=0.0),)
+                H_nx = H_nx + (tl.load(ck_ptr + CK[e] + (blk * N + n + 1) * d, mask=nx, other=0.0),)
+                GN_nx = GN_nx + (tl.load(QB[e] + (n + 1) * q_n, mask=nx, other=0.0),)
+                GAc_nx = GAc_nx + (tl.load(ga_ptr + SN[e] + (n + 1) * d, mask=nx, other=0.0),)
             BV_nx = tl.tuple([])
             CV_nx = tl.tuple([])
             for t in tl.static_range(NT):
+                vn = V[t] & (n + 1 < N)
                 off_b = (t % M) * sb_m + P[t] * sb_l + (n + 1) * sb_n
                 off_c = (t % M) * sc_m + P[t] * sc_l + (n + 1) * sc_n
-                BV_nx = BV_nx + (tl.load(b_base + off_b, mask=V[t] & nx, other=0.0).to(tl.float32),)
-                CV_nx = CV_nx + (tl.load(c_base + off_c, mask=V[t] & nx, other=0.0).to(tl.float32),)
+                BV_nx = BV_nx + (tl.load(b_base + off_b, mask=vn, other=0.0).to(tl.float32),)
+                CV_nx = CV_nx + (tl.load(c_base + off_c, mask=vn, other=0.0).to(tl.float32),)
             HS = tl.tuple([])
             AS = tl.tuple([])
             for t in tl.static_range(NT):
-                a = _exp2(DT[t] * a2)
-                h = a * h + DTU[t] * BV[t]
-                HS = HS + (h,)
-                AS = AS + (a,)
+                H2 = tl.tuple([])
+                for e in tl.static_range(CB):
+                    a = _exp2(DT[t * CB + e] * A2[e])
+                    h = a * Hs[e] + DTU[t * CB + e] * BV[t]
+                    H2 = H2 + (h,)
+                    HS = HS + (h,)
+                    AS = AS + (a,)
+                Hs = H2
             # last token first: dL/dh_t = gy_t C_t + a_{t+1} dL/dh_{t+1}
             GA2 = tl.tuple([])
             GB2 = tl.tuple([])
             for t in tl.static_range(NT - 1, -1, -1):
-                g = GY[t] * CV[t] + gnext
-                gr = g * (HS[t] - DTU[t] * BV[t])  # g a_t h_{t-1}
-                GA2 = GA2 + (GA[t] + gr * (a2 * LN2),)
-                GB2 = GB2 + (GB[t] + g * BV[t],)
-                ga += gr * DT[t]
+                sum_b = tl.zeros([E], tl.float32)
+                sum_c = tl.zeros([E], tl.float32)
+                GN2 = tl.tuple([])
+                GAc2 = tl.tuple([])
+                for e in tl.static_range(CB):
+                    g = GY[t * CB + e] * CV[t] + GN[e]
+                    gr = g * (HS[t * CB + e] - DTU[t * CB + e] * BV[t])  # g a_t h_{t-1}
+                    GA2 = GA2 + (GA[t * CB + e] + gr * (A2[e] * LN2),)
+                    GB2 = GB2 + (GB[t * CB + e] + g * BV[t],)
+                    GAc2 = GAc2 + (GAc[e] + gr * DT[t * CB + e],)
+                    sum_b += g * DTU[t * CB + e]
+                    sum_c += GY[t * CB + e] * HS[t * CB + e]
+                    GN2 = GN2 + (AS[t * CB + e] * g,)
+                GN = GN2
+                GAc = GAc2
                 pg = gline_off + (i0 + t // M) * pos_step
                 gbc = gbc_off + (t % M) * sgb_m + pg * sgb_l + n * sgb_n
-                tl.atomic_add(gb_ptr + gbc, _group_sum(g * DTU[t], GE, CT), mask=VG[t], sem="relaxed")
-                tl.atomic_add(gc_ptr + gbc, _group_sum(GY[t] * HS[t], GE, CT), mask=VG[t], sem="relaxed")
-                gnext = AS[t] * g
+                tl.atomic_add(gb_ptr + gbc, _group_sum(sum_b, GE, CT), mask=VG[t], sem="relaxed")
+                tl.atomic_add(gc_ptr + gbc, _group_sum(sum_c, GE, CT), mask=VG[t], sem="relaxed")
+            # GA2, GB2 were built last token first, channel by channel
             GA = tl.tuple([])
             GB = tl.tuple([])
             for t in tl.static_range(NT):
-                GA = GA + (GA2[NT - 1 - t],)
-                GB = GB + (GB2[NT - 1 - t],)
-            tl.store(qc_ptr + sn + n * d, gnext, mask=lmask)
-            tl.store(ga_ptr + sn + n * d, ga, mask=lmask)
-            a2 = a2_nx
-            h = h_nx
-            gnext = gnext_nx
-            ga = ga_nx
+                for e in tl.static_range(CB):
+                    GA = GA + (GA2[(NT - 1 - t) * CB + e],)
+                    GB = GB + (GB2[(NT - 1 - t) * CB + e],)
+            for e in tl.static_range(CB):
+                tl.store(qc_ptr + SN[e] + n * d, GN[e], mask=CM[e])
+                tl.store(ga_ptr + SN[e] + n * d, GAc[e], mask=CM[e])
+            A2 = A2_nx
+            Hs = H_nx
+            GN = GN_nx
+            GAc = GAc_nx
             BV = BV_nx
             CV = CV_nx
+        GBIAS2 = GBIAS
         for t in tl.static_range(NT):
-            gu = DT[t] * GB[t] + dsk * GY[t]
-            tl.atomic_add(gu_base + (t % M) * sgu_m + P[t] * sgu_l, gu, mask=V[t], sem="relaxed")
-            dl = tl.load(dl_base + (t % M) * sd_m + P[t] * sd_l, mask=V[t], other=0.0).to(tl.float32)
-            uu = tl.load(u_base + (t % M) * su_m + P[t] * su_l, mask=V[t], other=0.0).to(tl.float32)
-            gdl = tl.where(V[t], (uu * GB[t] + GA[t]) * _sigmoid(dl + bias), 0.0)
-            tl.store(gdl_base + (t % M) * sgd_m + P[t] * sgd_l, gdl.to(gdl_ptr.dtype.element_ty), mask=V[t])
-            gbias_acc += gdl
-    tl.store(gdsk_ptr + row * d + c, gd_acc, mask=lmask)
-    tl.store(gbias_ptr + row * d + c, gbias_acc, mask=lmask)
+            GBIAS3 = tl.tuple([])
+            for e in tl.static_range(CB):
+                ve = V[t] & CM[e]
+                gu = DT[t * CB + e] * GB[t * CB + e] + DSK[e] * GY[t * CB + e]
+                tl.atomic_add(GUB[e] + (t % M) * sgu_m + P[t] * sgu_l, gu, mask=ve, sem="relaxed")
+                dl = tl.load(DLB[e] + (t % M) * sd_m + P[t] * sd_l, mask=ve, other=0.0).to(tl.float32)
+                uu = tl.load(UB[e] + (t % M) * su_m + P[t] * su_l, mask=ve, other=0.0).to(tl.float32)
+                gdl = tl.where(ve, (uu * GB[t * CB + e] + GA[t * CB + e]) * _sigmoid(dl + BIAS[e]), 0.0)
+                tl.store(GDLB[e] + (t % M) * sgd_m + P[t] * sgd_l, gdl.to(gdl_ptr.dtype.element_ty), mask=ve)
+                GBIAS3 = GBIAS3 + (GBIAS2[e] + gdl,)
+            GBIAS2 = GBIAS3
+        GBIAS = GBIAS2
+    for e in tl.static_range(CB):
+        tl.store(gdsk_ptr + row * d + c0 + e, GD[e], mask=CM[e])
+        tl.store(gbias_ptr + row * d + c0 + e, GBIAS[e], mask=CM[e])
 
 
 # ------------------------------------------------------------------------- host
@@ -674,10 +741,10 @@ def _unit_states(B: torch.Tensor, C: torch.Tensor) -> bool:
     return B.stride(-2) == 1 and C.stride(-2) == 1
 
 
-def _group(d: int) -> int:
+def _group(lanes: int) -> int:
     """Lanes summed in registers before an atomic add: the largest power of two that
-    divides d, at most BWD_GROUP and BWD_LANES."""
-    return min(d & -d, BWD_GROUP, BWD_LANES)
+    divides the lanes per line, at most BWD_GROUP and BWD_LANES."""
+    return min(lanes & -lanes, BWD_GROUP, BWD_LANES)
 
 
 def _new_like(x: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
@@ -755,10 +822,11 @@ class _CrossScan(torch.autograd.Function):
         g_D = torch.zeros_like(dts)
         g_bias = torch.zeros_like(dts)
         out_strides = (*g_delta.stride(), *g_u.stride(), *g_B.stride())
-        _bwd_kernel[(triton.cdiv(NL * d, BWD_LANES) * ns, b * K)](
+        nq = triton.cdiv(d, BWD_CB)  # lanes per line
+        _bwd_kernel[(triton.cdiv(NL * nq, BWD_LANES) * ns, b * K)](
             *args, gout, ck, arriving, carry, g_A, g_D, g_bias, g_delta, g_u, g_B, g_C,
             *sizes, *in_strides, *out_strides,
-            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(d), num_warps=max(1, BWD_LANES // 32),
+            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq), CB=BWD_CB, num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
         return (
             g_u.to(u.dtype),
