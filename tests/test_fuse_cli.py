@@ -312,6 +312,13 @@ def test_bad_options_stop_before_fusing(tmp_path, weights, capsys):
     assert "--ir-percentiles: percentiles must satisfy 0 <= low < high <= 100, got (90, 10)" in capsys.readouterr().err
     assert fuse_cli(*base, "--out", tmp_path / "f.gif") == 2
     assert "cannot write '.gif' files" in capsys.readouterr().err
+    assert fuse_cli(*base, "--device", "cpu", "--cuda-graph", "on") == 2
+    assert "--cuda-graph on needs a CUDA device, the device is cpu; use --cuda-graph auto or off" in capsys.readouterr().err
+    assert fuse_cli(*base, "--device", "cpu", "--compile", "--cuda-graph", "on") == 2
+    assert "choose one of --compile and --cuda-graph on, not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        fuse_cli(*base, "--cuda-graph", "yes")
+    assert "invalid choice: 'yes'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
 
@@ -394,6 +401,108 @@ def test_api_paths_batches_and_precision(tmp_path, model):
     assert 0 < diff < 0.05, diff  # really computed in bfloat16, and still close
     with pytest.raises(api.FusionError, match="precision must be one of"):
         api.fuse(ir, vi, model, precision="fp8")
+
+
+def test_api_cuda_graph_options_are_checked(model):
+    ir = np.random.default_rng(0).random((48, 64), dtype=np.float32)
+    with pytest.raises(api.FusionError, match="cuda_graph needs the model on a CUDA device, it is on cpu"):
+        api.fuse(ir, ir, model, cuda_graph=True)
+    with pytest.raises(api.FusionError, match="choose one of compile and cuda_graph"):
+        api.fuse(ir, ir, model, cuda_graph=True, compile=True)
+    with pytest.raises(api.FusionError, match="cuda_graph must be 'auto', True or False, got 'on'"):
+        api.fuse(ir, ir, model, cuda_graph="on")
+    # the default, "auto", runs the CPU model as usual and records nothing
+    assert np.array_equal(api.fuse(ir, ir, model), api.fuse(ir, ir, model, cuda_graph=False))
+    assert api._GRAPHED_ATTR not in vars(model)
+
+
+class _FakeGraph:
+    """Stands in for a recorded pass: counts its replays (recording needs CUDA)."""
+
+    made: list[tuple] = []
+
+    def __init__(self, model, infrared, visible_y):
+        self.replays = 0
+        _FakeGraph.made.append(tuple(infrared.shape))
+
+    def __call__(self, infrared, visible_y):
+        self.replays += 1
+        return torch.full_like(infrared, -1.0)
+
+
+def test_graphed_records_at_the_requested_pass_and_keeps_the_newest(monkeypatch):
+    monkeypatch.setattr(api, "_GraphedPass", _FakeGraph)
+    monkeypatch.setattr(api, "_SEEN_LIMIT", 3)
+    _FakeGraph.made = []
+    calls = []
+    net = torch.nn.Module()
+    net.weight = torch.nn.Parameter(torch.ones(1))
+    net.forward = lambda ir, vi: calls.append(tuple(ir.shape)) or ir + vi
+    x = {n: torch.ones(1, 1, 4, n) for n in range(1, 8)}
+    run = api.graphed(net, record_at=2)
+    assert torch.equal(run(x[1], x[1]), 2 * x[1]) and _FakeGraph.made == []  # first pass: the model
+    assert torch.equal(run(x[1], x[1]), -x[1]) and _FakeGraph.made == [(1, 1, 4, 1)]  # second: recorded
+    assert torch.equal(run(x[1], x[1]), -x[1]) and calls == [(1, 1, 4, 1)]  # third: replayed
+    slot = vars(net)[api._GRAPHED_ATTR]
+    assert list(slot.passes) and not slot.seen
+    assert api.graphed(net) is not run and vars(net)[api._GRAPHED_ATTR] is slot  # one slot per model
+    for n in (2, 3, 4, 5):  # one pass each: counted, the oldest counts dropped past _SEEN_LIMIT
+        run(x[n], x[n])
+    assert [k[0][3] for k in slot.seen] == [3, 4, 5]
+    for n in (3, 4, 5, 6, 2):  # 3, 4, 5 record; 6 is counted; 2 was forgotten and is counted again
+        run(x[n], x[n])
+    assert _FakeGraph.made[1:] == [(1, 1, 4, n) for n in (3, 4, 5)]
+    assert [k[0][3] for k in slot.seen] == [6, 2]
+    for n in (6, 6):
+        run(x[n], x[n])
+    assert [k[0][3] for k in slot.passes] == [3, 4, 5, 6]  # GRAPH_LIMIT: width 1 went first
+    assert len(_FakeGraph.made) == 5 and list(slot.passes.values())[-1][1].replays == 2
+    with torch.no_grad():
+        net.weight.mul_(2)  # changed in place: the graph replays it
+    run(x[6], x[6])
+    assert len(_FakeGraph.made) == 5
+    net.weight = torch.nn.Parameter(torch.ones(1))  # replaced: recorded again
+    run(x[6], x[6])
+    assert len(_FakeGraph.made) == 6 and len(slot.passes) == api.GRAPH_LIMIT
+    with pytest.raises(ValueError, match="record_at must be >= 1, got 0"):
+        api.graphed(net, record_at=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
+def test_api_cuda_graph_equals_eager_and_reuses_its_graphs(tmp_path, weights):
+    gpu = S4Fusion.from_pretrained(weights, map_location="cuda").eval()
+    rng = np.random.default_rng(0)
+    pairs = [(rng.random((h, w), dtype=np.float32), rng.random((h, w, 3), dtype=np.float32)) for h, w in
+             ((48, 64), (61, 50), (48, 64))]
+    for precision, tol in (("fp32", 1e-5), ("bf16", 1e-2)):
+        eager = [api.fuse(i, v, gpu, precision=precision) for i, v in pairs]
+        graph = [api.fuse(i, v, gpu, precision=precision, cuda_graph=True) for i, v in pairs]
+        for e, g in zip(eager, graph):
+            assert np.abs(e - g).max() < tol
+    # one graph per (size, precision): the third pair replayed the first pair's graph
+    assert len(vars(gpu)[api._GRAPHED_ATTR].passes) == 4
+    batch = api.fuse_images([p[0] for p in pairs], [p[1] for p in pairs], gpu, batch_size=2, cuda_graph=True)
+    assert all(np.abs(b - e).max() < 1e-5 for b, e in zip(batch, [api.fuse(i, v, gpu) for i, v in pairs]))
+    assert len(vars(gpu)[api._GRAPHED_ATTR].passes) == api.GRAPH_LIMIT  # the oldest went first
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
+def test_api_auto_cuda_graph_records_at_the_second_pass_of_a_size(weights):
+    gpu = S4Fusion.from_pretrained(weights, map_location="cuda").eval()
+    rng = np.random.default_rng(1)
+    ir, vi = rng.random((48, 64), dtype=np.float32), rng.random((48, 64, 3), dtype=np.float32)
+    eager = api.fuse(ir, vi, gpu, cuda_graph=False)
+    assert api._GRAPHED_ATTR not in vars(gpu)
+    outs = [api.fuse(ir, vi, gpu) for _ in range(3)]  # "auto": run, record, replay
+    slot = vars(gpu)[api._GRAPHED_ATTR]
+    assert len(slot.passes) == 1 and not slot.seen
+    assert all(np.abs(o - eager).max() < 1e-5 for o in outs)
+    # a pass over 1/GRAPH_LIMIT of the budget is never recorded (tile=0: it still runs whole)
+    api.fuse(ir[:45], vi[:45], gpu, tile=0, memory_budget=1)
+    api.fuse(ir[:45], vi[:45], gpu, tile=0, memory_budget=1)
+    assert len(slot.passes) == 1 and not slot.seen
 
 
 def test_default_weights_error_and_bundled_path(monkeypatch):

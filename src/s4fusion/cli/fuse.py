@@ -14,6 +14,7 @@ import numpy as np
 
 from .. import io, tiling
 from ..api import (
+    GRAPH_LIMIT,
     FusionError,
     PreparedPair,
     default_weights,
@@ -140,6 +141,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "needs a C++ compiler): the first batch of each image size and batch size compiles (tens of seconds), "
         "later ones run faster, so it pays off for many pairs of few sizes. Band-wise passes run uncompiled",
     )
+    run.add_argument(
+        "--cuda-graph", choices=("auto", "on", "off"), default="auto",
+        help="replay whole-image passes on a CUDA device as CUDA graphs, which launch the whole network at once: "
+        "auto (default) records one at the second batch of each image size and batch size, when the pass needs "
+        f"at most 1/{GRAPH_LIMIT} of the memory budget; on: at the first batch (CUDA only, not with --compile); "
+        f"off: never. The {GRAPH_LIMIT} most recent graphs are kept. Band-wise and compiled passes run as usual",
+    )
     safe = p.add_argument_group("existing outputs").add_mutually_exclusive_group()
     safe.add_argument("--skip-existing", action="store_true", help="skip pairs whose output exists (resume a run)")
     safe.add_argument("--overwrite", action="store_true", help="replace existing outputs (never inputs)")
@@ -261,6 +269,10 @@ def run_fuse(args: argparse.Namespace) -> int:
     try:
         weights = args.weights if args.weights is not None else default_weights()
         device = resolve_device(args.device)
+        if args.cuda_graph == "on" and args.compile:
+            raise UsageError("choose one of --compile and --cuda-graph on, not both")
+        if args.cuda_graph == "on" and device.type != "cuda":
+            raise UsageError(f"--cuda-graph on needs a CUDA device, the device is {device}; use --cuda-graph auto or off")
         io.check_percentiles(args.ir_percentiles, "--ir-percentiles")
         if args.memory_budget is not None and args.memory_budget <= 0:
             raise UsageError(f"--memory-budget must be > 0 GiB, got {args.memory_budget}")
@@ -293,6 +305,7 @@ def run_fuse(args: argparse.Namespace) -> int:
         memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None,
         precision=args.precision,
         compile=args.compile,
+        cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
     )
     written: list[Path] = []
     bar = tqdm(total=len(todo), unit="pair", desc="fusing", disable=None, file=sys.stderr)
