@@ -286,7 +286,6 @@ def graphed(model: torch.nn.Module, record_at: int = 1) -> Callable[[torch.Tenso
 
     def forward(infrared: torch.Tensor, visible_y: torch.Tensor) -> torch.Tensor:
         key = (tuple(infrared.shape), tuple(visible_y.shape), infrared.dtype, infrared.device, _cuda_autocast())
-        tensors = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
         recorded, graph = slot.passes.pop(key, ((), None))
         if graph is None:
             calls = slot.seen.pop(key, 0) + 1
@@ -295,6 +294,7 @@ def graphed(model: torch.nn.Module, record_at: int = 1) -> Callable[[torch.Tenso
                 while len(slot.seen) > _SEEN_LIMIT:
                     del slot.seen[next(iter(slot.seen))]
                 return model(infrared, visible_y)
+        tensors = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
         if graph is None or recorded != tensors:
             del graph  # (its memory goes before the new recording)
             graph = _GraphedPass(model, infrared, visible_y)
@@ -465,8 +465,9 @@ def fuse_luma(
     except ValueError as e:
         raise FusionError(f"{width}x{height} (width x height) image: {e}") from e
     fused_scan = ops.resolve_backend(device) != "reference"
+    budget = memory_budget  # the default is queried once, when needed
     if tile == "auto":
-        budget = memory_budget or tiling.memory_budget(device)
+        budget = budget or tiling.memory_budget(device)
         fused_state = ops.resolve_state_backend(device) != "reference"
         try:
             band = tiling.choose_band(model.config, height, width, budget, fused_scan, fused_state)
@@ -490,7 +491,8 @@ def fuse_luma(
         graph_at = 1
     elif cuda_graph == "auto" and device.type == "cuda" and not compile and band is None:
         per_pass = tiling.estimate_bytes(model.config, height, width, chunk, fused_scan)
-        graph_at = 2 if per_pass * GRAPH_LIMIT <= (memory_budget or tiling.memory_budget(device)) else 0
+        budget = budget or tiling.memory_budget(device)
+        graph_at = 2 if per_pass * GRAPH_LIMIT <= budget else 0
     outs = []
     with torch.inference_mode(), _autocast(device, precision):
         for first in range(0, batch, chunk):
