@@ -87,7 +87,7 @@ FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 # M = 2 whether a loop iteration's loads are issued one iteration ahead (more
 # registers, loads in flight during arithmetic). Chosen by `bench_scan.py --sweep
 # forward` on an H200 (BENCHMARKS.md).
-FWD_CB, FWD_LANES, FWD_UNROLL, FWD_PREFETCH = (1, 1), 128, 1, (False, False)
+FWD_CB, FWD_LANES, FWD_UNROLL, FWD_PREFETCH = (1, 1), 128, 1, (True, False)
 TARGET_LANES = 1 << 17
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
 # an adjoint per state; its loads are not issued ahead, which measured no faster);
@@ -193,43 +193,52 @@ MODE_SWEEP = tl.constexpr(2)  # backward: the state entering every block, the ch
 
 
 @triton.jit
+def _shifted(P, off, CB: tl.constexpr):
+    """The CB pointers of P moved by off elements."""
+    Q = tl.tuple([])
+    for e in tl.static_range(CB):
+        Q = Q + (P[e] + off,)
+    return Q
+
+
+@triton.jit
 def _fwd_loads(
-    i0, hi, lmask, line_off, pos_step, UP, DP, YP, CM, b_base, c_base,
-    su_m, su_l, sd_m, sd_l, sb_m, sb_n, sb_l, sc_m, sc_n, sc_l, sy_m, sy_l,
+    i0, hi, lmask, UP, DP, YP, CM, pb, pc, st_u, st_d, st_y, st_b, st_c,
+    su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m,
     M: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr, MODE: tl.constexpr, UNIT_N: tl.constexpr,
 ):  # fmt: skip
     """The raw inputs of the TB steps from i0: per step and modality (delta, u, dL/dy per
-    channel, zeros past hi; B, C per state), what MODE reads. B and C are loaded
-    unmasked, from position 0 where the step is masked (its dt is 0, so they are unused);
+    channel, zeros past hi; B, C per state), what MODE reads. UP, DP, YP (per channel),
+    pb, pc point at step i0 (step ``st_*`` elements apart). A step past hi reads step i0
+    (in bounds): B and C are loaded unmasked (that step's dt is 0, so they are unused);
     with UNIT_N (state stride 1 in both) at constant offsets from one address."""
     X = tl.tuple([])
     for s in tl.static_range(TB):
         v = lmask & (i0 + s < hi)
-        p = line_off + (i0 + s) * pos_step
-        p_bc = tl.where(v, p, 0)
+        o = tl.where(i0 + s < hi, s, 0).to(tl.int64)
         for m in tl.static_range(M):
             DL = tl.tuple([])
             UU = tl.tuple([])
             GY = tl.tuple([])
             for e in tl.static_range(CB):
                 ve = v & CM[e]
-                DL = DL + (tl.load(DP[e] + m * sd_m + p * sd_l, mask=ve, other=0.0),)
-                UU = UU + (tl.load(UP[e] + m * su_m + p * su_l, mask=ve, other=0.0),)
+                DL = DL + (tl.load(DP[e] + (m * sd_m + o * st_d), mask=ve, other=0.0),)
+                UU = UU + (tl.load(UP[e] + (m * su_m + o * st_u), mask=ve, other=0.0),)
                 if MODE == MODE_SWEEP:
-                    GY = GY + (tl.load(YP[e] + m * sy_m + p * sy_l, mask=ve, other=0.0),)
-            pb = b_base + m * sb_m + p_bc * sb_l
-            pc = c_base + m * sc_m + p_bc * sc_l
+                    GY = GY + (tl.load(YP[e] + (m * sy_m + o * st_y), mask=ve, other=0.0),)
+            pbs = pb + (m * sb_m + o * st_b)
+            pcs = pc + (m * sc_m + o * st_c)
             BN = tl.tuple([])
             CN = tl.tuple([])
             for n in tl.static_range(N):
                 if UNIT_N:
-                    BN = BN + (tl.load(pb + n),)
+                    BN = BN + (tl.load(pbs + n),)
                     if MODE != MODE_END:
-                        CN = CN + (tl.load(pc + n),)
+                        CN = CN + (tl.load(pcs + n),)
                 else:
-                    BN = BN + (tl.load(pb + n * sb_n),)
+                    BN = BN + (tl.load(pbs + n * sb_n),)
                     if MODE != MODE_END:
-                        CN = CN + (tl.load(pc + n * sc_n),)
+                        CN = CN + (tl.load(pcs + n * sc_n),)
             X = X + (tl.tuple([DL, UU, GY, BN, CN]),)
     return X
 
@@ -265,12 +274,22 @@ def _fwd_kernel(
     c0 = (f % nq) * CB
     nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
     lmask = j < nlines
-    line_off = (base + j * line_step).to(tl.int64)
     lo = sg * SEG
     hi = tl.minimum(lo + SEG, llen)
+    # the lanes' position at step lo (the line's last step for an empty segment); lanes
+    # past the last line read the last line (their results are masked): every position
+    # a program reads is inside the image. The pointers below move along the line by
+    # st_* elements per step.
+    pos = (base + tl.minimum(j, nlines - 1) * line_step).to(tl.int64) + tl.minimum(lo, hi - 1) * pos_step
+    st_u = pos_step.to(tl.int64) * su_l
+    st_d = pos_step.to(tl.int64) * sd_l
+    st_y = pos_step.to(tl.int64) * sy_l
+    st_b = pos_step.to(tl.int64) * sb_l
+    st_c = pos_step.to(tl.int64) * sc_l
     row = (pid_bk.to(tl.int64) * NL + j) * NS + sg
     ck_line = (pid_bk.to(tl.int64) * NL + j) * NBLK * N * d
-    # per channel e of the lane: mask, pointers, bias, skip, A * log2(e) per state (index n * CB + e)
+    # per channel e of the lane: mask, pointers, bias, skip, A * log2(e) per state
+    # (index n * CB + e)
     CM = tl.tuple([])
     UP = tl.tuple([])
     DP = tl.tuple([])
@@ -281,9 +300,9 @@ def _fwd_kernel(
         c = c0 + e
         cm = lmask & (c < d)
         CM = CM + (cm,)
-        UP = UP + (u_ptr + bi * su_b + c * su_c,)
-        DP = DP + (dl_ptr + bi * sd_b + k * sd_k + c * sd_c,)
-        YP = YP + (y_ptr + bi * sy_b + c * sy_c,)
+        UP = UP + (u_ptr + bi * su_b + c * su_c + pos * su_l,)
+        DP = DP + (dl_ptr + bi * sd_b + k * sd_k + c * sd_c + pos * sd_l,)
+        YP = YP + (y_ptr + bi * sy_b + c * sy_c + pos * sy_l,)
         BIAS = BIAS + (tl.load(bias_ptr + k * d + c, mask=cm, other=0.0),)
         DSK = DSK + (tl.load(dsk_ptr + k * d + c, mask=cm, other=0.0),)
     A2 = tl.tuple([])
@@ -304,30 +323,29 @@ def _fwd_kernel(
     DTS = tl.tuple([])
     for e in tl.static_range(CB):
         DTS = DTS + (tl.zeros([E], tl.float32),)
-    b_base = b_ptr + bi * sb_b + k * sb_k
-    c_base = c_ptr + bi * sc_b + k * sc_k
+    pb = b_ptr + bi * sb_b + k * sb_k + pos * sb_l
+    pc = c_ptr + bi * sc_b + k * sc_k + pos * sc_l
     if PF:
-        X = _fwd_loads(lo, hi, lmask, line_off, pos_step, UP, DP, YP, CM, b_base, c_base,
-                       su_m, su_l, sd_m, sd_l, sb_m, sb_n, sb_l, sc_m, sc_n, sc_l, sy_m, sy_l,
-                       M, N, CB, TB, MODE, UNIT_N)
+        X = _fwd_loads(lo, hi, lmask, UP, DP, YP, CM, pb, pc, st_u, st_d, st_y, st_b, st_c,
+                       su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N)
     for i0 in range(lo, hi, TB):
         if PF:  # the next iteration's loads go out before this one's arithmetic
-            X_nx = _fwd_loads(i0 + TB, hi, lmask, line_off, pos_step, UP, DP, YP, CM, b_base, c_base,
-                              su_m, su_l, sd_m, sd_l, sb_m, sb_n, sb_l, sc_m, sc_n, sc_l, sy_m, sy_l,
-                              M, N, CB, TB, MODE, UNIT_N)
+            nx = tl.where(i0 + TB < hi, TB, 0).to(tl.int64)  # (none past hi)
+            X_nx = _fwd_loads(i0 + TB, hi, lmask, _shifted(UP, nx * st_u, CB), _shifted(DP, nx * st_d, CB),
+                              _shifted(YP, nx * st_y, CB), CM, pb + nx * st_b, pc + nx * st_c,
+                              st_u, st_d, st_y, st_b, st_c, su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m,
+                              M, N, CB, TB, MODE, UNIT_N)  # fmt: skip
         else:
-            X = _fwd_loads(i0, hi, lmask, line_off, pos_step, UP, DP, YP, CM, b_base, c_base,
-                           su_m, su_l, sd_m, sd_l, sb_m, sb_n, sb_l, sc_m, sc_n, sc_l, sy_m, sy_l,
-                           M, N, CB, TB, MODE, UNIT_N)
+            X = _fwd_loads(i0, hi, lmask, UP, DP, YP, CM, pb, pc, st_u, st_d, st_y, st_b, st_c,
+                           su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N)
         if MODE == MODE_SWEEP:
-            blk = i0 // CKB
-            at_block = i0 % CKB == 0
-            for n in tl.static_range(N):
-                for e in tl.static_range(CB):
-                    tl.store(ck_ptr + ck_line + (blk * N + n) * d + c0 + e, Hs[n * CB + e], mask=CM[e] & at_block)
+            if i0 % CKB == 0:  # a block starts: store its entering state
+                blk = i0 // CKB
+                for n in tl.static_range(N):
+                    for e in tl.static_range(CB):
+                        tl.store(ck_ptr + ck_line + (blk * N + n) * d + c0 + e, Hs[n * CB + e], mask=CM[e])
         for s in tl.static_range(TB):
             v = lmask & (i0 + s < hi)
-            p = line_off + (i0 + s) * pos_step
             for m in tl.static_range(M):
                 DL, UU, GY, BN, CN = X[s * M + m]
                 DT = tl.tuple([])
@@ -373,7 +391,12 @@ def _fwd_kernel(
                     EA = EA2
                 if MODE == MODE_Y:
                     for e in tl.static_range(CB):
-                        tl.atomic_add(YP[e] + m * sy_m + p * sy_l, Y[e], mask=v & CM[e], sem="relaxed")
+                        tl.atomic_add(YP[e] + (m * sy_m + s * st_y), Y[e], mask=v & CM[e], sem="relaxed")
+        UP = _shifted(UP, TB * st_u, CB)
+        DP = _shifted(DP, TB * st_d, CB)
+        YP = _shifted(YP, TB * st_y, CB)
+        pb += TB * st_b
+        pc += TB * st_c
         if PF:
             X = X_nx
     # a segment slot past the line's end stays an identity for the combines: dt sum 0,
