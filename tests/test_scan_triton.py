@@ -151,6 +151,26 @@ def test_one_compiled_kernel_serves_every_image_size():
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_network_on_the_second_gpu_equals_the_first_and_graphs_replay_there():
+    from s4fusion import api
+
+    torch.manual_seed(0)
+    ir, vi = torch.rand(1, 1, 40, 52), torch.rand(1, 1, 40, 52)
+    outs = []
+    for dev in ("cuda:0", "cuda:1"):
+        model = S4Fusion.from_pretrained(api.default_weights(), map_location=dev).eval()
+        x = [t.to(dev).requires_grad_() for t in (ir, vi)]
+        out = model(*x)
+        grads = torch.autograd.grad(out.sum(), x)
+        with torch.inference_mode():
+            graphed = [api.graphed(model)(ir.to(dev), vi.to(dev)) for _ in range(2)]
+        outs.append([t.cpu() for t in (out.detach(), *grads, *graphed)])
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.gpu
 @needs_cuda
 def test_dispatcher_picks_triton_on_cuda():
     from s4fusion.ops import available_backends, resolve_backend

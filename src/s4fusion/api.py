@@ -219,23 +219,29 @@ class _GraphedPass:
     def __init__(self, model: torch.nn.Module, infrared: torch.Tensor, visible_y: torch.Tensor) -> None:
         if infrared.device.type != "cuda":
             raise ValueError(f"CUDA graphs need CUDA tensors; the inputs are on {infrared.device}")
+        self.device = infrared.device
         self.infrared, self.visible_y = infrared.clone(), visible_y.clone()
-        # one pass on a side stream first: it compiles every kernel the pass launches and
-        # settles the allocator, neither of which a recording may do
-        side = torch.cuda.Stream(infrared.device)
-        side.wait_stream(torch.cuda.current_stream(infrared.device))
-        with torch.cuda.stream(side):
-            model(self.infrared, self.visible_y)
-        torch.cuda.current_stream(infrared.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = model(self.infrared, self.visible_y)
+        # Recording and replay use the current device: make it the inputs' one. The
+        # recording gets its own stream of that device (torch.cuda.graph's default capture
+        # stream belongs to whichever device was current when it first recorded).
+        with torch.cuda.device(self.device):
+            # one pass on a side stream first: it compiles every kernel the pass launches
+            # and settles the allocator, neither of which a recording may do
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                model(self.infrared, self.visible_y)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=side):
+                self.out = model(self.infrared, self.visible_y)
 
     def __call__(self, infrared: torch.Tensor, visible_y: torch.Tensor) -> torch.Tensor:
-        self.infrared.copy_(infrared)
-        self.visible_y.copy_(visible_y)
-        self.graph.replay()
-        return self.out.clone()
+        with torch.cuda.device(self.device):
+            self.infrared.copy_(infrared)
+            self.visible_y.copy_(visible_y)
+            self.graph.replay()
+            return self.out.clone()
 
 
 class _GraphSlot:

@@ -17,6 +17,8 @@ sums of dL/dweight and dL/dbias, summed on the host.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -186,4 +188,7 @@ def layer_norm_triton(
         out_dtype = torch.float32
     else:
         out_dtype = x.dtype if gate is None else torch.promote_types(x.dtype, gate.dtype)
-    return _LayerNorm.apply(x, weight, bias, float(eps), gate, out_dtype)
+    # Triton launches on the current device (autograd sets the backward's); the
+    # interpreter runs on CPU tensors
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _LayerNorm.apply(x, weight, bias, float(eps), gate, out_dtype)

@@ -59,6 +59,7 @@ every image size.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -883,4 +884,7 @@ def cross_scan_triton(
     (b, M, d, L) in ``u.dtype``; differentiable in every tensor input.
     """
     _check(u, delta, A, B, C, D, delta_bias, height, width)
-    return _CrossScan.apply(u, delta, A, B, C, D, delta_bias, height, width)
+    # Triton launches on the current device (autograd sets the backward's); the
+    # interpreter runs on CPU tensors
+    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+        return _CrossScan.apply(u, delta, A, B, C, D, delta_bias, height, width)
