@@ -29,10 +29,17 @@ from s4fusion.ops import set_backend
 
 
 def kernel_table(fn: Callable[[], object]) -> dict:
-    """GPU kernel time of one call of ``fn``: total, count, and per kernel name."""
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    """GPU kernel time of one call of ``fn``: total, count, per kernel name, and per
+    operator and input shapes (the operator's own kernels, not its children's)."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         fn()
         torch.cuda.synchronize()
+    ops = [
+        {"op": e.key, "shapes": str(e.input_shapes), "ms": e.self_device_time_total / 1000, "calls": e.count}
+        for e in prof.key_averages(group_by_input_shape=True)
+        if e.self_device_time_total > 0
+    ]
+    ops.sort(key=lambda row: -row["ms"])
     rows: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -43,19 +50,25 @@ def kernel_table(fn: Callable[[], object]) -> dict:
         "total_ms": sum(v[0] for v in rows.values()),
         "kernels": sum(v[1] for v in rows.values()),
         "rows": [{"name": k, "ms": v[0], "calls": v[1]} for k, v in ordered],
+        "ops": ops,
     }
 
 
-def show(title: str, table: dict, top: int) -> None:
+def show(title: str, table: dict, top: int, top_ops: int) -> None:
     print(f"== {title}: {table['total_ms']:.2f} ms of GPU kernel time, {table['kernels']} kernels")
     for row in table["rows"][:top]:
         print(f"{row['ms']:9.3f} ms {row['calls']:5d}x {1000 * row['ms'] / row['calls']:9.1f} us  {row['name'][:90]}")
+    if top_ops:
+        print(f"-- by operator and input shapes (top {top_ops})")
+    for row in table["ops"][:top_ops]:
+        print(f"{row['ms']:9.3f} ms {row['calls']:5d}x  {row['op'][:40]:40s} {row['shapes'][:110]}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="481x649,961x1297", help="fusing sizes HxW, comma-separated")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per pass")
+    parser.add_argument("--ops", type=int, default=0, help="also list this many operators by input shapes")
     parser.add_argument("--json", help="write the tables to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -76,13 +89,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         fuse()
         table = kernel_table(fuse)
         table["graph_wall_ms"] = time_cuda(graphed(fuse), warmup=3, runs=20)["median_ms"]
-        show(f"fuse {H}x{W}, eager fp32 (CUDA graph wall {table['graph_wall_ms']:.2f} ms)", table, args.top)
+        show(f"fuse {H}x{W}, eager fp32 (CUDA graph wall {table['graph_wall_ms']:.2f} ms)", table, args.top, args.ops)
         result["passes"][f"fuse {H}x{W}"] = table
     step = training_step("eager")
     step()
     step()
     table = kernel_table(step)
-    show(f"training step {TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}, eager fp32", table, args.top)
+    show(f"training step {TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}, eager fp32", table, args.top, args.ops)
     result["passes"]["train"] = table
     if args.json:
         with open(args.json, "w") as f:
