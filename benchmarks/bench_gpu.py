@@ -180,7 +180,7 @@ def training_step(mode: str) -> Callable[[], torch.Tensor]:
     model = S4Fusion().cuda().train()
     net = compiled(model) if mode.startswith("compile") else model
     graph = graph_mode(mode)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph, fused=True)  # as the trainer's
     g = torch.Generator(device="cuda").manual_seed(0)
     shape = (TRAIN_BATCH, 1, TRAIN_SIZE, TRAIN_SIZE)
     ir = torch.rand(shape, device="cuda", generator=g)

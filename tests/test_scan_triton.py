@@ -90,6 +90,9 @@ def test_matches_reference_forward_and_every_gradient(case, dtype, layout):
     for name, x, g, gr in zip(NAMES, inputs, grads, ref_grads):
         assert g.dtype == x.dtype and g.shape == x.shape, name
         assert rel(g, gr) < grad_tol, (name, rel(g, gr))
+    for x, g in zip(inputs[:2], grads[:2]):  # u and delta: their gradients have their layout
+        long = [i for i, n in enumerate(x.shape) if n > 1]
+        assert [g.stride(i) for i in long] == [x.stride(i) for i in long]
 
 
 @pytest.mark.parametrize("steps", [2, 4])

@@ -55,11 +55,12 @@ class CMSABlock(GatedScanBranch):
         channels innermost in memory; with ``direction``, that direction's only (K = 1)."""
         b, d, H, W = a_ir.shape
         a = torch.stack([t.reshape(b, d, H * W).transpose(1, 2) for t in (a_ir, a_vi)], 1)  # (b, 2, L, d)
-        delta, B, C = self.project(a.transpose(2, 3), torch.stack([self.x_proj_weight, self.y_proj_weight]), direction)
+        u = a.transpose(2, 3)
+        delta, B, C = self.project(u, torch.stack([self.x_proj_weight, self.y_proj_weight]), direction)
         if self.patch_mark is not None:
-            mark = self.patch_mark(a[:, 0].transpose(1, 2), a[:, 1].transpose(1, 2))  # (b, d, L), channels innermost
-            a = a + mark.transpose(1, 2)[:, None]
-        return a.transpose(2, 3), delta, B, C
+            mark = self.patch_mark(*u.unbind(1))  # (b, d, L), channels innermost
+            u = (a + mark.transpose(1, 2)[:, None]).transpose(2, 3)
+        return u, delta, B, C
 
     def cross_ss2d(self, a_ir: torch.Tensor, a_vi: torch.Tensor) -> torch.Tensor:
         """Patch Mark, Interleaving, Cross SS2D and Recovering: a_ir, a_vi (b, d, H, W)
@@ -71,8 +72,8 @@ class CMSABlock(GatedScanBranch):
         """x (infrared), y (visible): (b, H, W, C) each -> (out_x, out_y), same shapes."""
         a_x, z_x = self.branch_in(x)
         a_y, z_y = self.branch_in(y)
-        o = self.cross_ss2d(a_x, a_y)
-        return self.branch_out(o[:, 0], z_x), self.branch_out(o[:, 1], z_y)
+        o_x, o_y = self.cross_ss2d(a_x, a_y).unbind(1)
+        return self.branch_out(o_x, z_x), self.branch_out(o_y, z_y)
 
 
 class ResidualPairStack(nn.Module):

@@ -44,7 +44,9 @@ class PatchMerging(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] % 2 or x.shape[2] % 2:
             raise ValueError(f"patch merging needs an even token grid, got {tuple(x.shape[1:3])}")
-        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        b, H, W, C = x.shape
+        # (b, H/2, row parity, W/2, col parity, C) -> (b, H/2, W/2, col parity, row parity, C): one copy
+        x = x.reshape(b, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(b, H // 2, W // 2, 4 * C)
         return self.reduction(self.norm(x))
 
 

@@ -51,9 +51,13 @@ class ScanParams(nn.Module):
         """a (b, M, d, L), x_proj_weight (M, K, R+2N, d) (one per modality) -> delta
         (b, M, K, d, L), B (b, M, K, N, L), C (b, M, K, N, L), all in row-major
         position order (the projections are position-wise, so no unfolding is needed
-        before them); with ``direction``, that direction's only (K = 1). Computed
-        token-major in one batched product per projection: delta has its channels
-        innermost in memory, as the GPU scan reads them; B and C are views."""
+        before them); with ``direction``, that direction's only (K = 1).
+
+        Computed token-major: P = a x_proj^T (b, M, L, K*(R+2N)), split into the low-rank
+        delta, B and C (views; their gradients meet in one concatenation), the delta
+        up-projected per direction. delta has its channels innermost in memory, B and C
+        their states, as the GPU scan reads them. With one modality the projection is
+        a single GEMM over every token of the batch (its weight gradient too)."""
         R, N = self.dt_rank, self.d_state
         dt_weight = self.dt_projs_weight
         if direction is not None:
@@ -61,9 +65,11 @@ class ScanParams(nn.Module):
             dt_weight = dt_weight[direction : direction + 1]
         M, K, rows, d = x_proj_weight.shape
         b, L = a.shape[0], a.shape[3]
-        P = (a.transpose(2, 3) @ x_proj_weight.reshape(M, K * rows, d).transpose(1, 2)).view(b, M, L, K, rows)
-        delta = P[..., :R].permute(0, 1, 3, 2, 4) @ dt_weight.transpose(1, 2)  # (b, M, K, L, d)
-        return delta.transpose(3, 4), P[..., R : R + N].permute(0, 1, 3, 4, 2), P[..., R + N :].permute(0, 1, 3, 4, 2)
+        w = x_proj_weight.reshape(M, K * rows, d).transpose(1, 2)  # (M, d, K*rows)
+        P = (a.transpose(2, 3) @ (w[0] if M == 1 else w)).view(b, M, L, K, rows)
+        low, B, C = P.split([R, N, N], dim=-1)
+        delta = low.permute(0, 1, 3, 2, 4) @ dt_weight.transpose(1, 2)  # (b, M, K, L, d)
+        return delta.transpose(3, 4), B.permute(0, 1, 3, 4, 2), C.permute(0, 1, 3, 4, 2)
 
     def scan(self, u, delta, B, C, height: int, width: int) -> torch.Tensor:
         """u (b, M, d, L), delta (b, M, K, d, L), B/C (b, M, K, N, L) -> (b, M, d, L)."""

@@ -12,7 +12,7 @@ Forward statistics are computed in float32 as in PyTorch (biased variance,
 ``rstd = 1 / sqrt(var + eps)``; a constant token normalises to exactly the bias);
 inputs may be float32, bfloat16 or float16. The backward recomputes the
 normalised input from the saved mean and rstd and writes per-program partial
-sums of dL/dweight and dL/dbias, summed on the host.
+sums of dL/dweight and dL/dbias, summed on the host by one reduction.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _ln_fwd_kernel(
 def _ln_bwd_kernel(
     x_ptr, z_ptr, w_ptr, b_ptr, g_ptr, mean_ptr, rstd_ptr,
     dx_ptr, dz_ptr,  # (R, C) dense
-    dw_ptr, db_ptr,  # (programs, C) f32: this program's partial sums
+    part_ptr,  # (programs, 2, C) f32: this program's partial sums of dL/dweight and dL/dbias
     R, C, rows_per_program, sx_r, sx_c, sz_r, sz_c, sg_r, sg_c,
     GATE: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
@@ -102,8 +102,8 @@ def _ln_bwd_kernel(
         c2 = tl.sum(dxhat, axis=1) / C
         dx = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(dx_ptr + r * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
-    tl.store(dw_ptr + pid * C + cols, dw, mask=cmask)
-    tl.store(db_ptr + pid * C + cols, db, mask=cmask)
+    tl.store(part_ptr + pid * 2 * C + cols, dw, mask=cmask)
+    tl.store(part_ptr + (pid * 2 + 1) * C + cols, db, mask=cmask)
 
 
 def _tile(C: int) -> tuple[int, int]:
@@ -149,17 +149,17 @@ class _LayerNorm(torch.autograd.Function):
         programs = max(1, min(triton.cdiv(R, br), BWD_PROGRAMS_PER_SM * sms))
         per_program = triton.cdiv(triton.cdiv(R, programs), br) * br
         programs = max(1, triton.cdiv(R, per_program))
-        dw = torch.empty(programs, C, device=x2.device, dtype=torch.float32)
-        db = torch.empty_like(dw)
+        parts = torch.empty(programs, 2, C, device=x2.device, dtype=torch.float32)
         _ln_bwd_kernel[(programs,)](
-            x2, z2, weight, bias, g2, mean, rstd, dx, dz, dw, db, R, C, per_program,
+            x2, z2, weight, bias, g2, mean, rstd, dx, dz, parts, R, C, per_program,
             *x2.stride(), *z2.stride(), *g2.stride(), GATE=gate_info is not None, BR=br, BC=bc, num_warps=4,
         )  # fmt: skip
+        sums = parts.sum(0)  # one reduction for both
         g_gate = dz.view(gate_info[0]) if gate_info is not None and ctx.needs_input_grad[4] else None
         return (
             dx.view(x_shape),
-            dw.sum(0).to(weight.dtype),
-            db.sum(0).to(bias.dtype),
+            sums[0].to(weight.dtype),
+            sums[1].to(bias.dtype),
             None,
             g_gate,
             None,

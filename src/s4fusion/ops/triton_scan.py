@@ -495,8 +495,8 @@ def _bwd_kernel(
     ck_ptr,  # (b*K, NL, NBLK, N, d) f32: state entering every block (MODE_SWEEP)
     q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end
     qc_ptr,  # (b*K, NL, NS, N, d) f32: the adjoint carried from block to block (scratch)
-    ga_ptr,  # (b*K, NL, NS, N, d) f32, zeroed: every lane's partial dL/dA
-    gdsk_ptr, gbias_ptr,  # (b*K, NL, NS, d) f32, zeroed: every lane's partial dL/dD, dL/d(delta_bias)
+    part_ptr,  # (b, NL, NS, K, N + 2, d) f32, zeroed: every lane's partial dL/dA (rows n < N), dL/dD
+    # (row N) and dL/d(delta_bias) (row N + 1), summed over the leading dimensions by one reduction
     gdl_ptr,  # (b, M, K, d, L) out, delta's dtype, any strides
     gu_ptr,  # (b, M, d, L) f32, zeroed, any strides (atomic over the directions)
     gb_ptr, gc_ptr,  # (b, M, K, N, L) f32, zeroed, the same strides (atomic over channel groups)
@@ -538,12 +538,14 @@ def _bwd_kernel(
     lo = sg * SEG
     hi = tl.maximum(tl.minimum(lo + SEG, llen), lo)
     row = (pid_bk.to(tl.int64) * NL + j) * NS + sg
+    prow = ((bi * NL + j) * NS + sg) * K + k
     ck_line = (pid_bk.to(tl.int64) * NL + j) * NBLK * N * d
     # per channel e of the lane: mask, its slot of the per-chunk (d, N) tensors and of
     # the (N, d) ones (coalesced over the lanes of a line), parameters, pointers
     CM = tl.tuple([])
     ST = tl.tuple([])
     SN = tl.tuple([])
+    SP = tl.tuple([])
     CK = tl.tuple([])
     A2L = tl.tuple([])
     BIAS = tl.tuple([])
@@ -561,6 +563,7 @@ def _bwd_kernel(
         CM = CM + (cm,)
         ST = ST + ((row * d + c) * N,)
         SN = SN + (row * N * d + c,)
+        SP = SP + (prow * (N + 2) * d + c,)
         CK = CK + (ck_line + c,)
         A2L = A2L + (a2_ptr + (k * d + c) * N,)
         BIAS = BIAS + (tl.load(bias_ptr + k * d + c, mask=cm, other=0.0),)
@@ -623,7 +626,7 @@ def _bwd_kernel(
             A2 = A2 + (tl.load(A2L[e], mask=CM[e], other=0.0),)
             Hs = Hs + (tl.load(ck_ptr + CK[e] + blk * N * d, mask=CM[e], other=0.0),)
             GN = GN + (tl.load(q_blk, mask=CM[e], other=0.0),)
-            GAc = GAc + (tl.load(ga_ptr + SN[e], mask=CM[e], other=0.0),)
+            GAc = GAc + (tl.load(part_ptr + SP[e], mask=CM[e], other=0.0),)
         BV = tl.tuple([])
         CV = tl.tuple([])
         for t in tl.static_range(NT):
@@ -639,7 +642,7 @@ def _bwd_kernel(
                 A2_nx = A2_nx + (tl.load(A2L[e] + n + 1, mask=nx, other=0.0),)
                 H_nx = H_nx + (tl.load(ck_ptr + CK[e] + (blk * N + n + 1) * d, mask=nx, other=0.0),)
                 GN_nx = GN_nx + (tl.load(QB[e] + (n + 1) * q_n, mask=nx, other=0.0),)
-                GAc_nx = GAc_nx + (tl.load(ga_ptr + SN[e] + (n + 1) * d, mask=nx, other=0.0),)
+                GAc_nx = GAc_nx + (tl.load(part_ptr + SP[e] + (n + 1) * d, mask=nx, other=0.0),)
             BV_nx = tl.tuple([])
             CV_nx = tl.tuple([])
             for t in tl.static_range(NT):
@@ -691,7 +694,7 @@ def _bwd_kernel(
                     GB = GB + (GB2[(NT - 1 - t) * CB + e],)
             for e in tl.static_range(CB):
                 tl.store(qc_ptr + SN[e] + n * d, GN[e], mask=CM[e])
-                tl.store(ga_ptr + SN[e] + n * d, GAc[e], mask=CM[e])
+                tl.store(part_ptr + SP[e] + n * d, GAc[e], mask=CM[e])
             A2 = A2_nx
             Hs = H_nx
             GN = GN_nx
@@ -713,8 +716,8 @@ def _bwd_kernel(
             GBIAS2 = GBIAS3
         GBIAS = GBIAS2
     for e in tl.static_range(CB):
-        tl.store(gdsk_ptr + row * d + c0 + e, GD[e], mask=CM[e])
-        tl.store(gbias_ptr + row * d + c0 + e, GBIAS[e], mask=CM[e])
+        tl.store(part_ptr + SP[e] + N * d, GD[e], mask=CM[e])
+        tl.store(part_ptr + SP[e] + (N + 1) * d, GBIAS[e], mask=CM[e])
 
 
 # ------------------------------------------------------------------------- host
@@ -772,13 +775,13 @@ def _group(lanes: int) -> int:
 
 
 def _new_like(x: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
-    """A dense tensor of x's shape whose last two dimensions are ordered in memory as
-    x's are (channels or states innermost, the network's layout, or positions)."""
+    """A dense tensor of x's shape whose dimensions are ordered in memory as x's are
+    (for any strides of x: a view of a larger tensor gets a dense tensor of the same
+    layout, e.g. channels or states innermost, as the network passes them)."""
     alloc = torch.zeros if zero else torch.empty
-    shape = list(x.shape)
-    if x.stride(-2) < x.stride(-1):
-        return alloc(*shape[:-2], shape[-1], shape[-2], device=x.device, dtype=dtype).transpose(-1, -2)
-    return alloc(*shape, device=x.device, dtype=dtype)
+    order = sorted(range(x.dim()), key=x.stride, reverse=True)  # outermost first; ties keep their order
+    t = alloc([x.shape[i] for i in order], device=x.device, dtype=dtype)
+    return t.permute([order.index(i) for i in range(x.dim())])
 
 
 class _CrossScan(torch.autograd.Function):
@@ -841,25 +844,24 @@ class _CrossScan(torch.autograd.Function):
         g_u = _new_like(u, f32, zero=True)
         g_B = _new_like(B, f32, zero=True)
         g_C = torch.zeros_like(g_B)
-        g_A = torch.zeros(b * K, NL, ns, N, d, device=dev, dtype=f32)
-        carry = torch.empty_like(g_A)
-        g_D = torch.zeros_like(dts)
-        g_bias = torch.zeros_like(dts)
+        parts = torch.zeros(b, NL, ns, K, N + 2, d, device=dev, dtype=f32)
+        carry = torch.empty(b * K, NL, ns, N, d, device=dev, dtype=f32)
         out_strides = (*g_delta.stride(), *g_u.stride(), *g_B.stride())
         nq = triton.cdiv(d, BWD_CB)  # lanes per line
         _bwd_kernel[(triton.cdiv(NL * nq, BWD_LANES) * ns, b * K)](
-            *args, gout, ck, arriving, carry, g_A, g_D, g_bias, g_delta, g_u, g_B, g_C,
+            *args, gout, ck, arriving, carry, parts, g_delta, g_u, g_B, g_C,
             *sizes, *in_strides, *out_strides,
             K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq), CB=BWD_CB, num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
+        sums = parts.view(-1, K, N + 2, d).sum(0)  # (K, N + 2, d)
         return (
             g_u.to(u.dtype),
             g_delta,
-            g_A.view(b, K, NL * ns, N, d).sum((0, 2)).transpose(1, 2).reshape(K * d, N).to(A.dtype),
+            sums[:, :N].transpose(1, 2).reshape(K * d, N).to(A.dtype),
             g_B.to(B.dtype),
             g_C.to(C.dtype),
-            g_D.view(b, K, NL * ns, d).sum((0, 2)).reshape(K * d).to(D.dtype),
-            g_bias.view(b, K, NL * ns, d).sum((0, 2)).reshape(K * d).to(delta_bias.dtype),
+            sums[:, N].reshape(K * d).to(D.dtype),
+            sums[:, N + 1].reshape(K * d).to(delta_bias.dtype),
             None,
             None,
         )

@@ -452,6 +452,7 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
         lr=config.schedule.start_lr,
         betas=config.optim.betas,
         eps=config.optim.eps,
+        fused=d.device.type == "cuda",  # one kernel per step for every tensor (CPU: the for-each form)
     )
     schedule = WarmupCosineSchedule(
         optimizer,
