@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from s4fusion import S4Fusion
+from s4fusion import S4Fusion, S4FusionConfig
 from s4fusion.checkpoint import CheckpointError
 from s4fusion.cli import main as cli_main
 from s4fusion.data import EvalPairs, scan_pairs
 from s4fusion.losses import FusionLoss, LossConfig
+from s4fusion.models.config import FUSIONS
 from s4fusion.perception import load_resnet50
 from s4fusion.training import (
     ConfigError,
@@ -356,6 +357,19 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, monkeypatch, perce
             train(load_config(None, small_overrides(run_dir)))
     assert not (run_dir / "tb").exists()
     assert (run_dir / "log.jsonl").read_text().count('"kind": "train"') == 1
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_every_gradient_has_its_parameters_strides(fusion):
+    """DDP's gradient-layout contract: a gradient laid out unlike its parameter makes
+    DDP warn ("Grad strides do not match bucket view strides") and copy it into its
+    bucket at every step. The channels-last convolutions keep channels-last weights."""
+    torch.manual_seed(0)
+    model = S4Fusion(S4FusionConfig(fusion=fusion)).train()
+    ir, vi = torch.rand(2, 1, 37, 37), torch.rand(2, 1, 37, 37)
+    model(ir, vi).abs().mean().backward()
+    grads = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    assert grads and [n for n, p in grads if p.grad.stride() != p.stride()] == []
 
 
 def test_torchrun_two_processes_on_cpu(run_a, tmp_path):

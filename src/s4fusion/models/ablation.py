@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .cmsa import ResidualPairStack
 from .config import CROSS_ATTENTION_HEADS, S4FusionConfig
-from .layers import LayerNorm
+from .layers import LayerNorm, depthwise_conv
 from .ss2d import NUM_DIRECTIONS, ScanParams, uniform_
 
 __all__ = [
@@ -101,6 +101,9 @@ class CNNFusion(nn.Module):
         self.reduce = nn.Conv2d(2 * dim, hidden, 1)
         self.block = BasicBlock(hidden)
         self.project = nn.Conv2d(hidden, dim, 1)
+        # it runs on channels-last maps: weights channels-last too, so that their gradients
+        # have their strides (DDP's gradient-layout contract); values unchanged
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, trace: Optional[dict] = None, name: str = "") -> torch.Tensor:
         """x, y (B, H, W, C) -> (B, H, W, C)."""
@@ -192,7 +195,7 @@ class FSSMBlock(nn.Module):
         super().__init__()
         d_inner = int(expand * dim)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
-        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
+        self.conv2d = depthwise_conv(d_inner, d_conv)
         self.ir = _ModalityScan(d_inner, dt_rank, d_state)
         self.vi = _ModalityScan(d_inner, dt_rank, d_state)
         self.out_norm = LayerNorm(d_inner, eps=eps)

@@ -18,6 +18,16 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, self.eps, gate)
 
 
+def depthwise_conv(channels: int, kernel: int) -> nn.Conv2d:
+    """The depthwise conv of the SS2D / Cross SS2D branches (same padding, bias). It
+    runs on channels-last inputs, so its weight is kept channels-last too: the
+    weight's gradient then has the weight's strides (DDP's gradient-layout contract;
+    otherwise DDP warns and copies the gradient into its buckets). Values, state dict
+    and results are unchanged."""
+    conv = nn.Conv2d(channels, channels, kernel, padding=(kernel - 1) // 2, groups=channels)
+    return conv.to(memory_format=torch.channels_last)
+
+
 class OverlapPatchEmbed(nn.Module):
     """Conv (kernel ``patch_size``, stride ``stride``, no padding) + LayerNorm.
     (b, in_chans, H, W) -> (b, h, w, dim), h = (H - patch_size) // stride + 1."""

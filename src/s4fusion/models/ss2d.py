@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from .layers import LayerNorm
+from .layers import LayerNorm, depthwise_conv
 
 NUM_DIRECTIONS = 4
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -95,7 +95,7 @@ class GatedScanBranch(ScanParams):
         d_inner = int(expand * dim)
         super().__init__(d_inner, dt_rank, d_state)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
-        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
+        self.conv2d = depthwise_conv(d_inner, d_conv)
         self.out_norm = LayerNorm(d_inner, eps=eps)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
