@@ -222,6 +222,22 @@ def test_quantize_8bit_equals_torchvision_save_image(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "ours.png")), ref)
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_quantize_is_its_formula_in_every_input_dtype(bits, dtype):
+    """floor(clip(v * max + 0.5, 0, max)), computed in float32 for 8 bits (as the
+    released writer) and in float64 for 16, written out step by step."""
+    rng = np.random.default_rng(bits)
+    image = rng.uniform(-0.2, 1.2, (37, 53, 3)).astype(dtype)
+    image[0, :4, 0] = [0.5 / 255, 0.5 / 65535, 1.0, 0.0]
+    work, top = (np.float32, 255.0) if bits == 8 else (np.float64, 65535.0)
+    v = image.astype(work) * work(top) + work(0.5)
+    expected = np.floor(np.clip(v, 0.0, top)).astype(np.uint8 if bits == 8 else np.uint16)
+    out = io.quantize(image, bits)
+    assert out.dtype == expected.dtype and np.array_equal(out, expected)
+    assert np.array_equal(io.quantize(image[:, ::2], bits), expected[:, ::2])  # strided input
+
+
 def decode_png16(data: bytes) -> np.ndarray:
     """Independent minimal decoder: 16-bit grey/RGB, non-interlaced, filters None/Sub/Up."""
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

@@ -389,11 +389,13 @@ def quantize(image: np.ndarray, bits: int = 8) -> np.ndarray:
     image = np.asarray(image)
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ImageError("the image to save holds NaN or infinite values")
-    if bits == 8:
-        v = image.astype(np.float32) * np.float32(255.0) + np.float32(0.5)
-        return np.floor(np.clip(v, 0.0, 255.0)).astype(np.uint8)
-    v = image.astype(np.float64) * 65535.0 + 0.5
-    return np.floor(np.clip(v, 0.0, 65535.0)).astype(np.uint16)
+    dtype, top = (np.float32, 255.0) if bits == 8 else (np.float64, 65535.0)
+    # one working array, updated in place (the same operations, in the same order)
+    v = np.multiply(image, dtype(top), dtype=dtype)
+    v += dtype(0.5)
+    np.clip(v, 0.0, top, out=v)
+    np.floor(v, out=v)
+    return v.astype(np.uint8 if bits == 8 else np.uint16)
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
