@@ -54,6 +54,19 @@ def test_ycrcb_to_rgb_reproduces_golden_fused_rgb(golden):
     assert y.min() < 0 or y.max() > 1
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_ycrcb_to_rgb_image_equals_the_formulas_stacked(dtype):
+    """The in-place (H, W, 3) composition gives exactly ycrcb_to_rgb's values."""
+    rng = np.random.default_rng(0)
+    y = rng.uniform(-0.3, 1.3, (41, 57)).astype(dtype)  # fused Y, unclamped
+    cr, cb = (rng.uniform(0, 1, (41, 57)).astype(dtype) for _ in range(2))
+    expected = np.stack(io.ycrcb_to_rgb(y, cr, cb), axis=-1).astype(np.float32)
+    out = io.ycrcb_to_rgb_image(y, cr, cb)
+    assert out.dtype == np.float32 and out.shape == (41, 57, 3) and out.flags.c_contiguous
+    assert np.array_equal(out, expected)
+    assert np.array_equal(io.ycrcb_to_rgb_image(y[:, ::2], cr[:, ::2], cb[:, ::2]), expected[:, ::2])
+
+
 def test_rgb_to_ycrcb_reproduces_golden_inputs(golden):
     inputs, _ = golden
     rgb = inputs["visible_rgb"]

@@ -538,8 +538,7 @@ def _compose(fused_y: np.ndarray, pair: PreparedPair, gray: bool) -> np.ndarray:
     """Fused Y (H, W) unclamped -> float32 (H, W, 3) colour or (H, W) grey in [0, 1]."""
     if gray or pair.cr is None:
         return np.clip(fused_y, 0.0, 1.0).astype(np.float32)
-    r, g, b = io.ycrcb_to_rgb(fused_y, pair.cr, pair.cb)
-    return np.stack([r, g, b], axis=-1).astype(np.float32)
+    return io.ycrcb_to_rgb_image(fused_y, pair.cr, pair.cb)
 
 
 def fuse_prepared(

@@ -32,7 +32,8 @@ Pillow decodes 16-bit *colour* PNGs at 8 bits only, so those are refused with a
 message (save them as 16-bit TIFF); 16-bit grey PNGs are read in full.
 
 Colour (RELEASED-MODEL-FACTS.md section 5, the released ``RGB2YCrCb`` and
-``YCrCb2RGB``): :func:`rgb_to_ycrcb`, :func:`ycrcb_to_rgb`.
+``YCrCb2RGB``): :func:`rgb_to_ycrcb`, :func:`ycrcb_to_rgb` (and
+:func:`ycrcb_to_rgb_image`, the same values written into one RGB image).
 
 Saving (:func:`write_image`): values are clamped to [0, 1] and rounded half up,
 ``floor(clamp(v * (2**bits - 1) + 0.5, 0, 2**bits - 1))`` (for 8 bits exactly the
@@ -74,6 +75,7 @@ __all__ = [
     "check_percentiles",
     "rgb_to_ycrcb",
     "ycrcb_to_rgb",
+    "ycrcb_to_rgb_image",
     "quantize",
     "encode_png16",
     "atomic_write",
@@ -378,6 +380,29 @@ def ycrcb_to_rgb(y: Array, cr: Array, cb: Array) -> tuple[Array, Array, Array]:
     g = y - 0.714 * dr - 0.344 * db
     b = y + 1.773 * db
     return r.clip(0.0, 1.0), g.clip(0.0, 1.0), b.clip(0.0, 1.0)
+
+
+def ycrcb_to_rgb_image(y: np.ndarray, cr: np.ndarray, cb: np.ndarray) -> np.ndarray:
+    """:func:`ycrcb_to_rgb` of numpy planes (H, W) as one (H, W, 3) float32 image.
+
+    For float32 planes (the fusing pipeline's) the channels are written straight into
+    the image with the same float32 operations in the same order as
+    :func:`ycrcb_to_rgb`, so the values are the same, through two scratch planes instead
+    of a new array per operation and a stacking copy; other dtypes go through
+    :func:`ycrcb_to_rgb` and a stack."""
+    if not all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in (y, cr, cb)):
+        return np.stack(ycrcb_to_rgb(y, cr, cb), axis=-1).astype(np.float32)
+    out = np.empty(y.shape + (3,), np.float32)
+    dr, db = np.subtract(cr, np.float32(0.5)), np.subtract(cb, np.float32(0.5))
+    t = np.multiply(dr, np.float32(1.403))
+    np.add(y, t, out=out[..., 0])
+    np.multiply(dr, np.float32(0.714), out=t)
+    np.subtract(y, t, out=t)
+    np.multiply(db, np.float32(0.344), out=dr)
+    np.subtract(t, dr, out=out[..., 1])
+    np.multiply(db, np.float32(1.773), out=t)
+    np.add(y, t, out=out[..., 2])
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 # -------------------------------------------------------------------- saving
