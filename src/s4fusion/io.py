@@ -371,14 +371,18 @@ def rgb_to_ycrcb(r: Array, g: Array, b: Array) -> tuple[Array, Array, Array]:
     return y.clip(0.0, 1.0), cr.clip(0.0, 1.0), cb.clip(0.0, 1.0)
 
 
+# the released YCrCb2RGB's coefficients: R = Y + CR_R dCr, G = Y - CR_G dCr - CB_G dCb, B = Y + CB_B dCb
+_CR_R, _CR_G, _CB_G, _CB_B = 1.403, 0.714, 0.344, 1.773
+
+
 def ycrcb_to_rgb(y: Array, cr: Array, cb: Array) -> tuple[Array, Array, Array]:
     """The released ``YCrCb2RGB`` on channel planes: ``R = Y + 1.403 (Cr - 0.5)``,
     ``G = Y - 0.714 (Cr - 0.5) - 0.344 (Cb - 0.5)``, ``B = Y + 1.773 (Cb - 0.5)``,
     clamped to [0, 1]. ``Y`` is used unclamped (as for the golden ``fused_rgb``)."""
     dr, db = cr - 0.5, cb - 0.5
-    r = y + 1.403 * dr
-    g = y - 0.714 * dr - 0.344 * db
-    b = y + 1.773 * db
+    r = y + _CR_R * dr
+    g = y - _CR_G * dr - _CB_G * db
+    b = y + _CB_B * db
     return r.clip(0.0, 1.0), g.clip(0.0, 1.0), b.clip(0.0, 1.0)
 
 
@@ -394,13 +398,13 @@ def ycrcb_to_rgb_image(y: np.ndarray, cr: np.ndarray, cb: np.ndarray) -> np.ndar
         return np.stack(ycrcb_to_rgb(y, cr, cb), axis=-1).astype(np.float32)
     out = np.empty(y.shape + (3,), np.float32)
     dr, db = np.subtract(cr, np.float32(0.5)), np.subtract(cb, np.float32(0.5))
-    t = np.multiply(dr, np.float32(1.403))
+    t = np.multiply(dr, np.float32(_CR_R))
     np.add(y, t, out=out[..., 0])
-    np.multiply(dr, np.float32(0.714), out=t)
+    np.multiply(dr, np.float32(_CR_G), out=t)
     np.subtract(y, t, out=t)
-    np.multiply(db, np.float32(0.344), out=dr)
+    np.multiply(db, np.float32(_CB_G), out=dr)
     np.subtract(t, dr, out=out[..., 1])
-    np.multiply(db, np.float32(1.773), out=t)
+    np.multiply(db, np.float32(_CB_B), out=t)
     np.add(y, t, out=out[..., 2])
     return np.clip(out, 0.0, 1.0, out=out)
 
