@@ -48,9 +48,10 @@ lane's ``CB`` channels and then over ``CT`` neighbouring lanes (warp shuffles;
 reach each element.
 
 Every load stays inside its tensor: loads are masked, except the forward modes'
-loads of B and C, which read position 0 instead of a masked step's position (in
-bounds for any strides; that step's dt is 0, so the values are unused). Masks there
-cost 9-11% of a forward loop iteration's instructions.
+loads of B and C. There a lane past the last line reads the last line, and a step
+past the segment's end reads the segment's current step (both in bounds for any
+strides; such a step's dt is 0 and its results are masked, so the values are
+unused). Masks there cost 9-11% of a forward loop iteration's instructions.
 
 ``H``, ``W``, ``SEG`` and the size-dependent strides are runtime values that are
 not specialised on: one compiled kernel per dtype, M, N and block shape serves
