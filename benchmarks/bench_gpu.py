@@ -274,6 +274,13 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: Optional[str], result: dict) -> None:
+    """The results as indented JSON at ``path`` (the scripts' --json); nothing without one."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def _first_line(text: str) -> str:
     return text.strip().splitlines()[0].replace("|", "/") if text.strip() else "(no message)"
 
@@ -324,9 +331,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.cuda.empty_cache()
     result["exponent"] = {m: exponent(result["fuse"], m) for m in args.modes}
     print(markdown(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return 1 if any("error" in r for r in result["fuse"] + result["train"]) else 0
 
 

@@ -15,9 +15,9 @@ warm-ups; ``forward`` under ``torch.no_grad()``, ``train`` forward and backward
 of every input.
 
 ``--sweep forward`` times the forward at each launch configuration of the triton
-backend (``FWD_CB``, ``FWD_LANES`` and ``TARGET_LANES`` in
-``s4fusion.ops.triton_scan``) over the fusing cases, ``--sweep combine`` the same
-with the chunk combine's ``COMBINE_*``,
+backend (``FWD_*`` and ``TARGET_LANES`` in ``s4fusion.ops.triton_scan``, the grid in
+``SWEEPS``) over the fusing cases, ``--sweep combine`` the same with the chunk
+combine's ``COMBINE_*``,
 ``--sweep backward`` forward and backward (``BWD_*``) over the training cases;
 each configuration is checked against the default one's results, and the one
 with the smallest total is reported.
@@ -31,7 +31,7 @@ import json
 from typing import Callable
 
 import torch
-from bench_gpu import graphed, time_cuda
+from bench_gpu import graphed, time_cuda, write_json
 
 from s4fusion.models import S4FusionConfig
 from s4fusion.models.cmsa import CMSABlock
@@ -184,9 +184,7 @@ def main() -> int:
             for mode in ("forward", "train"):
                 total = sum(r["total_ms"] for r in rows if r["dtype"] == dtype and r["mode"] == mode)
                 print(f"{mode} {dtype}: all scans of one pass {total:.2f} ms")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return 0
 
 

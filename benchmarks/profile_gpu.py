@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 from typing import Callable, Optional
 
 import torch
-from bench_gpu import TRAIN_BATCH, TRAIN_SIZE, graphed, time_cuda, training_step
+from bench_gpu import TRAIN_BATCH, TRAIN_SIZE, graphed, time_cuda, training_step, write_json
 from torch.profiler import ProfilerActivity, profile
 
 from s4fusion import S4Fusion
@@ -97,9 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     table = kernel_table(step)
     show(f"training step {TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}, eager fp32", table, args.top, args.ops)
     result["passes"]["train"] = table
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return 0
 
 
