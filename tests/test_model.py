@@ -141,3 +141,27 @@ def test_initialisation_follows_the_release():
     assert abs(blk.in_proj.weight.std().item() - 0.02) < 0.002
     assert blk.x_proj_weight.abs().max() <= d**-0.5
     assert blk.patch_mark.mark_proj.abs().max() <= (2 * d) ** -0.5
+
+
+@pytest.mark.parametrize("fold_chans,out_chans,patch,stride,grid", [(12, 1, 4, 3, (5, 7)), (5, 3, 3, 2, (4, 2))])
+def test_fold_head_equals_expansion_fold_and_conv(fold_chans, out_chans, patch, stride, grid):
+    """The head's one transposed convolution against its three steps as the release
+    computes them (Linear, F.fold summing the overlaps, 1x1 conv), values and gradients."""
+    from s4fusion.models.layers import FoldHead
+
+    torch.manual_seed(0)
+    head = FoldHead(6, fold_chans, out_chans, patch, stride).double()
+    torch.nn.init.normal_(head.out_conv.bias)
+    h, w = grid
+    size = ((h - 1) * stride + patch, (w - 1) * stride + patch)
+    x = torch.randn(2, h, w, 6, dtype=torch.float64, requires_grad=True)
+    fast = head(x, size)
+    steps = head.out_conv(head.fold(head.fold_input(x), size))
+    assert fast.shape == steps.shape == (2, out_chans, *size)
+    torch.testing.assert_close(fast, steps, rtol=1e-12, atol=1e-12)
+    gout = torch.randn_like(fast)
+    params = [x, head.expand.weight, head.out_conv.weight, head.out_conv.bias]
+    for a, b in zip(torch.autograd.grad(fast, params, gout), torch.autograd.grad(steps, params, gout)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"patch grid covers"):
+        head(x, (size[0] + 1, size[1]))

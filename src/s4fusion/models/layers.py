@@ -115,5 +115,19 @@ class FoldHead(nn.Module):
         return F.fold(cols, size, kernel_size=self.patch_size, stride=self.stride)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """x (b, h, w, dim) -> image (b, out_chans, H, W) with H, W = size."""
-        return self.out_conv(self.fold(self.fold_input(x), size))
+        """x (b, h, w, dim) -> image (b, out_chans, H, W) with H, W = size.
+
+        The expansion, the Fold and the 1x1 conv are linear, so they are computed as one
+        transposed convolution of x (kernel ``patch_size``, stride ``stride``: Fold's
+        scatter) with their composed weight, plus the conv's bias: the same sums in
+        another order (equal to ``out_conv(fold(fold_input(x)))`` up to float rounding),
+        ``fold_chans / out_chans`` times less work and no (b, fold_chans*p*p, h*w)
+        intermediate. ``size`` must be the grid the patches cover, (h-1)*stride + p."""
+        b, h, w, _ = x.shape
+        p, s = self.patch_size, self.stride
+        if tuple(size) != ((h - 1) * s + p, (w - 1) * s + p):
+            raise ValueError(f"a {h}x{w} patch grid covers {(h - 1) * s + p}x{(w - 1) * s + p} pixels, not {size}")
+        conv = self.out_conv.weight[:, :, 0, 0]  # (out_chans, fold_chans)
+        expand = self.expand.weight.view(conv.shape[1], p, p, -1)  # (fold_chans, p, p, dim)
+        weight = torch.einsum("oc,cijd->doij", conv, expand)  # (dim, out_chans, p, p)
+        return F.conv_transpose2d(x.permute(0, 3, 1, 2), weight, self.out_conv.bias, stride=s)

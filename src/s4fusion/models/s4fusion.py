@@ -144,11 +144,12 @@ class S4Fusion(nn.Module):
                 trace[f"dec.{i}.out"] = d
         if self.config.topology == "paper":
             d = d + fused[0]
+        if trace is None:
+            return self.head(d, tuple(infrared.shape[-2:]))
         cols = self.head.fold_input(d)
         folded = self.head.fold(cols, tuple(infrared.shape[-2:]))
         out = self.head.out_conv(folded)
-        if trace is not None:
-            trace["fold.in"], trace["fold.out"], trace["fused.padded"] = cols, folded, out
+        trace["fold.in"], trace["fold.out"], trace["fused.padded"] = cols, folded, out
         return out
 
     # ---------------------------------------------------------------- weights
