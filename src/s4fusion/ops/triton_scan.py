@@ -45,7 +45,9 @@ the backward holds one state index at a time over a block of ``TB * M`` tokens.
 In ``_bwd_kernel`` the channel sums of dL/dB and dL/dC are first taken over a
 lane's ``CB`` channels and then over ``CT`` neighbouring lanes (warp shuffles;
 ``CT`` divides the lanes per line), so that only ``d / (CB * CT)`` atomic adds
-reach each element.
+reach each element. A launch's grid covers the lines of the longest image side for
+every direction; programs whose lanes all lie past their direction's last line
+return at once.
 
 Every load stays inside its tensor: loads are masked, except the forward modes'
 loads of B and C. There a lane past the last line reads the last line, and a step
@@ -275,6 +277,8 @@ def _fwd_kernel(
     j = f // nq
     c0 = (f % nq) * CB
     nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
+    if (pid0 // NS) * E >= nlines * nq:
+        return  # every lane past this direction's last line (the grid covers the longest side)
     lmask = j < nlines
     lo = sg * SEG
     hi = tl.minimum(lo + SEG, llen)
@@ -532,6 +536,8 @@ def _bwd_kernel(
     fg = (pid0 // NS) * E + tl.arange(0, GE) * CT  # first lane of every group of CT
     jg = fg // nq
     nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
+    if (pid0 // NS) * E >= nlines * nq:
+        return  # every lane past this direction's last line
     lmask = j < nlines
     gmask = jg < nlines
     line_off = (base + j * line_step).to(tl.int64)
