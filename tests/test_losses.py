@@ -466,3 +466,19 @@ def test_fusion_loss_loads_resnet_from_config(monkeypatch, perception):
     monkeypatch.setattr(losses, "load_resnet50", fake_load)
     loss = FusionLoss(LossConfig(resnet_weights=str(WEIGHTS)))
     assert asked == [str(WEIGHTS)] and loss.perception is perception
+
+
+def test_filters_first_used_under_inference_mode_still_train():
+    """The Sobel and Gaussian filters are made once per dtype and device (a CUDA graph
+    cannot record their host-to-device copy); made first under inference mode, they
+    must still serve a differentiable call."""
+    from s4fusion.losses import _gaussian_window, _sobel_kernels
+
+    _gaussian_window.cache_clear()
+    _sobel_kernels.cache_clear()
+    with torch.inference_mode():
+        ssim_map(torch.rand(1, 1, 20, 20), torch.rand(1, 1, 20, 20))
+        sobel_gradient(torch.rand(1, 1, 9, 9))
+    x = torch.rand(1, 1, 20, 20, dtype=torch.float32, requires_grad=True)
+    (ssim_map(x, torch.rand(1, 1, 20, 20)).sum() + sobel_gradient(x).sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

@@ -27,6 +27,7 @@ feature maps (B,C,h,w); weights (B,); losses are 0-dim tensors.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -59,11 +60,15 @@ def _check_images(**images: Tensor) -> None:
         raise ValueError(f"expected (B,1,H,W) images of one shape, got {shapes}")
 
 
+@functools.lru_cache(maxsize=None)
 def _sobel_kernels(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(2,1,3,3): the x and y Sobel kernels of the released loss (cross-correlation)."""
+    """(2,1,3,3): the x and y Sobel kernels of the released loss (cross-correlation).
+    Made once per dtype and device (a host-to-device copy, which a CUDA graph cannot
+    record) and never modified."""
     kx = [[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]
     ky = [[1.0, 2.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, -1.0]]
-    return torch.tensor([[kx], [ky]], dtype=dtype, device=device)
+    with torch.inference_mode(False):  # a normal tensor even if first made under inference mode
+        return torch.tensor([[kx], [ky]], dtype=dtype, device=device)
 
 
 def sobel_gradient(image: Tensor) -> Tensor:
@@ -82,10 +87,13 @@ def sobel_gradient(image: Tensor) -> Tensor:
     return (g[:, 0].abs() + g[:, 1].abs()).reshape(b, c, h, w)
 
 
+@functools.lru_cache(maxsize=None)
 def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    x = torch.arange(size, dtype=dtype, device=device) - (size // 2)
-    g = torch.exp(-(x * x) / (2.0 * sigma * sigma))
-    return g / g.sum()
+    """Normalised Gaussian taps (size,), made once per arguments and never modified."""
+    with torch.inference_mode(False):
+        x = torch.arange(size, dtype=dtype, device=device) - (size // 2)
+        g = torch.exp(-(x * x) / (2.0 * sigma * sigma))
+        return g / g.sum()
 
 
 def ssim_map(

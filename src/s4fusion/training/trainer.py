@@ -60,6 +60,7 @@ from ..losses import FusionLoss
 from ..models import S4Fusion
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_diff, config_from_dict
 from .schedule import WarmupCosineSchedule
+from .step import TrainPass
 
 __all__ = [
     "train",
@@ -513,6 +514,10 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
     )
     log = _Logger(run_dir, d.main, config.progress, stop_step, step)
     log.message(data_summary)
+    graphed = config.cuda_graph and d.device.type == "cuda" and d.world == 1
+    train_pass = TrainPass(net, loss_fn, TERMS, optimizer, use_bf16, cuda_graph=graphed)
+    if config.cuda_graph and d.device.type == "cuda" and d.world > 1:
+        log.message(f"cuda_graph: {d.world} processes train eagerly (CUDA graphs are used by one process only)")
     if frozen:
         count_frozen = sum(p.numel() for n, p in model.named_parameters() if n in frozen)
         log.message(
@@ -541,14 +546,12 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
                 ir = ir.to(d.device, non_blocking=True)
                 vi = vi.to(d.device, non_blocking=True)
                 net.train()
-                with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext():
-                    fused = net(ir, vi)
-                total, terms = loss_fn(fused.float(), ir, vi)
-                values = torch.stack([total.detach()] + [terms[k].detach() for k in TERMS]).double()
+                recorded = train_pass.recorded
+                fused, values = train_pass(ir, vi)
+                if train_pass.recorded and not recorded:
+                    log.message(f"step {step + 1}: forward, loss and backward recorded as one CUDA graph, replayed from now on")
                 values = d.all_mean(values).cpu()
                 _check_finite(values, step + 1, last_ckpt)
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
                 if config.optim.grad_clip > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
                 optimizer.step()

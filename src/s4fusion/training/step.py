@@ -1,0 +1,100 @@
+"""One training pass (forward, loss, backward), run eagerly or replayed as a CUDA graph."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+
+__all__ = ["TrainPass", "GRAPH_WARMUP_STEPS"]
+
+# Eager calls before the pass is recorded: the first compiles the Triton kernels and
+# creates cuBLAS/cuDNN state, the second runs with everything in place.
+GRAPH_WARMUP_STEPS = 2
+
+
+class TrainPass:
+    """``pass_(infrared, visible) -> (fused, values)``: the network's forward (under
+    bfloat16 autocast with ``bf16``), the loss and the backward pass, which leaves the
+    gradients in the parameters' ``.grad``; the optimizer step is the caller's.
+
+    ``loss_fn(fused, infrared, visible) -> (total, terms)`` with ``terms`` keyed by
+    ``term_names``; ``values`` is ``(total, *terms)`` detached, float64, on the device.
+    Inputs (B, 1, H, W) on the network's device.
+
+    With ``cuda_graph`` (CUDA only, one process: the caller decides) the first
+    :data:`GRAPH_WARMUP_STEPS` calls run eagerly; the next one records the pass once
+    as a CUDA graph and every call from then on copies its batch into the graph's
+    input buffers and replays it: one launch instead of a few thousand, the same
+    kernels in the same order. The batch shape must then stay the same. Recording
+    needs one unrecorded run first (on a side stream, its results are discarded), and
+    it leaves the gradients as the graph's own tensors, overwritten by every replay:
+    callers must not set them to None (``zero_grad`` is not needed). ``fused`` and
+    ``values`` are then the graph's output buffers, valid until the next call.
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        loss_fn: Callable,
+        term_names: tuple[str, ...],
+        optimizer: torch.optim.Optimizer,
+        bf16: bool,
+        cuda_graph: bool,
+    ) -> None:
+        self.net, self.loss_fn, self.term_names, self.optimizer = net, loss_fn, term_names, optimizer
+        self.bf16, self.cuda_graph = bf16, cuda_graph
+        self.calls = 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @property
+    def recorded(self) -> bool:
+        return self.graph is not None
+
+    def _run(self, infrared: torch.Tensor, visible: torch.Tensor, cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # autocast's cast cache must be off while recording (its casts would be freed
+        # when autocast exits, memory the graph goes on using)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache) if self.bf16 else nullcontext():
+            fused = self.net(infrared, visible)
+        total, terms = self.loss_fn(fused.float(), infrared, visible)
+        values = torch.stack([total.detach()] + [terms[k].detach() for k in self.term_names]).double()
+        total.backward()
+        # detached: a caller holding the output must not keep this step's autograd graph
+        # (and its gradient-accumulation nodes, bound to the stream they ran on) alive
+        return fused.detach(), values
+
+    def __call__(self, infrared: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls += 1
+        if self.graph is None and (not self.cuda_graph or self.calls <= GRAPH_WARMUP_STEPS):
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._run(infrared, visible, cache=True)
+        if self.graph is None:
+            self.graph = self._record(infrared, visible)
+        else:
+            if infrared.shape != self._inputs[0].shape or visible.shape != self._inputs[1].shape:
+                raise ValueError(
+                    f"the recorded training pass takes batches of shape {tuple(self._inputs[0].shape)}, got "
+                    f"{tuple(infrared.shape)} and {tuple(visible.shape)}; train with cuda_graph = false"
+                )
+            self._inputs[0].copy_(infrared)
+            self._inputs[1].copy_(visible)
+        self.graph.replay()
+        return self._outputs
+
+    def _record(self, infrared: torch.Tensor, visible: torch.Tensor) -> torch.cuda.CUDAGraph:
+        if infrared.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need CUDA tensors; the batch is on {infrared.device}")
+        self._inputs = (infrared.clone(), visible.clone())
+        side = torch.cuda.Stream(infrared.device)
+        side.wait_stream(torch.cuda.current_stream(infrared.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.stream(side):
+            self._run(*self._inputs, cache=False)
+        torch.cuda.current_stream(infrared.device).wait_stream(side)
+        # recorded with no gradients present, the backward writes (not adds) them
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            self._outputs = self._run(*self._inputs, cache=False)
+        return graph

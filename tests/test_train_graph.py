@@ -1,0 +1,113 @@
+"""The training pass replayed as a CUDA graph (``s4fusion.training.step``) against the
+same pass run eagerly, and the trainer's use of it. GPU only: skipped without CUDA.
+
+The perception network has random weights here (its values do not matter for
+whether a replay equals an eager pass), so these tests need no weights file."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from s4fusion import S4Fusion, S4FusionConfig
+from s4fusion.losses import FusionLoss, LossConfig
+from s4fusion.ops import set_backend
+from s4fusion.perception import PerceptionNet
+from s4fusion.training import load_config, train
+from s4fusion.training import trainer as trainer_module
+from s4fusion.training.step import GRAPH_WARMUP_STEPS, TrainPass
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)"),
+]
+
+TINY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny"
+SMALL = S4FusionConfig(dims=(8, 16, 32), depths=(1, 1, 1), decoder_depths=(1, 1, 1), cmsa_depth=1)
+TERMS = ("l1", "ssim", "grad", "per")
+
+
+def random_perception() -> PerceptionNet:
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    return PerceptionNet(resnet50(weights=None).state_dict(), "caffe", True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("bf16,tol", [(False, 1e-5), (True, 2e-2)])
+def test_replayed_passes_equal_eager_passes(bf16, tol):
+    """Two copies of one network, one pass object each: from the third call on the
+    graph's replays give the eager pass's outputs, loss terms and gradients on new
+    batches (the batch is copied in; the gradients are overwritten, not summed)."""
+    set_backend("triton")
+    try:
+        torch.manual_seed(1)
+        eager_model = S4Fusion(SMALL).cuda().train()
+        graph_model = copy.deepcopy(eager_model)
+        loss_fn = FusionLoss(LossConfig(), perception=random_perception()).cuda()
+        passes = {}
+        for name, model, graph in (("eager", eager_model, False), ("graph", graph_model, True)):
+            opt = torch.optim.AdamW(model.parameters(), fused=True)
+            passes[name] = (model, TrainPass(model, loss_fn, TERMS, opt, bf16=bf16, cuda_graph=graph))
+        g = torch.Generator(device="cuda").manual_seed(2)
+        for call in range(GRAPH_WARMUP_STEPS + 3):
+            ir = torch.rand(2, 1, 37, 37, device="cuda", generator=g)
+            vi = torch.rand(2, 1, 37, 37, device="cuda", generator=g)
+            results = {}
+            for name, (model, pass_) in passes.items():
+                fused, values = pass_(ir, vi)
+                grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+                results[name] = (fused.clone(), values.clone(), grads)
+            (fe, ve, ge), (fg, vg, gg) = results["eager"], results["graph"]
+            assert rel(fg, fe) < tol and rel(vg, ve) < tol, call
+            assert len(gg) == len(ge) > 0
+            assert max(rel(a, b) for a, b in zip(gg, ge)) < 10 * tol, call
+        assert passes["graph"][1].recorded and not passes["eager"][1].recorded
+    finally:
+        set_backend(None)
+
+
+def test_trainer_records_the_step_and_trains_as_eagerly(tmp_path, monkeypatch, capsys):
+    """Four steps (two eager, then recorded and replayed) against the same run without
+    graphs: the graph run says it recorded at step 3, its first two steps are the eager
+    run's, and its replayed steps move the weights as the eager steps do."""
+    if not TINY.is_dir():
+        pytest.fail(f"reference material missing: {TINY} (the tests need ../shared beside the checkout)")
+    perception = random_perception()
+    monkeypatch.setattr(trainer_module, "FusionLoss", lambda cfg: FusionLoss(cfg, perception=perception))
+    runs = {}
+    for graph in (False, True):
+        run_dir = tmp_path / f"graph_{graph}"
+        values = {
+            "run_dir": json.dumps(str(run_dir)), "data.train": json.dumps([str(TINY)]), "data.crop": "37",
+            "data.workers": "0", "batch_size": "2", "epochs": "2", "device": '"cuda"', "precision": '"bf16"',
+            "model.dims": "[8, 16, 32]", "model.depths": "[1, 1, 1]", "model.decoder_depths": "[1, 1, 1]",
+            "model.cmsa_depth": "1", "schedule.warmup_epochs": "1", "progress": "false", "log_every": "1",
+            "image_every": "0", "val_every": "0", "checkpoint_every": "2", "keep_checkpoints": "0",
+            "val_metrics": "[]", "seed": "3", "cuda_graph": str(graph).lower(),
+        }  # fmt: skip
+        capsys.readouterr()
+        result = train(load_config(None, [f"{k}={v}" for k, v in values.items()]))
+        said = capsys.readouterr().err
+        assert ("step 3: forward, loss and backward recorded as one CUDA graph" in said) == graph
+        step2 = torch.load(run_dir / "checkpoints" / "step_00000002.pt", weights_only=True)["model"]
+        final = load_file(str(result.final_weights))
+        losses = [r["loss"] for r in result.history if r["kind"] == "train"]
+        runs[graph] = (step2, final, losses)
+    (s2_e, fin_e, loss_e), (_, fin_g, loss_g) = runs[False], runs[True]
+    assert len(loss_e) == len(loss_g) == 4
+    assert loss_g[:2] == pytest.approx(loss_e[:2], rel=1e-3)
+    assert loss_g[2:] == pytest.approx(loss_e[2:], rel=2e-2)
+    keys = [k for k in fin_e if fin_e[k].is_floating_point()]
+    moved = torch.cat([(fin_e[k] - s2_e[k].cpu()).flatten() for k in keys]).norm()
+    apart = torch.cat([(fin_g[k] - fin_e[k]).flatten() for k in keys]).norm()
+    assert moved > 0 and apart < 0.1 * moved, (float(apart), float(moved))
