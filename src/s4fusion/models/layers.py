@@ -129,5 +129,7 @@ class FoldHead(nn.Module):
             raise ValueError(f"a {h}x{w} patch grid covers {(h - 1) * s + p}x{(w - 1) * s + p} pixels, not {size}")
         conv = self.out_conv.weight[:, :, 0, 0]  # (out_chans, fold_chans)
         expand = self.expand.weight.view(conv.shape[1], p, p, -1)  # (fold_chans, p, p, dim)
-        weight = torch.einsum("oc,cijd->doij", conv, expand)  # (dim, out_chans, p, p)
-        return F.conv_transpose2d(x.permute(0, 3, 1, 2), weight, self.out_conv.bias, stride=s)
+        weight = torch.einsum("oc,cijd->doij", conv, expand).contiguous()  # (dim, out_chans, p, p)
+        # NCHW: with a channels-last input, torch.compile's shape inference and cuDNN
+        # disagree on the strides of the input's gradient (torch 2.11)
+        return F.conv_transpose2d(x.permute(0, 3, 1, 2).contiguous(), weight, self.out_conv.bias, stride=s)
