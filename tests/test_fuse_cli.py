@@ -247,6 +247,35 @@ def test_truncated_and_tiny_files_fail_alone(tmp_path, weights, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["00123D.png", "FLIR_00060.png", "FLIR_00122.png"]
 
 
+def test_failures_are_listed_in_pair_order_while_reading_and_writing_overlap(tmp_path, weights, monkeypatch, capsys):
+    """Pairs are read ahead and written behind the fusing (threads); a write that fails
+    late and a read that fails early are still reported in the pairs' order, and the
+    other pairs are written."""
+    import time
+
+    import s4fusion.cli.fuse as fuse_module
+
+    ir, vi = make_folder(tmp_path)  # pairs in name order: 00020N, 00123D, FLIR_00060, FLIR_00122
+    cut = ir / "FLIR_00122.png"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    real = fuse_module.io.write_image
+
+    def slow_failing_write(path, *args, **kwargs):
+        if Path(path).stem == "00020N":
+            time.sleep(0.3)
+            raise OSError("no space left on device")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(fuse_module.io, "write_image", slow_failing_write)
+    out = tmp_path / "fused"
+    assert fuse_cli("--ir", ir, "--vi", vi, "--out", out, "--weights", weights, "--batch-size", "2") == 1
+    err = capsys.readouterr().err
+    assert "fused 2 of 4 pairs" in err and "FAILED (2)" in err
+    write_failure, read_failure = err.index("no space left on device"), err.index(f"{cut}: cannot read the image")
+    assert write_failure < read_failure
+    assert sorted(p.name for p in out.iterdir()) == ["00123D.png", "FLIR_00060.png"]
+
+
 def test_non_finite_weights(tmp_path, weights, capsys):
     torch.manual_seed(0)
     bad = S4Fusion(S4FusionConfig(**TINY))

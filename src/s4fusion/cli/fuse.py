@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -28,6 +30,9 @@ from ..checkpoint import CheckpointError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LIST_LIMIT = 20  # names shown per category in reports
+READERS = 2  # threads reading and preparing the next pairs while the network runs
+READ_AHEAD_PIXELS = 16_000_000  # pairs up to this size let the next ones be read ahead
+WRITES_AHEAD = 2  # fused images waiting to be written before the next batch waits for them
 
 DESCRIPTION = """\
 Fuse infrared-visible image pairs with S4Fusion.
@@ -308,48 +313,87 @@ def run_fuse(args: argparse.Namespace) -> int:
         cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
     )
     written: list[Path] = []
+    problems: list[tuple[int, str]] = []  # (job number, message): reported in job order
     bar = tqdm(total=len(todo), unit="pair", desc="fusing", disable=None, file=sys.stderr)
     run_options["progress"] = bar.set_postfix_str
 
-    def fused(batch: list[tuple[Job, PreparedPair]]) -> list[tuple[Job, np.ndarray]]:
+    def fused(batch: list[tuple[int, Job, PreparedPair]]) -> list[tuple[int, Job, np.ndarray]]:
         """Run one batch; a failing batch is retried pair by pair."""
         try:
-            outs = fuse_prepared(model, [p for _, p in batch], gray=args.gray, **run_options)
-            return [(job, out) for (job, _), out in zip(batch, outs)]
+            outs = fuse_prepared(model, [p for _, _, p in batch], gray=args.gray, **run_options)
+            return [(i, job, out) for (i, job, _), out in zip(batch, outs)]
         except Exception as e:
             if len(batch) == 1:
-                failures.append(f"{batch[0][0].label}: {_reason(e)}")
+                problems.append((batch[0][0], f"{batch[0][1].label}: {_reason(e)}"))
                 return []
             return [r for item in batch for r in fused([item])]
 
-    pending: list[tuple[Job, PreparedPair]] = []
+    def prepare(job: Job) -> PreparedPair:
+        return prepare_pair(
+            job.infrared, job.visible, ir_norm=args.ir_norm, ir_percentiles=args.ir_percentiles,
+            resize_visible=args.resize_visible, resize_hint="--resize-visible",
+        )  # fmt: skip
+
+    # Reading and writing overlap the fusing: while the network runs on this thread,
+    # READERS threads prepare the next pairs (read ahead only after a pair of at most
+    # READ_AHEAD_PIXELS: very large images are read one at a time, as their memory
+    # matters more than their reading time) and one thread encodes and writes the
+    # results (at most WRITES_AHEAD waiting).
+    readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="s4fusion-read")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="s4fusion-write")
+    reads: deque = deque()
+    writes: deque = deque()
+    pending: list[tuple[int, Job, PreparedPair]] = []
+
+    def finish_write() -> None:
+        i, job, future = writes.popleft()
+        try:
+            written.append(future.result())
+        except Exception as e:
+            problems.append((i, f"{job.label}: {_reason(e)}"))
 
     def flush() -> None:
-        for job, image in fused(pending):
-            try:
-                written.append(io.write_image(job.output, image, args.bits, overwrite=args.overwrite))
-            except Exception as e:
-                failures.append(f"{job.label}: {_reason(e)}")
+        for i, job, image in fused(pending):
+            writes.append((i, job, writer.submit(io.write_image, job.output, image, args.bits, overwrite=args.overwrite)))
+            while len(writes) > WRITES_AHEAD:
+                finish_write()
         bar.update(len(pending))
         pending.clear()
 
+    jobs_left = iter(enumerate(todo))
+
+    def read_ahead(count: int) -> None:
+        while len(reads) < count and (nxt := next(jobs_left, None)) is not None:
+            reads.append((*nxt, readers.submit(prepare, nxt[1])))
+
     try:
-        for job in todo:
+        ahead = 0
+        while True:
+            read_ahead(max(ahead, 1))
+            if not reads:
+                break
+            i, job, future = reads.popleft()
             try:
-                pair = prepare_pair(
-                    job.infrared, job.visible, ir_norm=args.ir_norm, ir_percentiles=args.ir_percentiles,
-                    resize_visible=args.resize_visible, resize_hint="--resize-visible",
-                )
+                pair = future.result()
             except Exception as e:
-                failures.append(f"{job.label}: {_reason(e)}")
+                problems.append((i, f"{job.label}: {_reason(e)}"))
                 bar.update(1)
                 continue
-            if pending and (pending[0][1].size != pair.size or len(pending) >= args.batch_size):
+            ahead = READERS if pair.infrared.size <= READ_AHEAD_PIXELS else 0
+            read_ahead(ahead)
+            if pending and (pending[0][2].size != pair.size or len(pending) >= args.batch_size):
                 flush()
-            pending.append((job, pair))
+            pending.append((i, job, pair))
         flush()
+        while writes:
+            finish_write()
     finally:
+        for _, _, future in reads:
+            future.cancel()
+        readers.shutdown(wait=True)
+        writer.shutdown(wait=True)
         bar.close()
+    failures += [message for _, message in sorted(problems, key=lambda item: item[0])]
 
     where = str(jobs[0].output) if len(jobs) == 1 else str(jobs[0].output.parent)
     summary = f"fused {len(written)} of {len(jobs)} pairs -> {where}"
