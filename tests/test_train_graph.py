@@ -7,8 +7,6 @@ whether a replay equals an eager pass), so these tests need no weights file."""
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,15 +19,15 @@ from s4fusion.perception import PerceptionNet
 from s4fusion.training import load_config, train
 from s4fusion.training import trainer as trainer_module
 from s4fusion.training.step import GRAPH_WARMUP_STEPS, TrainPass
+from test_training import TINY, small_overrides  # the small network on the four tiny pairs
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)"),
 ]
 
-TINY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tiny"
 SMALL = S4FusionConfig(dims=(8, 16, 32), depths=(1, 1, 1), decoder_depths=(1, 1, 1), cmsa_depth=1)
-TERMS = ("l1", "ssim", "grad", "per")
+TERMS = trainer_module.TERMS
 
 
 def random_perception() -> PerceptionNet:
@@ -87,16 +85,12 @@ def test_trainer_records_the_step_and_trains_as_eagerly(tmp_path, monkeypatch, c
     runs = {}
     for graph in (False, True):
         run_dir = tmp_path / f"graph_{graph}"
-        values = {
-            "run_dir": json.dumps(str(run_dir)), "data.train": json.dumps([str(TINY)]), "data.crop": "37",
-            "data.workers": "0", "batch_size": "2", "epochs": "2", "device": '"cuda"', "precision": '"bf16"',
-            "model.dims": "[8, 16, 32]", "model.depths": "[1, 1, 1]", "model.decoder_depths": "[1, 1, 1]",
-            "model.cmsa_depth": "1", "schedule.warmup_epochs": "1", "progress": "false", "log_every": "1",
-            "image_every": "0", "val_every": "0", "checkpoint_every": "2", "keep_checkpoints": "0",
-            "val_metrics": "[]", "seed": "3", "cuda_graph": str(graph).lower(),
-        }  # fmt: skip
+        overrides = small_overrides(
+            run_dir, device='"cuda"', precision='"bf16"', image_every=0, checkpoint_every=2, keep_checkpoints=0,
+            cuda_graph=str(graph).lower(), **{"schedule.start_lr": 3e-4, "schedule.ref_lr": 1.5e-3, "schedule.final_lr": 6e-4},
+        )  # fmt: skip
         capsys.readouterr()
-        result = train(load_config(None, [f"{k}={v}" for k, v in values.items()]))
+        result = train(load_config(None, overrides))
         said = capsys.readouterr().err
         assert ("step 3: forward, loss and backward recorded as one CUDA graph" in said) == graph
         step2 = torch.load(run_dir / "checkpoints" / "step_00000002.pt", weights_only=True)["model"]
