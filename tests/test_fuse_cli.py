@@ -432,6 +432,24 @@ def test_api_paths_batches_and_precision(tmp_path, model):
         api.fuse(ir, vi, model, precision="fp8")
 
 
+def test_api_prepares_pairs_in_threads_and_raises_the_first_bad_pair(tmp_path, model):
+    """fuse_images prepares its pairs in threads: results keep the pairs' order, and of
+    several bad pairs the first one (in order) is the error, even when a later one
+    fails sooner."""
+    from s4fusion import io
+
+    ir, vi = crop_pair(MSRS, "00123D", (150, 100, 214, 148), tmp_path / "ir", tmp_path / "vi")
+    ir2, vi2 = crop_pair(ROADSCENE, "FLIR_00060", (200, 150, 253, 187), tmp_path / "ir", tmp_path / "vi")
+    out = api.fuse_images([ir, ir2, ir, ir2, ir], [vi, vi2, vi, vi2, vi], model, gray=True)
+    assert [o.shape for o in out] == [(48, 64), (37, 53), (48, 64), (37, 53), (48, 64)]
+    assert np.array_equal(out[0], out[4]) and np.array_equal(out[1], out[3])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(Path(ir).read_bytes()[:200])
+    missing = tmp_path / "missing.png"
+    with pytest.raises(io.ImageError, match="truncated.png"):
+        api.fuse_images([ir, truncated, missing], [vi, vi, vi], model)
+
+
 def test_api_cuda_graph_options_are_checked(model):
     ir = np.random.default_rng(0).random((48, 64), dtype=np.float32)
     with pytest.raises(api.FusionError, match="cuda_graph needs the model on a CUDA device, it is on cpu"):

@@ -48,6 +48,7 @@ import contextlib
 import importlib.resources
 import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -82,6 +83,7 @@ __all__ = [
 ]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PREPARE_THREADS = 4  # threads preparing (reading, converting) the pairs of one fuse_images call
 WEIGHTS_FILE = "s4fusion.safetensors"
 _KINDS = "give a path, numpy array, PIL image or torch tensor"
 # Compiled versions dynamo keeps of each function of the network (its recompile limit,
@@ -624,10 +626,14 @@ def fuse_images(
     if batch_size < 1:
         raise FusionError(f"batch_size must be >= 1, got {batch_size}")
     net = _model(model, device)
-    prepared = [
-        prepare_pair(i, v, ir_norm=ir_norm, ir_percentiles=ir_percentiles, resize_visible=resize_visible)
-        for i, v in zip(infrared, visible)
-    ]
+
+    def prepare(pair: tuple[Any, Any]) -> PreparedPair:
+        return prepare_pair(*pair, ir_norm=ir_norm, ir_percentiles=ir_percentiles, resize_visible=resize_visible)
+
+    pairs = list(zip(infrared, visible))
+    # decoding and conversion release the GIL for most of their time: threads overlap them
+    with ThreadPoolExecutor(max_workers=max(1, min(PREPARE_THREADS, len(pairs)))) as pool:
+        prepared = list(pool.map(prepare, pairs))  # the first bad pair (in order) raises
     run = dict(tile=tile, memory_budget=memory_budget, precision=precision, compile=compile, cuda_graph=cuda_graph)
     results: list = [None] * len(prepared)
     for indices in _batches([p.size for p in prepared], batch_size):
