@@ -631,9 +631,11 @@ def fuse_images(
         return prepare_pair(*pair, ir_norm=ir_norm, ir_percentiles=ir_percentiles, resize_visible=resize_visible)
 
     pairs = list(zip(infrared, visible))
-    # decoding and conversion release the GIL for most of their time: threads overlap them
-    with ThreadPoolExecutor(max_workers=max(1, min(PREPARE_THREADS, len(pairs)))) as pool:
-        prepared = list(pool.map(prepare, pairs))  # the first bad pair (in order) raises
+    if len(pairs) > 1:  # decoding and conversion release the GIL for most of their time: threads overlap them
+        with ThreadPoolExecutor(max_workers=min(PREPARE_THREADS, len(pairs))) as pool:
+            prepared = list(pool.map(prepare, pairs))  # the first bad pair (in order) raises
+    else:
+        prepared = [prepare(pair) for pair in pairs]
     run = dict(tile=tile, memory_budget=memory_budget, precision=precision, compile=compile, cuda_graph=cuda_graph)
     results: list = [None] * len(prepared)
     for indices in _batches([p.size for p in prepared], batch_size):
