@@ -401,3 +401,28 @@ def test_torchrun_two_processes_on_cpu(run_a, tmp_path):
     diff = torch.cat([(single[k] - ddp[k]).abs().flatten() for k in single])
     print(f"two steps moved the parameters by {moved.mean():.3g} on average; DDP vs one process: {diff.mean():.3g}")
     assert float(moved.mean()) > 1e-3 and float(diff.mean()) < 1e-4 * float(moved.mean())
+
+
+def test_a_training_pass_that_cannot_be_recorded_says_how_to_train_without_graphs():
+    """TrainPass: the calls before the recording run eagerly (the optimizer's gradients
+    are set), and a recording that fails names the cause and the cuda_graph switch."""
+    from s4fusion.training.step import GRAPH_WARMUP_STEPS, TrainPass
+
+    small = S4FusionConfig(dims=(8, 16, 32), depths=(1, 1, 1), decoder_depths=(1, 1, 1), cmsa_depth=1, topology="paper")
+    model = S4Fusion(small)  # paper topology: every parameter gets a gradient
+    opt = torch.optim.AdamW(model.parameters())
+
+    def loss_fn(fused, ir, vi):
+        terms = {"l1": (fused - ir).abs().mean(), "ssim": (fused - vi).abs().mean()}
+        return terms["l1"] + terms["ssim"], terms
+
+    pass_ = TrainPass(model, loss_fn, ("l1", "ssim"), opt, bf16=False, cuda_graph=True)
+    ir, vi = torch.rand(1, 1, 37, 37), torch.rand(1, 1, 37, 37)
+    for _ in range(GRAPH_WARMUP_STEPS):
+        fused, values = pass_(ir, vi)
+        assert fused.shape == ir.shape and not fused.requires_grad and values.shape == (3,)
+        assert values[0] == pytest.approx(float(values[1] + values[2]))
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with pytest.raises(RuntimeError, match=r"CUDA graph failed \(ValueError: CUDA graphs need CUDA tensors.*cuda_graph = false"):
+        pass_(ir, vi)
+    assert not pass_.recorded

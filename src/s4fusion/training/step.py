@@ -70,7 +70,13 @@ class TrainPass:
             self.optimizer.zero_grad(set_to_none=True)
             return self._run(infrared, visible, cache=True)
         if self.graph is None:
-            self.graph = self._record(infrared, visible)
+            try:
+                self.graph = self._record(infrared, visible)
+            except Exception as e:  # e.g. an operation of a custom loss that a CUDA graph cannot hold
+                raise RuntimeError(
+                    f"recording the training pass as a CUDA graph failed ({type(e).__name__}: {e}); "
+                    "train with cuda_graph = false (s4fusion train ... cuda_graph=false) to run it eagerly"
+                ) from e
         else:
             if infrared.shape != self._inputs[0].shape or visible.shape != self._inputs[1].shape:
                 raise ValueError(
