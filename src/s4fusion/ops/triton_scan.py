@@ -183,6 +183,26 @@ def _geometry(k, H, W):
 
 
 @triton.jit
+def _lanes(d, H, W, NS, K: tl.constexpr, E: tl.constexpr, CB: tl.constexpr):
+    """The work of this program: batch element bi, direction k, segment sg, lanes per
+    line nq, the E lanes' lines j and first channels c0, direction k's geometry (see
+    :func:`_geometry`), and whether every lane lies past its last line (the grid covers
+    the lines of the longest side for every direction)."""
+    pid0 = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    bi = (pid_bk // K).to(tl.int64)
+    k = pid_bk % K
+    sg = pid0 % NS
+    nq = (d + CB - 1) // CB
+    f = (pid0 // NS) * E + tl.arange(0, E)
+    j = f // nq
+    c0 = (f % nq) * CB
+    nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
+    idle = (pid0 // NS) * E >= nlines * nq
+    return bi, k, sg, nq, j, c0, nlines, llen, base, line_step, pos_step, idle
+
+
+@triton.jit
 def _combine(a1, b1, a2, b2):
     """Composition of two affine maps h -> a h + b (first, then second)."""
     return a1 * a2, a2 * b1 + b2
@@ -267,18 +287,10 @@ def _fwd_kernel(
     """One chunk (a segment of SEG steps of a line) of E (line, channel group) lanes;
     lane = one line x CB neighbouring channels, the N states of each in registers;
     TB steps unrolled per iteration (TB divides CKB, and CKB divides SEG)."""
-    pid0 = tl.program_id(0)
+    bi, k, sg, nq, j, c0, nlines, llen, base, line_step, pos_step, idle = _lanes(d, H, W, NS, K, E, CB)
+    if idle:
+        return
     pid_bk = tl.program_id(1)
-    bi = (pid_bk // K).to(tl.int64)
-    k = pid_bk % K
-    nq = (d + CB - 1) // CB  # channel groups per line
-    sg = pid0 % NS
-    f = (pid0 // NS) * E + tl.arange(0, E)
-    j = f // nq
-    c0 = (f % nq) * CB
-    nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
-    if (pid0 // NS) * E >= nlines * nq:
-        return  # every lane past this direction's last line (the grid covers the longest side)
     lmask = j < nlines
     lo = sg * SEG
     hi = tl.minimum(lo + SEG, llen)
@@ -524,20 +536,13 @@ def _bwd_kernel(
     neighbouring lanes (CT divides the lanes per line) in registers, then atomically."""
     NT: tl.constexpr = TB * M
     GE: tl.constexpr = E // CT
+    bi, k, sg, nq, j, c0, nlines, llen, base, line_step, pos_step, idle = _lanes(d, H, W, NS, K, E, CB)
+    if idle:
+        return
     pid0 = tl.program_id(0)
     pid_bk = tl.program_id(1)
-    bi = (pid_bk // K).to(tl.int64)
-    k = pid_bk % K
-    sg = pid0 % NS
-    nq = (d + CB - 1) // CB  # lanes per line
-    f = (pid0 // NS) * E + tl.arange(0, E)
-    j = f // nq
-    c0 = (f % nq) * CB
     fg = (pid0 // NS) * E + tl.arange(0, GE) * CT  # first lane of every group of CT
     jg = fg // nq
-    nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
-    if (pid0 // NS) * E >= nlines * nq:
-        return  # every lane past this direction's last line
     lmask = j < nlines
     gmask = jg < nlines
     line_off = (base + j * line_step).to(tl.int64)
