@@ -39,6 +39,7 @@ import torch
 
 from s4fusion import S4Fusion
 from s4fusion.api import compiled
+from s4fusion.cuda_graphs import record
 from s4fusion.losses import weighted_l1_loss
 from s4fusion.ops import set_backend
 
@@ -87,15 +88,9 @@ def autocast(bf16: bool):
 
 
 def graphed(fn: Callable[[], object]) -> Callable[[], None]:
-    """Capture ``fn`` (already warmed up: every kernel compiled) into one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    """Capture ``fn`` (already warmed up: every kernel compiled) into one CUDA graph on
+    the current device (``s4fusion.cuda_graphs.record``: one more unrecorded run first)."""
+    graph, _ = record(fn, torch.device("cuda", torch.cuda.current_device()))
     return graph.replay
 
 

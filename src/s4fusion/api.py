@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import checkpoint as ckpt
-from . import io, ops, tiling
+from . import cuda_graphs, io, ops, tiling
 from .models import S4Fusion
 
 __all__ = [
@@ -223,20 +223,7 @@ class _GraphedPass:
             raise ValueError(f"CUDA graphs need CUDA tensors; the inputs are on {infrared.device}")
         self.device = infrared.device
         self.infrared, self.visible_y = infrared.clone(), visible_y.clone()
-        # Recording and replay use the current device: make it the inputs' one. The
-        # recording gets its own stream of that device (torch.cuda.graph's default capture
-        # stream belongs to whichever device was current when it first recorded).
-        with torch.cuda.device(self.device):
-            # one pass on a side stream first: it compiles every kernel the pass launches
-            # and settles the allocator, neither of which a recording may do
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                model(self.infrared, self.visible_y)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=side):
-                self.out = model(self.infrared, self.visible_y)
+        self.graph, self.out = cuda_graphs.record(lambda: model(self.infrared, self.visible_y), self.device)
 
     def __call__(self, infrared: torch.Tensor, visible_y: torch.Tensor) -> torch.Tensor:
         with torch.cuda.device(self.device):

@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 
+from .. import cuda_graphs
+
 __all__ = ["TrainPass", "GRAPH_WARMUP_STEPS"]
 
 # Eager calls before the pass is recorded: the first compiles the Triton kernels and
@@ -92,15 +94,11 @@ class TrainPass:
         if infrared.device.type != "cuda":
             raise ValueError(f"CUDA graphs need CUDA tensors; the batch is on {infrared.device}")
         self._inputs = (infrared.clone(), visible.clone())
-        side = torch.cuda.Stream(infrared.device)
-        side.wait_stream(torch.cuda.current_stream(infrared.device))
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.stream(side):
-            self._run(*self._inputs, cache=False)
-        torch.cuda.current_stream(infrared.device).wait_stream(side)
         # recorded with no gradients present, the backward writes (not adds) them
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            self._outputs = self._run(*self._inputs, cache=False)
+        graph, self._outputs = cuda_graphs.record(
+            lambda: self._run(*self._inputs, cache=False),
+            infrared.device,
+            before_recording=lambda: self.optimizer.zero_grad(set_to_none=True),
+        )
         return graph
