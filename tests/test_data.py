@@ -347,7 +347,12 @@ def test_sampler_sharding_and_resume():
     s.set_epoch(0, start_batch=3)
     assert list(s) == batches[3:] and len(s) == 2
     s.set_epoch(1)
-    assert list(s) != batches
+    epoch1 = list(s)
+    assert epoch1 != batches
+    s.set_epoch(0, start_batch=3, epochs=2)  # one pass on through the next epoch: the same batches
+    assert list(s) == batches[3:] + epoch1 and len(s) == 7
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        s.set_epoch(0, epochs=0)
     with pytest.raises(DataError, match="not divisible"):
         EpochBatchSampler(23, 5, 0, rank=0, world_size=2)
     with pytest.raises(DataError, match="only 3 training pairs"):

@@ -33,6 +33,7 @@ from s4fusion.training import (
     train,
 )
 from s4fusion.training import trainer as trainer_module
+from s4fusion.training.step import LaggedValues
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -357,6 +358,59 @@ def test_non_finite_loss_stops_naming_step_and_term(tmp_path, monkeypatch, perce
             train(load_config(None, small_overrides(run_dir)))
     assert not (run_dir / "tb").exists()
     assert (run_dir / "log.jsonl").read_text().count('"kind": "train"') == 1
+
+
+def test_a_lagged_check_still_stops_at_the_diverged_step_before_logging_it(tmp_path, monkeypatch, perception):
+    """Values are checked one step late (LaggedValues) but always before a log, image or
+    checkpoint: with log_every 4 a NaN at step 2 stops the run at step 3's check, naming step 2,
+    with no record logged."""
+    calls = {"n": 0}
+
+    class NaNAtSecondStep(FusionLoss):
+        def forward(self, fused, infrared, visible):
+            total, terms = super().forward(fused, infrared, visible)
+            calls["n"] += 1
+            if calls["n"] == 2:
+                terms["l1"] = terms["l1"] * float("inf")
+            return total, terms
+
+    monkeypatch.setattr(trainer_module, "FusionLoss", lambda cfg: NaNAtSecondStep(cfg, perception=perception))
+    run_dir = tmp_path / "lagged"
+    with pytest.raises(TrainingDivergedError, match=r"step 2: loss term 'l1' is inf"):
+        train(load_config(None, small_overrides(run_dir, log_every=4, image_every=0, epochs=3)))
+    assert calls["n"] == 3  # step 3 ran before step 2's values were read
+    assert '"kind": "train"' not in (run_dir / "log.jsonl").read_text()
+
+
+def test_lagged_values_return_each_step_once_in_order():
+    lagged = LaggedValues(3, torch.device("cpu"))
+    assert lagged.settle() == []
+    assert lagged.push(1, torch.tensor([1.0, 2.0, 3.0])) == []
+    source = torch.tensor([4.0, 5.0, 6.0])
+    done = lagged.push(2, source)
+    assert [s for s, _ in done] == [1] and done[0][1].tolist() == [1.0, 2.0, 3.0]
+    source.fill_(0)  # copied at push: a graph's output buffer may be overwritten afterwards
+    lagged.push(3, torch.tensor([7.0, 8.0, 9.0]))  # reuses step 1's buffer
+    assert done[0][1].tolist() == [1.0, 2.0, 3.0]  # returned values are the caller's own
+    last = lagged.settle()
+    assert [s for s, _ in last] == [3] and last[0][1].dtype == torch.float64
+    assert lagged.settle() == []
+
+
+def test_the_loader_runs_one_pass_through_all_epochs(tmp_path, monkeypatch, shared_resnet):
+    """The workers prefetch across epoch ends: one iterator for a 3-epoch run, and a run
+    stopped and resumed sees the same batches as the whole run
+    (test_stop_and_resume_equals_the_uninterrupted_run)."""
+    iters = []
+    original = trainer_module.EpochBatchSampler.__iter__
+
+    def counted(self):
+        iters.append((self.epoch, self.start_batch, self.epochs))
+        return original(self)
+
+    monkeypatch.setattr(trainer_module.EpochBatchSampler, "__iter__", counted)
+    res = train(load_config(None, small_overrides(tmp_path / "one_pass", epochs=3, image_every=0)))
+    assert res.step == 6 and iters == [(0, 0, 3)]
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)

@@ -549,8 +549,10 @@ class EpochBatchSampler(Sampler[list[tuple[int, int, int, int]]]):
     ``seed + e``; global batch ``b`` is positions ``[b*G, (b+1)*G)`` of it and
     this process (``rank`` of ``world_size``) takes the contiguous slice
     ``[rank*G/world, (rank+1)*G/world)``. Items carry the sample's own seed
-    ``(seed, epoch, position)``. ``set_epoch(epoch, start_batch)`` selects the
-    epoch and skips batches already consumed (exact resume)."""
+    ``(seed, epoch, position)``. ``set_epoch(epoch, start_batch, epochs)`` selects the
+    epoch, skips batches already consumed (exact resume) and lets one pass run on
+    through the following epochs: a loader's workers then prefetch across an epoch's
+    end instead of starting each epoch with an empty queue."""
 
     def __init__(self, num_pairs: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         if global_batch % world_size:
@@ -568,26 +570,32 @@ class EpochBatchSampler(Sampler[list[tuple[int, int, int, int]]]):
         self.world_size = world_size
         self.epoch = 0
         self.start_batch = 0
+        self.epochs = 1
 
     @property
     def batches_per_epoch(self) -> int:
         return self.num_pairs // self.global_batch
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0, epochs: int = 1) -> None:
+        """Iterate from batch ``start_batch`` of ``epoch`` to the end of epoch ``epoch + epochs - 1``."""
         if not 0 <= start_batch <= self.batches_per_epoch:
             raise ValueError(f"start_batch {start_batch} outside 0..{self.batches_per_epoch}")
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
         self.epoch = epoch
         self.start_batch = start_batch
+        self.epochs = epochs
 
     def __len__(self) -> int:
-        return self.batches_per_epoch - self.start_batch
+        return self.epochs * self.batches_per_epoch - self.start_batch
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int, int]]]:
-        g = torch.Generator()
-        g.manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_pairs, generator=g).tolist()
         lo = self.rank * self.local_batch
-        for b in range(self.start_batch, self.batches_per_epoch):
-            base = b * self.global_batch + lo
-            yield [(order[p], self.seed, self.epoch, p) for p in range(base, base + self.local_batch)]
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            g = torch.Generator()
+            g.manual_seed(self.seed + epoch)
+            order = torch.randperm(self.num_pairs, generator=g).tolist()
+            for b in range(self.start_batch if epoch == self.epoch else 0, self.batches_per_epoch):
+                base = b * self.global_batch + lo
+                yield [(order[p], self.seed, epoch, p) for p in range(base, base + self.local_batch)]
 

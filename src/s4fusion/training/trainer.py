@@ -60,7 +60,7 @@ from ..losses import FusionLoss
 from ..models import S4Fusion
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_diff, config_from_dict
 from .schedule import WarmupCosineSchedule
-from .step import TrainPass
+from .step import LaggedValues, TrainPass
 
 __all__ = [
     "train",
@@ -535,62 +535,76 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
     last_ckpt: Optional[Path] = None
     final: Optional[Path] = None
     sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64)
-    count, grad_norm = 0, float("nan")
+    count, grad_norm = 0, torch.tensor(float("nan"))
+    lagged = LaggedValues(len(TERMS) + 1, d.device)
+
+    def take(done: list[tuple[int, torch.Tensor]]) -> None:
+        nonlocal count
+        for done_step, values in done:
+            _check_finite(values, done_step, last_ckpt)
+            sums.add_(values)
+            count += 1
+
     t_log = time.perf_counter()
     steps_since_log = 0
+    remaining = max(0, stop_step - step)  # 0 when resuming a finished run
+    # one pass of the loader through every remaining epoch: its workers prefetch across epoch ends
+    sampler.set_epoch(epoch, batch_in_epoch, epochs=max(1, -(-(batch_in_epoch + remaining) // steps_per_epoch)))
     try:
-        while step < stop_step:
-            sampler.set_epoch(epoch, batch_in_epoch)
-            for ir, vi in loader:
-                lr = schedule.step()
-                ir = ir.to(d.device, non_blocking=True)
-                vi = vi.to(d.device, non_blocking=True)
-                net.train()
-                recorded = train_pass.recorded
-                fused, values = train_pass(ir, vi)
-                if train_pass.recorded and not recorded:
-                    log.message(f"step {step + 1}: forward, loss and backward recorded as one CUDA graph, replayed from now on")
-                values = d.all_mean(values).cpu()
-                _check_finite(values, step + 1, last_ckpt)
-                if config.optim.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip))
-                optimizer.step()
-                step += 1
-                batch_in_epoch += 1
-                sums += values
-                count += 1
-                steps_since_log += 1
-                if batch_in_epoch == steps_per_epoch:
-                    epoch, batch_in_epoch = epoch + 1, 0
+        for ir, vi in loader if remaining else ():
+            lr = schedule.step()
+            ir = ir.to(d.device, non_blocking=True)
+            vi = vi.to(d.device, non_blocking=True)
+            net.train()
+            recorded = train_pass.recorded
+            fused, values = train_pass(ir, vi)
+            if train_pass.recorded and not recorded:
+                log.message(f"step {step + 1}: forward, loss and backward recorded as one CUDA graph, replayed from now on")
+            # the previous step's values are checked while this one runs on the GPU
+            take(lagged.push(step + 1, d.all_mean(values)))
+            if config.optim.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            step += 1
+            batch_in_epoch += 1
+            steps_since_log += 1
+            if batch_in_epoch == steps_per_epoch:
+                epoch, batch_in_epoch = epoch + 1, 0
 
-                if step % config.log_every == 0 or step == stop_step:
-                    elapsed = time.perf_counter() - t_log
-                    mean = (sums / count).tolist()
-                    record = {"loss": mean[0], **{k: v for k, v in zip(TERMS, mean[1:])}, "lr": lr}
-                    record["steps_per_s"] = steps_since_log / elapsed if elapsed > 0 else float("nan")
-                    record["images_per_s"] = record["steps_per_s"] * config.batch_size
-                    if config.optim.grad_clip > 0:
-                        record["grad_norm"] = grad_norm
-                    record["epoch"] = epoch
-                    log.scalars(step, record)
-                    postfix = {k: record[k] for k in ("loss", *TERMS, "lr")}
-                    postfix["img/s"] = record["images_per_s"]
-                    log.advance(steps_since_log, postfix)
-                    sums.zero_()
-                    count, steps_since_log = 0, 0
-                    t_log = time.perf_counter()
-                if config.image_every and step % config.image_every == 0:
-                    log.image("train/ir_vi_fused", _triptych(ir[0], vi[0], fused[0]), step)
-                if config.val_every and step % config.val_every == 0 and step < stop_step and val_pairs:
-                    _validate(model, loss_fn, val_pairs, config, d, log, step, use_bf16)
-                    t_log = time.perf_counter()
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < stop_step:
-                    last_ckpt = _save_checkpoint(
-                        run_dir, model, optimizer, schedule, step, epoch, batch_in_epoch, config, splits_doc, d
-                    )
-                    t_log = time.perf_counter()
-                if step >= stop_step:
-                    break
+            log_now = step % config.log_every == 0 or step == stop_step
+            image_now = config.image_every and step % config.image_every == 0
+            val_now = config.val_every and step % config.val_every == 0 and step < stop_step and val_pairs
+            checkpoint_now = config.checkpoint_every and step % config.checkpoint_every == 0 and step < stop_step
+            if log_now or image_now or val_now or checkpoint_now:
+                take(lagged.settle())  # a diverged step stops the run before anything is logged or saved
+            if log_now:
+                elapsed = time.perf_counter() - t_log
+                mean = (sums / count).tolist()
+                record = {"loss": mean[0], **{k: v for k, v in zip(TERMS, mean[1:])}, "lr": lr}
+                record["steps_per_s"] = steps_since_log / elapsed if elapsed > 0 else float("nan")
+                record["images_per_s"] = record["steps_per_s"] * config.batch_size
+                if config.optim.grad_clip > 0:
+                    record["grad_norm"] = float(grad_norm)
+                record["epoch"] = epoch
+                log.scalars(step, record)
+                postfix = {k: record[k] for k in ("loss", *TERMS, "lr")}
+                postfix["img/s"] = record["images_per_s"]
+                log.advance(steps_since_log, postfix)
+                sums.zero_()
+                count, steps_since_log = 0, 0
+                t_log = time.perf_counter()
+            if image_now:
+                log.image("train/ir_vi_fused", _triptych(ir[0], vi[0], fused[0]), step)
+            if val_now:
+                _validate(model, loss_fn, val_pairs, config, d, log, step, use_bf16)
+                t_log = time.perf_counter()
+            if checkpoint_now:
+                last_ckpt = _save_checkpoint(
+                    run_dir, model, optimizer, schedule, step, epoch, batch_in_epoch, config, splits_doc, d
+                )
+                t_log = time.perf_counter()
+            if step >= stop_step:
+                break
         if val_pairs:
             _validate(model, loss_fn, val_pairs, config, d, log, step, use_bf16)
         last_ckpt = _save_checkpoint(
