@@ -87,6 +87,63 @@ def test_batch_equals_single_images(net):
     torch.testing.assert_close(batch, single, rtol=1e-4, atol=1e-4)
 
 
+def _stages(net, x):
+    """torchvision ResNet forward -> [logits, layer1..layer4 outputs]."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    out = []
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        x = layer(x)
+        out.append(x)
+    return [net.fc(torch.flatten(net.avgpool(x), 1))] + out
+
+
+def test_folded_batch_norms_equal_torchvision_resnet(shared_state):
+    """Folding the eval-mode BatchNorms into their convolutions is exact in float64;
+    PerceptionNet (folded in float32, channels-last) stays within float32 rounding of
+    torchvision's ResNet-50 with its BatchNorms."""
+    import copy
+
+    from torchvision.models import resnet50
+
+    from s4fusion.perception import _fold_batch_norms
+
+    ref = resnet50(weights=None)
+    ref.load_state_dict(shared_state)
+    ref = ref.double().eval()
+    folded = copy.deepcopy(ref)
+    _fold_batch_norms(folded)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.rand(2, 3, 67, 45, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    net = PerceptionNet(shared_state, "torchvision", v1_strides=False).double()
+    with torch.no_grad():
+        expected = _stages(ref, x)
+        exact = _stages(folded, x)
+        logits, features = net(x)
+        expected_net = _stages(ref, net.preprocess(x))
+    for got, want in zip(exact, expected):
+        assert ((got - want).norm() / want.norm()).item() < 1e-12
+    for got, want in zip([logits, *features], expected_net):
+        assert ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
+def test_on_the_gpu_convolutions_run_channels_last_with_the_same_results(net, monkeypatch):
+    import copy
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    gpu = copy.deepcopy(net).cuda()
+    convs = [m for m in gpu.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 53 and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    x = torch.rand(2, 1, 64, 80, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, _ = net(x)
+        got, _ = gpu(x.cuda())
+    assert ((got.cpu() - want).norm() / want.norm()).item() < 1e-5
+    back = gpu.cpu()
+    assert all(m.weight.is_contiguous() for m in back.net.modules() if isinstance(m, torch.nn.Conv2d))
+
+
 def test_torchvision_state_dict_file(tmp_path, shared_state):
     """A .pth state dict is read with torchvision's convention: v1.5 strides and
     (x - mean) / std on RGB in [0, 1]."""

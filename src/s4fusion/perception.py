@@ -13,6 +13,9 @@ adds the input handling the authors did not release:
 * the network is frozen: eval mode always (BatchNorm uses its running
   statistics, so a batch gives the same result as its images one by one) and no
   parameter requires a gradient. Gradients still flow through it to the input.
+* being frozen, every BatchNorm is an affine map per channel: it is folded into
+  the convolution before it (weight scaled, bias added), and on a GPU the network
+  runs channels-last, the layout of cuDNN's tensor-core convolutions.
 
 Two weight conventions exist (``../shared/weights/README.md``):
 
@@ -77,6 +80,7 @@ class PerceptionNet(nn.Module):
             for layer in (net.layer2, net.layer3, net.layer4):
                 layer[0].conv1.stride = (2, 2)
                 layer[0].conv2.stride = (1, 1)
+        _fold_batch_norms(net)
         self.net = net
         self.convention: Convention = convention
         self.v1_strides = v1_strides
@@ -99,6 +103,18 @@ class PerceptionNet(nn.Module):
         """Stays in eval mode whatever ``mode`` is: the network is frozen."""
         return super().train(False)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """After a move (``.to``, ``.cuda``, ``.double``): convolution weights
+        channels-last on a GPU (cuDNN's tensor-core kernels take NHWC; NCHW costs a layout
+        conversion around every convolution), contiguous elsewhere (oneDNN's channels-last
+        kernels on a CPU give results that depend on the batch at float rounding)."""
+        super()._apply(fn, recurse)
+        layout = torch.channels_last if self.mean.is_cuda else torch.contiguous_format
+        for m in self.net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=layout)
+        return self
+
     def preprocess(self, image: Tensor) -> Tensor:
         """(B,1,H,W) grey or (B,3,H,W) RGB in [0, 1] -> (B,3,H,W) network input.
 
@@ -120,6 +136,8 @@ class PerceptionNet(nn.Module):
         information measure), the logits carry the gradient to ``gray``."""
         net = self.net
         x = self.preprocess(gray)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         features = []
         for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
@@ -127,6 +145,33 @@ class PerceptionNet(nn.Module):
             features.append(x.detach())
         logits = net.fc(torch.flatten(net.avgpool(x), 1))
         return logits, features
+
+
+def _fold_batch_norms(net: nn.Module) -> None:
+    """Replace every (Conv2d, eval-mode BatchNorm2d) pair of torchvision's ResNet
+    (``conv``/``bn`` attributes of the stem and blocks, ``downsample[0]``/``[1]``) by
+    one Conv2d: ``bn(conv(x)) = s * conv(x) + (beta - s * mean)`` with
+    ``s = gamma / sqrt(var + eps)``, computed in float64."""
+
+    def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+        s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        bias = bn.bias.double() - s * bn.running_mean.double()
+        if conv.bias is not None:
+            bias = bias + s * conv.bias.double()
+        conv.weight.data = (conv.weight.double() * s.view(-1, 1, 1, 1)).to(conv.weight.dtype)
+        conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
+        return conv
+
+    pairs = [(net, "conv1", "bn1")]
+    for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
+        for block in layer:
+            pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+            if block.downsample is not None:
+                fold(block.downsample[0], block.downsample[1])
+                block.downsample[1] = nn.Identity()
+    for owner, conv, bn in pairs:
+        fold(getattr(owner, conv), getattr(owner, bn))
+        setattr(owner, bn, nn.Identity())
 
 
 def _read_weights(path: Path) -> tuple[dict[str, Tensor], Convention, bool]:
