@@ -128,10 +128,14 @@ def test_folded_batch_norms_equal_torchvision_resnet(shared_state):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
-def test_on_the_gpu_convolutions_run_channels_last_with_the_same_results(net, monkeypatch):
+def test_on_the_gpu_convolutions_run_channels_last_with_the_same_results(monkeypatch):
     import copy
 
+    from torchvision.models import resnet50
+
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    net = PerceptionNet(resnet50(weights=None).state_dict(), "caffe", v1_strides=True)
     gpu = copy.deepcopy(net).cuda()
     convs = [m for m in gpu.net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert len(convs) == 53 and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
