@@ -7,6 +7,10 @@ whether a replay equals an eager pass), so these tests need no weights file."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +23,7 @@ from s4fusion.perception import PerceptionNet
 from s4fusion.training import load_config, train
 from s4fusion.training import trainer as trainer_module
 from s4fusion.training.step import GRAPH_WARMUP_STEPS, TrainPass
-from test_training import TINY, small_overrides  # the small network on the four tiny pairs
+from test_training import REPO, TINY, small_overrides  # the small network on the four tiny pairs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -105,3 +109,38 @@ def test_trainer_records_the_step_and_trains_as_eagerly(tmp_path, monkeypatch, c
     moved = torch.cat([(fin_e[k] - s2_e[k].cpu()).flatten() for k in keys]).norm()
     apart = torch.cat([(fin_g[k] - fin_e[k]).flatten() for k in keys]).norm()
     assert moved > 0 and apart < 0.1 * moved, (float(apart), float(moved))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (DDP over NCCL)")
+def test_two_processes_record_their_pass_with_ddp_and_train_as_eagerly(tmp_path):
+    """torchrun, two GPUs, 14 steps: with cuda_graph every process records forward, loss,
+    backward and DDP's all-reduces at step 12 (after 11 eager steps) and replays them; the
+    weights end where the same run without graphs ends."""
+    if not TINY.is_dir():
+        pytest.fail(f"reference material missing: {TINY} (the tests need ../shared beside the checkout)")
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    resnet = tmp_path / "resnet50_random.pth"
+    torch.save(resnet50(weights=None).state_dict(), resnet)
+    script = tmp_path / "entry.py"
+    script.write_text("import sys\nfrom s4fusion.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    final = {}
+    for graph in (False, True):
+        run_dir = tmp_path / f"ddp_graph_{graph}"
+        overrides = small_overrides(
+            run_dir, device='"cuda"', epochs=7, image_every=0, cuda_graph=str(graph).lower(),
+            **{"loss.resnet_weights": json.dumps(str(resnet))},
+        )  # fmt: skip
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               "train", *overrides]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("step 12: forward, loss and backward recorded as one CUDA graph" in proc.stderr) == graph
+        final[graph] = load_file(str(run_dir / "model.safetensors"))
+    start = trainer_module.build_model(load_config(None, overrides)).state_dict()
+    keys = [k for k in final[False] if final[False][k].is_floating_point()]
+    moved = torch.cat([(final[False][k] - start[k]).flatten() for k in keys]).norm()
+    apart = torch.cat([(final[True][k] - final[False][k]).flatten() for k in keys]).norm()
+    assert moved > 0 and apart < 1e-3 * moved, (float(apart), float(moved))

@@ -23,7 +23,9 @@ def record(
     recording may do; its result is dropped. ``before_recording()`` (if given) runs
     next, then the recording, on the same side stream (``torch.cuda.graph``'s own
     capture stream belongs to whichever device was current when it first recorded).
-    Everything happens with ``device`` current; replay there too."""
+    Everything happens with ``device`` current; replay there too. Only this thread's
+    calls are checked during the recording (``thread_local``): a data loader's
+    pin-memory thread may allocate or query pinned memory meanwhile."""
     with torch.cuda.device(device):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -33,6 +35,6 @@ def record(
         if before_recording is not None:
             before_recording()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             out = fn()
     return graph, out

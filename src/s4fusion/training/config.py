@@ -157,9 +157,9 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3  # newest periodic checkpoints kept (0: keep all)
     progress: bool = True  # progress bar on rank 0
-    cuda_graph: bool = True  # one process on CUDA: from the third step on, forward, loss and backward are
-    # replayed as one recorded CUDA graph (same kernels, far fewer launches); torchrun processes and the CPU
-    # run eagerly
+    cuda_graph: bool = True  # on CUDA: from the third step on (the twelfth under torchrun), forward, loss and
+    # backward (with DDP's all-reduces) are replayed as one recorded CUDA graph (same kernels, far fewer
+    # launches); the CPU runs eagerly
     val_metrics: list[str] = field(
         default_factory=lambda: ["EN", "SD", "SF", "AG", "MI", "SCD", "VIF", "Qabf", "SSIM"]
     )  # fusion metrics of s4fusion.metrics computed at validation ([] for none)

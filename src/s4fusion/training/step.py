@@ -9,11 +9,15 @@ import torch
 
 from .. import cuda_graphs
 
-__all__ = ["TrainPass", "LaggedValues", "GRAPH_WARMUP_STEPS"]
+__all__ = ["TrainPass", "LaggedValues", "GRAPH_WARMUP_STEPS", "DDP_GRAPH_WARMUP_STEPS"]
 
 # Eager calls before the pass is recorded: the first compiles the Triton kernels and
 # creates cuBLAS/cuDNN state, the second runs with everything in place.
 GRAPH_WARMUP_STEPS = 2
+# Under DistributedDataParallel: PyTorch's CUDA-graph notes ask for at least 11 eager
+# DDP iterations before a capture of the backward (DDP settles its gradient buckets
+# during the first ones).
+DDP_GRAPH_WARMUP_STEPS = 11
 
 
 class TrainPass:
@@ -25,8 +29,10 @@ class TrainPass:
     ``term_names``; ``values`` is ``(total, *terms)`` detached, float64, on the device.
     Inputs (B, 1, H, W) on the network's device.
 
-    With ``cuda_graph`` (CUDA only, one process: the caller decides) the first
-    :data:`GRAPH_WARMUP_STEPS` calls run eagerly; the next one records the pass once
+    With ``cuda_graph`` (CUDA only: the caller decides) the first ``warmup_steps``
+    calls (:data:`GRAPH_WARMUP_STEPS`; :data:`DDP_GRAPH_WARMUP_STEPS` for a network
+    wrapped in DistributedDataParallel, whose gradient all-reduces are then recorded
+    too) run eagerly; the next one records the pass once
     as a CUDA graph and every call from then on copies its batch into the graph's
     input buffers and replays it: one launch instead of a few thousand, the same
     kernels in the same order. The batch shape must then stay the same. Recording
@@ -44,9 +50,10 @@ class TrainPass:
         optimizer: torch.optim.Optimizer,
         bf16: bool,
         cuda_graph: bool,
+        warmup_steps: int = GRAPH_WARMUP_STEPS,
     ) -> None:
         self.net, self.loss_fn, self.term_names, self.optimizer = net, loss_fn, term_names, optimizer
-        self.bf16, self.cuda_graph = bf16, cuda_graph
+        self.bf16, self.cuda_graph, self.warmup_steps = bf16, cuda_graph, warmup_steps
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
 
@@ -68,7 +75,7 @@ class TrainPass:
 
     def __call__(self, infrared: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.calls += 1
-        if self.graph is None and (not self.cuda_graph or self.calls <= GRAPH_WARMUP_STEPS):
+        if self.graph is None and (not self.cuda_graph or self.calls <= self.warmup_steps):
             self.optimizer.zero_grad(set_to_none=True)
             return self._run(infrared, visible, cache=True)
         if self.graph is None:

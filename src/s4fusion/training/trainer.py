@@ -22,6 +22,11 @@ Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE`` > 1) each process takes
 as on one process), gradients are averaged by DDP (NCCL on CUDA, gloo on CPU),
 validation is sharded, and rank 0 alone logs and saves. A non-finite loss stops
 every process with :class:`TrainingDivergedError` naming the step and the term.
+With ``cuda_graph`` on CUDA, every process records its forward, loss and backward,
+DDP's gradient all-reduces included, as a CUDA graph after 11 eager steps (PyTorch's
+conditions for recording DDP: the network wrapped on a side stream, NCCL's
+asynchronous error handling off, ``TORCH_NCCL_ASYNC_ERROR_HANDLING=0``, set here
+before the process group starts).
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ from ..losses import FusionLoss
 from ..models import S4Fusion
 from .config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_diff, config_from_dict
 from .schedule import WarmupCosineSchedule
-from .step import LaggedValues, TrainPass
+from .step import DDP_GRAPH_WARMUP_STEPS, GRAPH_WARMUP_STEPS, LaggedValues, TrainPass
 
 __all__ = [
     "train",
@@ -98,7 +103,7 @@ class TrainResult:
 class _Dist:
     """Process-group facts (one process when WORLD_SIZE is unset or 1)."""
 
-    def __init__(self, device_pref: str) -> None:
+    def __init__(self, device_pref: str, graphs: bool) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -111,6 +116,8 @@ class _Dist:
         self.owns_group = False
         if self.world > 1 and not dist.is_initialized():
             if use_cuda:
+                if graphs:  # NCCL's async error handling cannot watch collectives inside a CUDA graph
+                    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
                 dist.init_process_group(backend="nccl", device_id=self.device)
             else:
                 dist.init_process_group(backend="gloo")
@@ -373,7 +380,7 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     ``config.resume`` ("auto" or a checkpoint path)."""
     config.check()
     resume = resume if resume is not None else config.resume
-    d = _Dist(config.device)
+    d = _Dist(config.device, graphs=config.cuda_graph)
     try:
         return _train(config, resume, d)
     finally:
@@ -491,12 +498,21 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
             )
     d.barrier()
 
+    graphed = config.cuda_graph and d.device.type == "cuda"
     net: torch.nn.Module = model
     if d.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[d.device.index] if d.device.type == "cuda" else None,
-        )
+        # a network whose backward (with DDP's all-reduces) is recorded must be wrapped
+        # on a side stream (PyTorch's CUDA-graph notes)
+        side = torch.cuda.Stream(d.device) if graphed else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(d.device))
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            net = torch.nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            )
+        if side is not None:
+            torch.cuda.current_stream(d.device).wait_stream(side)
     use_bf16 = config.precision == "bf16" and d.device.type == "cuda"
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -514,10 +530,10 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
     )
     log = _Logger(run_dir, d.main, config.progress, stop_step, step)
     log.message(data_summary)
-    graphed = config.cuda_graph and d.device.type == "cuda" and d.world == 1
-    train_pass = TrainPass(net, loss_fn, TERMS, optimizer, use_bf16, cuda_graph=graphed)
-    if config.cuda_graph and d.device.type == "cuda" and d.world > 1:
-        log.message(f"cuda_graph: {d.world} processes train eagerly (CUDA graphs are used by one process only)")
+    train_pass = TrainPass(
+        net, loss_fn, TERMS, optimizer, use_bf16, cuda_graph=graphed,
+        warmup_steps=DDP_GRAPH_WARMUP_STEPS if d.world > 1 else GRAPH_WARMUP_STEPS,
+    )  # fmt: skip
     if frozen:
         count_frozen = sum(p.numel() for n, p in model.named_parameters() if n in frozen)
         log.message(
