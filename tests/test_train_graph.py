@@ -94,7 +94,12 @@ def test_trainer_records_the_step_and_trains_as_eagerly(tmp_path, monkeypatch, c
             cuda_graph=str(graph).lower(), **{"schedule.start_lr": 3e-4, "schedule.ref_lr": 1.5e-3, "schedule.final_lr": 6e-4},
         )  # fmt: skip
         capsys.readouterr()
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         result = train(load_config(None, overrides))
+        # training ran with TF32 and gave the process its settings back (a later fuse in
+        # this process would otherwise run TF32 matmuls: test_fuse_cli failed after this test)
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
         said = capsys.readouterr().err
         assert ("step 3: forward, loss and backward recorded as one CUDA graph" in said) == graph
         step2 = torch.load(run_dir / "checkpoints" / "step_00000002.pt", weights_only=True)["model"]
@@ -111,11 +116,30 @@ def test_trainer_records_the_step_and_trains_as_eagerly(tmp_path, monkeypatch, c
     assert moved > 0 and apart < 0.1 * moved, (float(apart), float(moved))
 
 
+# `s4fusion train ...` that also saves every process's final weights as RUN_DIR/rank{r}.pt
+ENTRY = """
+import json, os, sys
+import torch
+from s4fusion.cli import main
+from s4fusion.training import trainer
+built = []
+build = trainer.build_model
+trainer.build_model = lambda config: built.append(build(config)) or built[-1]
+code = main(sys.argv[1:])
+run_dir = json.loads(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("run_dir=")))
+torch.save(built[0].state_dict(), os.path.join(run_dir, "rank%s.pt" % os.environ["RANK"]))
+sys.exit(code)
+"""
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (DDP over NCCL)")
 def test_two_processes_record_their_pass_with_ddp_and_train_as_eagerly(tmp_path):
     """torchrun, two GPUs, 14 steps: with cuda_graph every process records forward, loss,
-    backward and DDP's all-reduces at step 12 (after 11 eager steps) and replays them; the
-    weights end where the same run without graphs ends."""
+    backward and DDP's all-reduces at step 12 (after 11 eager steps) and replays them. The
+    two processes end with bitwise equal weights (the replayed all-reduces averaged their
+    gradients), within the spread of eager runs of the run without graphs: two eager DDP
+    runs of this test differed by 3.4e-3 of the weights' movement on two H200s (the scan's
+    atomic adds sum in any order), a graph run from one of them by 1.5e-4."""
     if not TINY.is_dir():
         pytest.fail(f"reference material missing: {TINY} (the tests need ../shared beside the checkout)")
     from torchvision.models import resnet50
@@ -124,7 +148,7 @@ def test_two_processes_record_their_pass_with_ddp_and_train_as_eagerly(tmp_path)
     resnet = tmp_path / "resnet50_random.pth"
     torch.save(resnet50(weights=None).state_dict(), resnet)
     script = tmp_path / "entry.py"
-    script.write_text("import sys\nfrom s4fusion.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    script.write_text(ENTRY)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     final = {}
     for graph in (False, True):
@@ -139,8 +163,10 @@ def test_two_processes_record_their_pass_with_ddp_and_train_as_eagerly(tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ("step 12: forward, loss and backward recorded as one CUDA graph" in proc.stderr) == graph
         final[graph] = load_file(str(run_dir / "model.safetensors"))
+        ranks = [torch.load(run_dir / f"rank{r}.pt", map_location="cpu", weights_only=True) for r in (0, 1)]
+        assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     start = trainer_module.build_model(load_config(None, overrides)).state_dict()
     keys = [k for k in final[False] if final[False][k].is_floating_point()]
     moved = torch.cat([(final[False][k] - start[k]).flatten() for k in keys]).norm()
     apart = torch.cat([(final[True][k] - final[False][k]).flatten() for k in keys]).norm()
-    assert moved > 0 and apart < 1e-3 * moved, (float(apart), float(moved))
+    assert moved > 0 and apart < 1e-2 * moved, (float(apart), float(moved))

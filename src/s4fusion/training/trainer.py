@@ -381,9 +381,12 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     config.check()
     resume = resume if resume is not None else config.resume
     d = _Dist(config.device, graphs=config.cuda_graph)
+    # training turns TF32 on (below); the caller's process gets its own settings back
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         return _train(config, resume, d)
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         d.close()
 
 
