@@ -306,6 +306,24 @@ def test_undecodable_file_is_skipped_with_a_warning(tmp_path):
         EvalPairs(pairs)[0]
 
 
+def test_cached_pairs_give_the_same_items(tmp_path, data_dir):
+    """cache=True decodes every usable pair at construction: the same items as reading
+    each time, a bad pair reported (once) right away and skipped, the memory counted."""
+    pairs = scan_pairs(data_dir / "tiny").pairs
+    plain, cached = TrainPairs(pairs, crop=32), TrainPairs(pairs, crop=32, cache=True)
+    items = [(i, 5, e, p) for i in range(len(pairs)) for e, p in ((0, 0), (0, 3), (2, 1))]
+    for item in items:
+        assert all(torch.equal(a, b) for a, b in zip(plain[item], cached[item]))
+    assert cached.cached_bytes == sum(p.height * p.width * 4 for p in pairs) and plain.cached_bytes == 0
+    root = _grey_pair_folder(tmp_path / "t", size=(24, 24), n=2)
+    bad = scan_pairs(root).pairs
+    data = Path(bad[0].visible).read_bytes()
+    Path(bad[0].visible).write_bytes(data[: len(data) // 2])
+    with pytest.warns(RuntimeWarning, match=r"0\.png"):
+        ds = TrainPairs(bad, crop=20, cache=True)
+    assert torch.equal(ds[(0, 0, 0, 0)][0], TrainPairs(bad[1:], crop=20)[(0, 0, 0, 0)][0])  # the next pair
+
+
 def test_eval_pairs_whole_and_centre_crop(data_dir):
     pairs = scan_pairs(data_dir / "tiny").pairs
     ir, vi, name = EvalPairs(pairs)[0]

@@ -397,6 +397,17 @@ def test_lagged_values_return_each_step_once_in_order():
     assert lagged.settle() == []
 
 
+def test_cached_pairs_train_as_read_pairs(run_a, tmp_path, shared_resnet, capsys):
+    """data.cache (decoded once, shared by two loader processes) trains exactly as run_a,
+    which decodes every sample in the main process."""
+    config_a, _ = run_a
+    res = train(load_config(None, small_overrides(tmp_path / "cached", **{"data.cache": "true", "data.workers": 2})))
+    assert "data.cache: the training pairs decoded in memory" in capsys.readouterr().err
+    wa = load_file(str(Path(config_a.run_dir) / "model.safetensors"))
+    wc = load_file(str(res.final_weights))
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
 def test_the_loader_runs_one_pass_through_all_epochs(tmp_path, monkeypatch, shared_resnet):
     """The workers prefetch across epoch ends: one iterator for a 3-epoch run, and a run
     stopped and resumed sees the same batches as the whole run

@@ -153,14 +153,13 @@ def _fold_batch_norms(net: nn.Module) -> None:
     one Conv2d: ``bn(conv(x)) = s * conv(x) + (beta - s * mean)`` with
     ``s = gamma / sqrt(var + eps)``, computed in float64."""
 
-    def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         s = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
         bias = bn.bias.double() - s * bn.running_mean.double()
         if conv.bias is not None:
             bias = bias + s * conv.bias.double()
         conv.weight.data = (conv.weight.double() * s.view(-1, 1, 1, 1)).to(conv.weight.dtype)
         conv.bias = nn.Parameter(bias.to(conv.weight.dtype), requires_grad=False)
-        return conv
 
     pairs = [(net, "conv1", "bn1")]
     for layer in (net.layer1, net.layer2, net.layer3, net.layer4):

@@ -72,6 +72,9 @@ class DataConfig:
     small: str = "next"  # pairs smaller than the crop: "next" (the released loader) or "pad"
     high_bit_depth: str = "scale"  # 16-bit images: "scale" (/65535) or "minmax" (per image)
     workers: int = 4  # data-loading processes per training process (0: load in the main process)
+    cache: bool = False  # decode the training pairs once, before the first step, and keep them in memory
+    # (4 bytes per pixel of a pair; shared by the loader processes on Linux): a sample is then a crop, not
+    # two decoded images, so a few CPU cores keep up with a fast GPU
     val_crop: int = 0  # validation: 0 = whole images, else a centred crop of this side
 
     def check(self) -> None:
@@ -215,6 +218,7 @@ RESUMABLE_CHANGES = frozenset(
         "resume",
         "run_dir",
         "data.workers",
+        "data.cache",
         "data.val",
         "data.val_crop",
         "loss.resnet_weights",

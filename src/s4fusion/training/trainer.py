@@ -522,8 +522,9 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
         torch.backends.cudnn.allow_tf32 = True
 
     dataset = TrainPairs(
-        train_pairs, config.data.crop, config.data.flips, config.data.small, config.data.high_bit_depth
-    )
+        train_pairs, config.data.crop, config.data.flips, config.data.small, config.data.high_bit_depth,
+        cache=config.data.cache,
+    )  # fmt: skip
     loader = DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -533,6 +534,8 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
     )
     log = _Logger(run_dir, d.main, config.progress, stop_step, step)
     log.message(data_summary)
+    if config.data.cache:
+        log.message(f"data.cache: the training pairs decoded in memory, {dataset.cached_bytes / 2**20:.0f} MiB per process")
     train_pass = TrainPass(
         net, loss_fn, TERMS, optimizer, use_bf16, cuda_graph=graphed,
         warmup_steps=DDP_GRAPH_WARMUP_STEPS if d.world > 1 else GRAPH_WARMUP_STEPS,
