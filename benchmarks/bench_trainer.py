@@ -11,7 +11,8 @@ and decodes like photographs do), written to a temporary folder; the ResNet-50 o
 the perception loss gets random weights (the same compute as the shipped file)
 unless ``--resnet`` names a weights file. Everything else is ``configs/paper.toml``'s
 recipe: batch 20 of 229x229 crops with flips, bf16 autocast, all four loss terms,
-8 loader processes. steps/s is the median of the logged 10-step windows after the
+8 loader processes; the pairs are decoded for every sample unless ``--cache``
+(``data.cache``, which the paper config turns on). steps/s is the median of the logged 10-step windows after the
 second (the first holds Triton's compilation, the second the recording). On a CPU
 both runs are eager (CUDA graphs need CUDA).
 """
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace, data: Path, resnet: Path, work: Path, graph: b
             "run_dir": str(work / f"run_graph_{graph}"), "epochs": 800, "batch_size": args.batch, "max_steps": steps,
             "precision": args.precision, "device": args.device, "log_every": 10, "image_every": 0, "val_every": 0,
             "checkpoint_every": 0, "progress": False, "cuda_graph": graph, "val_metrics": [],
-            "data": {"train": [str(data)], "val": [], "workers": args.workers, "crop": args.crop},
+            "data": {"train": [str(data)], "val": [], "workers": args.workers, "crop": args.crop, "cache": args.cache},
             "loss": {"resnet_weights": str(resnet)},
         }
     )  # fmt: skip
@@ -113,6 +114,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--crop", type=int, default=229)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--cache", action="store_true", help="decode the pairs once (data.cache)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--resnet", help="perception weights file (default: random weights)")
