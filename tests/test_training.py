@@ -337,19 +337,26 @@ def test_training_checkpoints_load_with_their_config(tmp_path, shared_resnet):
     assert all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_non_finite_loss_stops_naming_step_and_term(tmp_path, monkeypatch, perception):
-    calls = {"n": 0}
+def _loss_spoiled_at_second_step(perception, term: str, factor: float, into_total: bool, calls: dict):
+    """A FusionLoss factory whose ``term`` is multiplied by ``factor`` at the second call
+    (calls counted in ``calls["n"]``), added to the total too with ``into_total``."""
 
-    class NaNAtSecondStep(FusionLoss):
+    class SpoiledAtSecondStep(FusionLoss):
         def forward(self, fused, infrared, visible):
             total, terms = super().forward(fused, infrared, visible)
             calls["n"] += 1
             if calls["n"] == 2:
-                terms["ssim"] = terms["ssim"] * float("nan")
-                total = total + terms["ssim"]
+                terms[term] = terms[term] * factor
+                if into_total:
+                    total = total + terms[term]
             return total, terms
 
-    monkeypatch.setattr(trainer_module, "FusionLoss", lambda cfg: NaNAtSecondStep(cfg, perception=perception))
+    return lambda cfg: SpoiledAtSecondStep(cfg, perception=perception)
+
+
+def test_non_finite_loss_stops_naming_step_and_term(tmp_path, monkeypatch, perception):
+    spoiled = _loss_spoiled_at_second_step(perception, "ssim", float("nan"), True, {"n": 0})
+    monkeypatch.setattr(trainer_module, "FusionLoss", spoiled)
     # also: without the tensorboard package the run goes on with a warning
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     run_dir = tmp_path / "nan"
@@ -365,16 +372,9 @@ def test_a_lagged_check_still_stops_at_the_diverged_step_before_logging_it(tmp_p
     checkpoint: with log_every 4 a NaN at step 2 stops the run at step 3's check, naming step 2,
     with no record logged."""
     calls = {"n": 0}
-
-    class NaNAtSecondStep(FusionLoss):
-        def forward(self, fused, infrared, visible):
-            total, terms = super().forward(fused, infrared, visible)
-            calls["n"] += 1
-            if calls["n"] == 2:
-                terms["l1"] = terms["l1"] * float("inf")
-            return total, terms
-
-    monkeypatch.setattr(trainer_module, "FusionLoss", lambda cfg: NaNAtSecondStep(cfg, perception=perception))
+    monkeypatch.setattr(
+        trainer_module, "FusionLoss", _loss_spoiled_at_second_step(perception, "l1", float("inf"), False, calls)
+    )
     run_dir = tmp_path / "lagged"
     with pytest.raises(TrainingDivergedError, match=r"step 2: loss term 'l1' is inf"):
         train(load_config(None, small_overrides(run_dir, log_every=4, image_every=0, epochs=3)))
