@@ -452,6 +452,27 @@ def test_api_prepares_pairs_in_threads_and_raises_the_first_bad_pair(tmp_path, m
         api.fuse_images([ir, truncated, missing], [vi, vi, vi], model)
 
 
+def test_api_prepares_one_window_ahead_of_the_network(tmp_path, model, monkeypatch):
+    """fuse_images holds at most two windows of prepared pairs: no pair of window w + 2 is
+    prepared before window w is fused, and windowed results equal one window's."""
+    ir, vi = crop_pair(MSRS, "00123D", (150, 100, 214, 148), tmp_path / "ir", tmp_path / "vi")
+    ir2, vi2 = crop_pair(ROADSCENE, "FLIR_00060", (200, 150, 253, 187), tmp_path / "ir", tmp_path / "vi")
+    irs, vis = [ir, ir2] * 4, [vi, vi2] * 4
+    whole = api.fuse_images(irs, vis, model, gray=True, batch_size=1)
+    events = []
+    prepare, fuse_prepared = api.prepare_pair, api.fuse_prepared
+    monkeypatch.setattr(api, "prepare_pair", lambda *a, **k: events.append("prepare") or prepare(*a, **k))
+    monkeypatch.setattr(api, "fuse_prepared", lambda *a, **k: events.append("fuse") or fuse_prepared(*a, **k))
+    monkeypatch.setattr(api, "PREPARE_WINDOW", 2)
+    windowed = api.fuse_images(irs, vis, model, gray=True, batch_size=1)
+    assert all(np.array_equal(a, b) for a, b in zip(whole, windowed))
+    fused = 0
+    for i, event in enumerate(events):
+        fused += event == "fuse"
+        assert events[: i + 1].count("prepare") <= 2 * (fused // 2 + 2)  # windows fused, plus two
+    assert events.count("prepare") == events.count("fuse") == 8
+
+
 def test_api_cuda_graph_options_are_checked(model):
     ir = np.random.default_rng(0).random((48, 64), dtype=np.float32)
     with pytest.raises(api.FusionError, match="cuda_graph needs the model on a CUDA device, it is on cpu"):

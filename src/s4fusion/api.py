@@ -83,6 +83,9 @@ __all__ = [
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PREPARE_THREADS = 4  # threads preparing (reading, converting) the pairs of one fuse_images call
+# fuse_images works through its pairs in windows of this many (at least batch_size): the next
+# window is prepared while the network fuses this one, and at most two windows are held prepared
+PREPARE_WINDOW = 16
 WEIGHTS_FILE = "s4fusion.safetensors"
 _KINDS = "give a path, numpy array, PIL image or torch tensor"
 # Compiled versions dynamo keeps of each function of the network (its recompile limit,
@@ -611,6 +614,11 @@ def fuse_images(
 ) -> list:
     """Fuse a list of pairs; equal-size pairs run in batches of ``batch_size``.
 
+    The pairs go through in windows of :data:`PREPARE_WINDOW` (at least ``batch_size``):
+    threads read and convert the next window while the network fuses the current one,
+    so memory holds at most two windows of prepared inputs (besides the results), and
+    batches are formed within a window.
+
     ``infrared[i]`` and ``visible[i]`` form pair i (any forms :func:`fuse` takes);
     result i has the form of ``visible[i]``. ``model``: an :class:`S4Fusion`, a
     weights path, or None for the bundled weights; ``device`` None keeps a given
@@ -632,17 +640,26 @@ def fuse_images(
         return prepare_pair(*pair, ir_norm=ir_norm, ir_percentiles=ir_percentiles, resize_visible=resize_visible)
 
     pairs = list(zip(infrared, visible))
-    if len(pairs) > 1:  # decoding and conversion release the GIL for most of their time: threads overlap them
-        with ThreadPoolExecutor(max_workers=min(PREPARE_THREADS, len(pairs))) as pool:
-            prepared = list(pool.map(prepare, pairs))  # the first bad pair (in order) raises
-    else:
-        prepared = [prepare(pair) for pair in pairs]
     run = dict(tile=tile, memory_budget=memory_budget, precision=precision, compile=compile, cuda_graph=cuda_graph)
-    results: list = [None] * len(prepared)
-    for indices in _batches([p.size for p in prepared], batch_size):
-        outs = fuse_prepared(net, [prepared[k] for k in indices], gray=gray, **run)
-        for k, out in zip(indices, outs):
-            results[k] = _as_kind(out, visible[k])
+    results: list = [None] * len(pairs)
+
+    def fuse_window(first: int, prepared: list[PreparedPair]) -> None:
+        for indices in _batches([p.size for p in prepared], batch_size):
+            outs = fuse_prepared(net, [prepared[k] for k in indices], gray=gray, **run)
+            for k, out in zip(indices, outs):
+                results[first + k] = _as_kind(out, visible[first + k])
+
+    if len(pairs) == 1:
+        fuse_window(0, [prepare(pairs[0])])
+        return results
+    window = max(PREPARE_WINDOW, batch_size)
+    # decoding and conversion release the GIL for most of their time: threads overlap them with the network
+    with ThreadPoolExecutor(max_workers=min(PREPARE_THREADS, len(pairs))) as pool:
+        ahead = [pool.submit(prepare, pair) for pair in pairs[:window]]
+        for first in range(0, len(pairs), window):
+            prepared = [f.result() for f in ahead]  # the first bad pair (in order) raises
+            ahead = [pool.submit(prepare, pair) for pair in pairs[first + window : first + 2 * window]]
+            fuse_window(first, prepared)
     return results
 
 
