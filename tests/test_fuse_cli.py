@@ -471,6 +471,7 @@ def test_api_prepares_one_window_ahead_of_the_network(tmp_path, model, monkeypat
         fused += event == "fuse"
         assert events[: i + 1].count("prepare") <= 2 * (fused // 2 + 2)  # windows fused, plus two
     assert events.count("prepare") == events.count("fuse") == 8
+    assert api.fuse_images([], [], model) == []
 
 
 def test_api_cuda_graph_options_are_checked(model):

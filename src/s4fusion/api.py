@@ -649,8 +649,8 @@ def fuse_images(
             for k, out in zip(indices, outs):
                 results[first + k] = _as_kind(out, visible[first + k])
 
-    if len(pairs) == 1:
-        fuse_window(0, [prepare(pairs[0])])
+    if len(pairs) <= 1:  # no thread pool for a single pair (fuse) or none
+        fuse_window(0, [prepare(pair) for pair in pairs])
         return results
     window = max(PREPARE_WINDOW, batch_size)
     # decoding and conversion release the GIL for most of their time: threads overlap them with the network
