@@ -390,7 +390,7 @@ def test_lagged_values_return_each_step_once_in_order():
     done = lagged.push(2, source)
     assert [s for s, _ in done] == [1] and done[0][1].tolist() == [1.0, 2.0, 3.0]
     source.fill_(0)  # copied at push: a graph's output buffer may be overwritten afterwards
-    lagged.push(3, torch.tensor([7.0, 8.0, 9.0]))  # reuses step 1's buffer
+    lagged.push(3, torch.tensor([7.0, 8.0, 9.0]))  # overwrites the buffer that held step 1
     assert done[0][1].tolist() == [1.0, 2.0, 3.0]  # returned values are the caller's own
     last = lagged.settle()
     assert [s for s, _ in last] == [3] and last[0][1].dtype == torch.float64

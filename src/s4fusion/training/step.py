@@ -124,32 +124,30 @@ class LaggedValues:
     wait for the whole step before it launched the optimizer and the next batch: the
     GPU idled for that host work (3 ms of an 83 ms step on an H200). The copy is
     stream-ordered, so a graph's output buffer may be overwritten by the next replay
-    after ``push`` returns. Two buffers: the one being filled and the one being read.
+    after ``push`` returns. One buffer serves every step: ``push`` settles (waits for
+    and copies out) the previous step before it starts the next copy.
     """
 
     def __init__(self, length: int, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self.buffers = [torch.empty(length, dtype=torch.float64, pin_memory=self.cuda) for _ in range(2)]
-        self.slot = 0
-        self.pending: Optional[tuple[int, torch.Tensor, Optional[torch.cuda.Event]]] = None
+        self.buffer = torch.empty(length, dtype=torch.float64, pin_memory=self.cuda)
+        self.pending: Optional[tuple[int, Optional[torch.cuda.Event]]] = None
 
     def push(self, step: int, values: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
         done = self.settle()
-        buffer = self.buffers[self.slot]
-        self.slot ^= 1
-        buffer.copy_(values.detach(), non_blocking=self.cuda)
+        self.buffer.copy_(values.detach(), non_blocking=self.cuda)
         event = None
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
-        self.pending = (step, buffer, event)
+        self.pending = (step, event)
         return done
 
     def settle(self) -> list[tuple[int, torch.Tensor]]:
         if self.pending is None:
             return []
-        step, buffer, event = self.pending
+        step, event = self.pending
         self.pending = None
         if event is not None:
             event.synchronize()
-        return [(step, buffer.clone())]
+        return [(step, self.buffer.clone())]
