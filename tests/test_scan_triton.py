@@ -227,13 +227,15 @@ INTERPRETER_CHECK = """
 from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
-# (segments of one block, combine blocks, several programs; channel groups of 1, 2 and 4
-# lanes; "whole": one segment per line, of several blocks; forward and backward lanes of 1
-# or 2 channels, forward loads one iteration ahead or not)
+# (segments of one block, combine blocks, several programs; channel groups of 1, 2, 4 and
+# 8 lanes (8: more lanes than a block's 4 sums for dL/dB and dL/dC); "whole": one segment
+# per line, of several blocks; forward and backward lanes of 1 or 2 channels, forward loads
+# one iteration ahead or not)
 worst = 0.0
 for b, M, d, N, H, W, last, whole, cb, pf in [
     (1, 2, 5, 3, 4, 3, False, False, 2, True), (2, 1, 8, 2, 3, 5, False, False, 2, False),
     (1, 2, 4, 3, 3, 4, True, False, 1, False), (2, 1, 6, 2, 3, 5, True, True, 1, True),
+    (1, 1, 16, 2, 3, 2, True, False, 2, False),
 ]:
     ts.TARGET_LANES = 1 if whole else 1 << 17
     ts.FWD_CB = (cb, cb)

@@ -43,9 +43,10 @@ per line and step and shared by the line's lanes. The forward modes keep the
 ``N`` states of each channel in registers (``N`` is a compile-time constant);
 the backward holds one state index at a time over a block of ``TB * M`` tokens.
 In ``_bwd_kernel`` the channel sums of dL/dB and dL/dC are first taken over a
-lane's ``CB`` channels and then over ``CT`` neighbouring lanes (warp shuffles;
-``CT`` divides the lanes per line), so that only ``d / (CB * CT)`` atomic adds
-reach each element. A launch's grid covers the lines of the longest image side for
+lane's ``CB`` channels and then over ``CT`` neighbouring lanes (``CT`` divides the
+lanes per line) by a halving exchange of warp shuffles that leaves each of the group's
+lanes with different sums (``_sum_scatter``), so that only ``d / (CB * CT)`` atomic
+adds reach each element, issued by all lanes at once. A launch's grid covers the lines of the longest image side for
 every direction; programs whose lanes all lie past their direction's last line
 return at once.
 
@@ -501,9 +502,53 @@ def _chunk_combine_kernel(
 
 
 @triton.jit
-def _group_sum(x, GE: tl.constexpr, CT: tl.constexpr):
-    """(GE * CT,) -> (GE,): sums of CT neighbouring lanes (a few warp shuffles)."""
-    return tl.sum(tl.reshape(x, [GE, CT]), axis=1)
+def _sum_scatter(X, lane, NX: tl.constexpr, CT: tl.constexpr):
+    """Sums over groups of CT neighbouring lanes (CT a power of two, at most 32) of the
+    NX values X (a tuple of lane vectors), spread over the group: every lane ends with
+    max(1, NX / CT) of the sums, those of X's values that :func:`_scatter_slots` gives.
+
+    A halving exchange: at each level a lane keeps half of its values, sends the other
+    half to the lane that keeps those, and adds what it receives (one warp shuffle per
+    value sent). NX values over CT lanes cost NX - max(1, NX / CT) shuffles, against
+    NX log2(CT) for a butterfly per value. Once a lane holds one value, the remaining
+    levels are butterflies."""
+    for level in tl.static_range(5):
+        if (CT >> (level + 1)) > 0:
+            X = _scatter_level(X, lane, CT >> (level + 1), NX >> (level + 1))
+    return X
+
+
+@triton.jit
+def _scatter_level(X, lane, m: tl.constexpr, HALF: tl.constexpr):
+    """One level of :func:`_sum_scatter`: the partner is lane ^ m; a lane keeps HALF of
+    its values (or its one value, HALF = 0)."""
+    up = (lane & m) != 0
+    Y = tl.tuple([])
+    if HALF > 0:
+        for i in tl.static_range(HALF):
+            keep = tl.where(up, X[i + HALF], X[i])
+            send = tl.where(up, X[i], X[i + HALF])
+            Y = Y + (keep + tl.gather(send, lane ^ m, 0),)
+    else:
+        Y = Y + (X[0] + tl.gather(X[0], lane ^ m, 0),)
+    return Y
+
+
+@triton.jit
+def _scatter_slots(lane, NX: tl.constexpr, CT: tl.constexpr):
+    """For :func:`_sum_scatter`: the index in X of a lane's first sum (its i-th sum is
+    X's value first + i), and whether the lane is the one of its group that holds them
+    (where NX < CT, the butterfly levels leave a sum on several lanes)."""
+    first = tl.zeros_like(lane)
+    own = lane == lane
+    for level in tl.static_range(5):
+        if (CT >> (level + 1)) > 0:
+            up = (lane & (CT >> (level + 1))) != 0
+            if (NX >> (level + 1)) > 0:
+                first += tl.where(up, NX >> (level + 1), 0)
+            else:
+                own = own & ~up
+    return first, own
 
 
 @_scan_jit
@@ -535,18 +580,16 @@ def _bwd_kernel(
     through them. dL/dB and dL/dC sum over channels: over a lane's CB channels and CT
     neighbouring lanes (CT divides the lanes per line) in registers, then atomically."""
     NT: tl.constexpr = TB * M
-    GE: tl.constexpr = E // CT
+    NX: tl.constexpr = 2 * NT  # per token, the sums for dL/dB and dL/dC
+    R: tl.constexpr = max(1, NX // CT)  # of which each lane adds R to memory
     bi, k, sg, nq, j, c0, nlines, llen, base, line_step, pos_step, idle = _lanes(d, H, W, NS, K, E, CB)
     if idle:
         return
-    pid0 = tl.program_id(0)
     pid_bk = tl.program_id(1)
-    fg = (pid0 // NS) * E + tl.arange(0, GE) * CT  # first lane of every group of CT
-    jg = fg // nq
+    lane = tl.arange(0, E)
+    first, own = _scatter_slots(lane, NX, CT)
     lmask = j < nlines
-    gmask = jg < nlines
     line_off = (base + j * line_step).to(tl.int64)
-    gline_off = (base + jg * line_step).to(tl.int64)
     lo = sg * SEG
     hi = tl.maximum(tl.minimum(lo + SEG, llen), lo)
     row = (pid_bk.to(tl.int64) * NL + j) * NS + sg
@@ -597,7 +640,6 @@ def _bwd_kernel(
         # the block's tokens t = step * M + modality; per token and channel (index t * CB + e)
         P = tl.tuple([])
         V = tl.tuple([])
-        VG = tl.tuple([])
         GY = tl.tuple([])
         DT = tl.tuple([])
         DTU = tl.tuple([])
@@ -609,7 +651,6 @@ def _bwd_kernel(
                 v = lmask & (i0 + s < hi)
                 P = P + (p,)
                 V = V + (v,)
-                VG = VG + (gmask & (i0 + s < hi),)
                 GD2 = tl.tuple([])
                 for e in tl.static_range(CB):
                     ve = v & CM[e]
@@ -639,6 +680,18 @@ def _bwd_kernel(
             Hs = Hs + (tl.load(ck_ptr + CK[e] + blk * N * d, mask=CM[e], other=0.0),)
             GN = GN + (tl.load(q_blk, mask=CM[e], other=0.0),)
             GAc = GAc + (tl.load(part_ptr + SP[e], mask=CM[e], other=0.0),)
+        # where this lane adds its sums for dL/dB and dL/dC (at state index 0): sum r is
+        # token NT - 1 - r // 2, of B for even r, of C for odd r (the order the token loop
+        # below makes them in)
+        GBC = tl.tuple([])
+        GBM = tl.tuple([])
+        for i in tl.static_range(R):
+            r = first + i
+            t = NT - 1 - r // 2
+            p = line_off + (i0 + t // M) * pos_step
+            target = tl.where(r % 2 == 0, gb_ptr, gc_ptr)
+            GBC = GBC + (target + gbc_off + (t % M) * sgb_m + p * sgb_l,)
+            GBM = GBM + (own & lmask & (i0 + t // M < hi),)
         BV = tl.tuple([])
         CV = tl.tuple([])
         for t in tl.static_range(NT):
@@ -677,6 +730,7 @@ def _bwd_kernel(
             # last token first: dL/dh_t = gy_t C_t + a_{t+1} dL/dh_{t+1}
             GA2 = tl.tuple([])
             GB2 = tl.tuple([])
+            X = tl.tuple([])  # per token, last first: the channel sums for dL/dB and dL/dC
             for t in tl.static_range(NT - 1, -1, -1):
                 sum_b = tl.zeros([E], tl.float32)
                 sum_c = tl.zeros([E], tl.float32)
@@ -693,10 +747,10 @@ def _bwd_kernel(
                     GN2 = GN2 + (AS[t * CB + e] * g,)
                 GN = GN2
                 GAc = GAc2
-                pg = gline_off + (i0 + t // M) * pos_step
-                gbc = gbc_off + (t % M) * sgb_m + pg * sgb_l + n * sgb_n
-                tl.atomic_add(gb_ptr + gbc, _group_sum(sum_b, GE, CT), mask=VG[t], sem="relaxed")
-                tl.atomic_add(gc_ptr + gbc, _group_sum(sum_c, GE, CT), mask=VG[t], sem="relaxed")
+                X = X + (sum_b, sum_c)
+            S = _sum_scatter(X, lane, NX, CT)
+            for i in tl.static_range(R):
+                tl.atomic_add(GBC[i] + n * sgb_n, S[i], mask=GBM[i], sem="relaxed")
             # GA2, GB2 were built last token first, channel by channel
             GA = tl.tuple([])
             GB = tl.tuple([])
