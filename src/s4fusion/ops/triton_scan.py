@@ -697,7 +697,7 @@ def _bwd_kernel(
         for t in tl.static_range(NT):
             BV = BV + (tl.load(b_base + (t % M) * sb_m + P[t] * sb_l, mask=V[t], other=0.0).to(tl.float32),)
             CV = CV + (tl.load(c_base + (t % M) * sc_m + P[t] * sc_l, mask=V[t], other=0.0).to(tl.float32),)
-        for n in range(N):
+        for n in tl.range(0, N, loop_unroll_factor=2):
             A2_nx = tl.tuple([])
             H_nx = tl.tuple([])
             GN_nx = tl.tuple([])
