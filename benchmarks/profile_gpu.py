@@ -7,7 +7,8 @@ Run from the repository root on a CUDA machine::
 For each fusing size (default 481x649 and 961x1297): one eager fp32 forward under
 ``torch.no_grad()`` and, for comparison, the wall time of the same forward replayed
 as one CUDA graph (when the two are close, launch gaps are not what costs time).
-Then one eager fp32 training step (``bench_gpu.training_step``: batch 20,
+Then one eager training step per precision (``--train`` fp32 and/or bf16, the latter
+under bf16 autocast as the trainer's recipe; ``bench_gpu.training_step``: batch 20,
 229x229, the benchmark's loss and AdamW). Every pass runs twice before it is profiled, so
 kernels are compiled and the allocator is warm. Random weights of the default
 (released) configuration, triton scan backend.
@@ -68,6 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sizes", default="481x649,961x1297", help="fusing sizes HxW, comma-separated")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per pass")
     parser.add_argument("--ops", type=int, default=0, help="also list this many operators by input shapes")
+    parser.add_argument("--train", default="fp32", help="training-step precisions, comma-separated: fp32, bf16")
     parser.add_argument("--json", help="write the tables to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -90,12 +92,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         table["graph_wall_ms"] = time_cuda(graphed(fuse), warmup=3, runs=20)["median_ms"]
         show(f"fuse {H}x{W}, eager fp32 (CUDA graph wall {table['graph_wall_ms']:.2f} ms)", table, args.top, args.ops)
         result["passes"][f"fuse {H}x{W}"] = table
-    step = training_step("eager")
-    step()
-    step()
-    table = kernel_table(step)
-    show(f"training step {TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}, eager fp32", table, args.top, args.ops)
-    result["passes"]["train"] = table
+    for precision in args.train.split(","):
+        if precision not in ("fp32", "bf16"):
+            parser.error(f"--train takes fp32 and/or bf16, not {precision!r}")
+        step = training_step("eager-bf16" if precision == "bf16" else "eager")
+        step()
+        step()
+        table = kernel_table(step)
+        show(f"training step {TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}, eager {precision}", table, args.top, args.ops)
+        result["passes"]["train" if precision == "fp32" else f"train {precision}"] = table
+        del step
+        torch.cuda.empty_cache()
     write_json(args.json, result)
     return 0
 
