@@ -504,14 +504,16 @@ def _chunk_combine_kernel(
 @triton.jit
 def _sum_scatter(X, lane, NX: tl.constexpr, CT: tl.constexpr):
     """Sums over groups of CT neighbouring lanes (CT a power of two, at most 32) of the
-    NX values X (a tuple of lane vectors), spread over the group: every lane ends with
-    max(1, NX / CT) of the sums, those of X's values that :func:`_scatter_slots` gives.
+    NX values X (a tuple of lane vectors; NX a power of two), spread over the group:
+    every lane ends with max(1, NX / CT) of the sums, those of X's values that
+    :func:`_scatter_slots` gives.
 
     A halving exchange: at each level a lane keeps half of its values, sends the other
     half to the lane that keeps those, and adds what it receives (one warp shuffle per
-    value sent). NX values over CT lanes cost NX - max(1, NX / CT) shuffles, against
-    NX log2(CT) for a butterfly per value. Once a lane holds one value, the remaining
-    levels are butterflies."""
+    value sent). For NX >= CT that is NX - NX / CT shuffles, against NX log2(CT) for a
+    butterfly per value. Once a lane holds one value (NX < CT), each remaining level is
+    one butterfly shuffle."""
+    tl.static_assert((NX & (NX - 1)) == 0, "the number of values must be a power of two")
     for level in tl.static_range(5):
         if (CT >> (level + 1)) > 0:
             X = _scatter_level(X, lane, CT >> (level + 1), NX >> (level + 1))
