@@ -268,6 +268,13 @@ def test_kernels_in_the_triton_interpreter_match_the_reference():
     assert worst_in_interpreter(INTERPRETER_CHECK) < 1e-5
 
 
+def test_halving_exchange_leaves_every_group_sum_on_one_lane_in_the_interpreter():
+    """The backward kernel's channel sums of dL/dB and dL/dC (1 to 16 values, groups of 1
+    to 32 lanes): float32 sums within a few roundings of float64."""
+    check = "from triton_exchange import worst_error\nprint('WORST', worst_error('cpu'))\n"
+    assert worst_in_interpreter(check) < 1e-6
+
+
 # softplus of delta + delta_bias and its derivative, computed in the kernels from one exp2
 # and one reciprocal each: within a few float32 ulps of float64 torch (see triton_math.py)
 ACTIVATION_ULPS = 8
