@@ -9,21 +9,23 @@ import triton.language as tl
 
 from s4fusion.ops.triton_scan import _scatter_slots, _sum_scatter
 
-LANES = 32
+LANES = 32  # one warp
 
 
 @triton.jit
-def _exchange(x_ptr, sum_ptr, first_ptr, own_ptr, NX: tl.constexpr, CT: tl.constexpr, R: tl.constexpr):
-    """x (NX, LANES) -> every lane's R sums (R, LANES), the index of its first one and
-    whether it holds them."""
-    lane = tl.arange(0, 32)
+def _exchange(
+    x_ptr, sum_ptr, first_ptr, own_ptr, E: tl.constexpr, NX: tl.constexpr, CT: tl.constexpr, R: tl.constexpr
+):
+    """x (NX, E) -> every lane's R sums (R, E), the index of its first one and whether it
+    holds them."""
+    lane = tl.arange(0, E)
     X = tl.tuple([])
     for i in tl.static_range(NX):
-        X = X + (tl.load(x_ptr + i * 32 + lane),)
+        X = X + (tl.load(x_ptr + i * E + lane),)
     S = _sum_scatter(X, lane, NX, CT)
     first, own = _scatter_slots(lane, NX, CT)
     for i in tl.static_range(R):
-        tl.store(sum_ptr + i * 32 + lane, S[i])
+        tl.store(sum_ptr + i * E + lane, S[i])
     tl.store(first_ptr + lane, first)
     tl.store(own_ptr + lane, own.to(tl.int32))
 
@@ -41,7 +43,7 @@ def worst_error(device: str) -> float:
             sums = torch.empty(r, LANES, device=device)
             first = torch.empty(LANES, dtype=torch.int32, device=device)
             own = torch.empty(LANES, dtype=torch.int32, device=device)
-            _exchange[(1,)](x.float().to(device), sums, first, own, NX=nx, CT=ct, R=r, num_warps=1)
+            _exchange[(1,)](x.float().to(device), sums, first, own, E=LANES, NX=nx, CT=ct, R=r, num_warps=1)
             sums, first, own = sums.cpu().double(), first.cpu(), own.cpu()
             xs = x.float().double().view(nx, LANES // ct, ct)
             expected, scale = xs.sum(-1), xs.abs().sum(-1)  # (value, group)

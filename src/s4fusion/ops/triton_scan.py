@@ -46,9 +46,9 @@ In ``_bwd_kernel`` the channel sums of dL/dB and dL/dC are first taken over a
 lane's ``CB`` channels and then over ``CT`` neighbouring lanes (``CT`` divides the
 lanes per line) by a halving exchange of warp shuffles that leaves each of the group's
 lanes with different sums (``_sum_scatter``), so that only ``d / (CB * CT)`` atomic
-adds reach each element, issued by all lanes at once. A launch's grid covers the lines of the longest image side for
-every direction; programs whose lanes all lie past their direction's last line
-return at once.
+adds reach each element, issued by all lanes at once. A launch's grid covers the
+lines of the longest image side for every direction; programs whose lanes all lie
+past their direction's last line return at once.
 
 Every load stays inside its tensor: loads are masked, except the forward modes'
 loads of B and C. There a lane past the last line reads the last line, and a step
@@ -514,6 +514,7 @@ def _sum_scatter(X, lane, NX: tl.constexpr, CT: tl.constexpr):
     butterfly per value. Once a lane holds one value (NX < CT), each remaining level is
     one butterfly shuffle."""
     tl.static_assert((NX & (NX - 1)) == 0, "the number of values must be a power of two")
+    tl.static_assert(CT <= 32, "a group is at most a warp")
     for level in tl.static_range(5):
         if (CT >> (level + 1)) > 0:
             X = _scatter_level(X, lane, CT >> (level + 1), NX >> (level + 1))
