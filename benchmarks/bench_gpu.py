@@ -15,7 +15,8 @@ Modes: ``eager`` runs the module as is; ``graph`` replays one CUDA graph of the
 whole forward (or of forward, loss, backward and AdamW step); ``compile`` runs the
 network compiled by ``torch.compile`` (``s4fusion.api.compiled``: inductor, static
 shapes, a graph break at every scan) and replays one CUDA graph of that; ``bf16``
-adds bfloat16 autocast (the training default of this package). Compilation
+adds bfloat16 autocast (the training default of this package) and cuDNN's benchmark
+mode, as the fusing API and the trainer run bf16. Compilation
 happens in the warm-up, outside of timing; its wall time (compiling and the first
 run) is reported as ``compile_s``. A mode that fails is reported with its error
 and the others still run (exit code 1). The reference scan
@@ -38,7 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from s4fusion import S4Fusion
-from s4fusion.api import compiled
+from s4fusion.api import compiled, cudnn_autotune
 from s4fusion.cuda_graphs import record
 from s4fusion.losses import weighted_l1_loss
 from s4fusion.ops import set_backend
@@ -142,24 +143,24 @@ def bench_fuse(model: S4Fusion, size: tuple[int, int], mode: str, backend: str) 
     net = compiled(model) if mode.startswith("compile") else model
     set_backend(backend)
     try:
+        with cudnn_autotune(torch.device("cuda"), "bf16" if bf16 else "fp32"):  # as the fusing API does
+            def fuse():
+                with torch.no_grad(), autocast(bf16):
+                    return net(ir, vi)
 
-        def fuse():
-            with torch.no_grad(), autocast(bf16):
-                return net(ir, vi)
-
-        out = {"size": f"{H}x{W}", "pixels": H * W, "mode": mode, "backend": backend}
-        if backend == "reference":  # seconds per run: no warm-up beyond the peak-memory run
-            memory = peak_mib(fuse)
-            timing = time_cuda(fuse, warmup=0, runs=2)
-        else:
-            out["compile_s"] = warm_up(fuse)  # every kernel variant, outside of timing and capture
-            memory = peak_mib(fuse)
-            run = graphed(fuse) if graph_mode(mode) else fuse
-            timing = time_cuda(run, warmup=3, runs=5 if H * W > 1000 * 1000 else 20)
-        out.update(peak_mib=memory, **timing)
-        if mode in ("eager", "compile") and size == KERNEL_COUNT_SIZE and backend != "reference":
-            out["kernels"] = count_kernels(fuse)
-        return out
+            out = {"size": f"{H}x{W}", "pixels": H * W, "mode": mode, "backend": backend}
+            if backend == "reference":  # seconds per run: no warm-up beyond the peak-memory run
+                memory = peak_mib(fuse)
+                timing = time_cuda(fuse, warmup=0, runs=2)
+            else:
+                out["compile_s"] = warm_up(fuse)  # every kernel variant, outside of timing and capture
+                memory = peak_mib(fuse)
+                run = graphed(fuse) if graph_mode(mode) else fuse
+                timing = time_cuda(run, warmup=3, runs=5 if H * W > 1000 * 1000 else 20)
+            out.update(peak_mib=memory, **timing)
+            if mode in ("eager", "compile") and size == KERNEL_COUNT_SIZE and backend != "reference":
+                out["kernels"] = count_kernels(fuse)
+            return out
     finally:
         set_backend(None)
 
@@ -198,11 +199,13 @@ def training_step(mode: str) -> Callable[[], torch.Tensor]:
 def bench_train(mode: str) -> dict:
     set_backend("triton")
     try:
-        step = training_step(mode)
-        compile_s = warm_up(step)  # compile, allocate optimizer state
-        memory = peak_mib(step)
-        run = graphed(step) if graph_mode(mode) else step
-        timing = time_cuda(run, warmup=3, runs=20)
+        # in bf16 the trainer runs with cuDNN's benchmark mode (s4fusion.training.train)
+        with cudnn_autotune(torch.device("cuda"), "bf16" if "bf16" in mode else "fp32"):
+            step = training_step(mode)
+            compile_s = warm_up(step)  # compile, allocate optimizer state
+            memory = peak_mib(step)
+            run = graphed(step) if graph_mode(mode) else step
+            timing = time_cuda(run, warmup=3, runs=20)
         return {
             "size": f"{TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}", "mode": mode, "compile_s": compile_s,
             "peak_mib": memory, **timing,

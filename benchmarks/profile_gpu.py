@@ -4,11 +4,13 @@ Run from the repository root on a CUDA machine::
 
     python benchmarks/profile_gpu.py --json profile.json
 
-For each fusing size (default 481x649 and 961x1297): one eager fp32 forward under
-``torch.no_grad()`` and, for comparison, the wall time of the same forward replayed
-as one CUDA graph (when the two are close, launch gaps are not what costs time).
+For each fusing size (default 481x649 and 961x1297) and precision (``--fuse`` fp32
+and/or bf16, the latter under bf16 autocast and cuDNN's benchmark mode, as ``s4fusion
+fuse --precision bf16`` runs): one eager forward under ``torch.no_grad()`` and, for
+comparison, the wall time of the same forward replayed as one CUDA graph (when the two
+are close, launch gaps are not what costs time).
 Then one eager training step per precision (``--train`` fp32 and/or bf16, the latter
-under bf16 autocast as the trainer's recipe; ``bench_gpu.training_step``: batch 20,
+as the trainer's recipe runs it, like bf16 fusing; ``bench_gpu.training_step``: batch 20,
 229x229, the benchmark's loss and AdamW). Every pass runs twice before it is profiled, so
 kernels are compiled and the allocator is warm. Random weights of the default
 (released) configuration, triton scan backend.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 from typing import Callable, Optional
 
 import torch
@@ -25,6 +28,7 @@ from bench_gpu import TRAIN_BATCH, TRAIN_SIZE, graphed, time_cuda, training_step
 from torch.profiler import ProfilerActivity, profile
 
 from s4fusion import S4Fusion
+from s4fusion.api import cudnn_autotune
 from s4fusion.ops import set_backend
 
 
@@ -69,7 +73,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sizes", default="481x649,961x1297", help="fusing sizes HxW, comma-separated")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per pass")
     parser.add_argument("--ops", type=int, default=0, help="also list this many operators by input shapes")
-    parser.add_argument("--train", default="fp32", help="training-step precisions, comma-separated: fp32, bf16")
+    parser.add_argument("--fuse", default="fp32", help="fusing precisions, comma-separated: fp32, bf16; empty: none")
+    parser.add_argument("--train", default="fp32", help="training-step precisions, as --fuse")
     parser.add_argument("--json", help="write the tables to this JSON file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -77,28 +82,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     set_backend("triton")
     result: dict = {"device": torch.cuda.get_device_name(), "passes": {}}
     model = S4Fusion().cuda().eval()
-    for size in args.sizes.split(","):
+    fuse_precisions = [p for p in args.fuse.split(",") if p]
+    train_precisions = [p for p in args.train.split(",") if p]
+    for precision in fuse_precisions + train_precisions:
+        if precision not in ("fp32", "bf16"):
+            parser.error(f"--fuse and --train take fp32 and/or bf16, not {precision!r}")
+    for size, precision in itertools.product(args.sizes.split(","), fuse_precisions):
         H, W = (int(v) for v in size.lower().split("x"))
         ir = torch.rand(1, 1, H, W, device="cuda")
         vi = torch.rand_like(ir)
+        bf16 = precision == "bf16"
 
         def fuse() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                 model(ir, vi)
 
-        fuse()
-        fuse()
-        table = kernel_table(fuse)
-        table["graph_wall_ms"] = time_cuda(graphed(fuse), warmup=3, runs=20)["median_ms"]
-        show(f"fuse {H}x{W}, eager fp32 (CUDA graph wall {table['graph_wall_ms']:.2f} ms)", table, args.top, args.ops)
-        result["passes"][f"fuse {H}x{W}"] = table
-    for precision in args.train.split(","):
-        if precision not in ("fp32", "bf16"):
-            parser.error(f"--train takes fp32 and/or bf16, not {precision!r}")
-        step = training_step("eager-bf16" if precision == "bf16" else "eager")
-        step()
-        step()
-        table = kernel_table(step)
+        with cudnn_autotune(torch.device("cuda"), precision):  # as the fusing API does
+            fuse()
+            fuse()
+            table = kernel_table(fuse)
+            table["graph_wall_ms"] = time_cuda(graphed(fuse), warmup=3, runs=20)["median_ms"]
+        title = f"fuse {H}x{W}, eager {precision} (CUDA graph wall {table['graph_wall_ms']:.2f} ms)"
+        show(title, table, args.top, args.ops)
+        result["passes"][f"fuse {H}x{W}" if precision == "fp32" else f"fuse {H}x{W} {precision}"] = table
+    for precision in train_precisions:
+        with cudnn_autotune(torch.device("cuda"), precision):  # as the trainer does
+            step = training_step("eager-bf16" if precision == "bf16" else "eager")
+            step()
+            step()
+            table = kernel_table(step)
         show(f"training step {TRAIN_BATCH}x{TRAIN_SIZE}x{TRAIN_SIZE}, eager {precision}", table, args.top, args.ops)
         result["passes"]["train" if precision == "fp32" else f"train {precision}"] = table
         del step

@@ -434,6 +434,54 @@ def test_api_paths_batches_and_precision(tmp_path, model):
         api.fuse(ir, vi, model, precision="fp8")
 
 
+def test_cudnn_autotune_is_on_only_in_reduced_precision_on_cuda(monkeypatch):
+    """The context only reads the device's type, so it is checked here without a GPU."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for device, precision, inside in ((cuda, "bf16", True), (cuda, "fp16", True), (cuda, "fp32", False),
+                                      (cpu, "bf16", False)):  # fmt: skip
+        with api.cudnn_autotune(device, precision):
+            assert torch.backends.cudnn.benchmark is inside, (device, precision)
+        assert torch.backends.cudnn.benchmark is False
+    with pytest.raises(KeyError), api.cudnn_autotune(cuda, "bf16"):
+        raise KeyError("the caller's setting comes back after an error too")
+    assert torch.backends.cudnn.benchmark is False
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    with api.cudnn_autotune(cuda, "fp32"):
+        assert torch.backends.cudnn.benchmark is True
+    assert torch.backends.cudnn.benchmark is True
+
+
+def _benchmark_flag_during_fuse(model, ir, vi, **kwargs) -> list:
+    seen = []
+    handle = model.register_forward_hook(lambda *_: seen.append(torch.backends.cudnn.benchmark))
+    try:
+        api.fuse(ir, vi, model, **kwargs)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_cpu_fusing_leaves_cudnn_alone(model, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    rng = np.random.default_rng(2)
+    ir, vi = rng.random((20, 24), dtype=np.float32), rng.random((20, 24, 3), dtype=np.float32)
+    assert _benchmark_flag_during_fuse(model, ir, vi, precision="bf16") == [False]
+    assert torch.backends.cudnn.benchmark is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
+def test_cuda_fusing_autotunes_cudnn_in_bf16_only(weights, monkeypatch):
+    gpu = S4Fusion.from_pretrained(weights, map_location="cuda").eval()
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    rng = np.random.default_rng(3)
+    ir, vi = rng.random((20, 24), dtype=np.float32), rng.random((20, 24, 3), dtype=np.float32)
+    assert _benchmark_flag_during_fuse(gpu, ir, vi, precision="bf16", cuda_graph=False) == [True]
+    assert _benchmark_flag_during_fuse(gpu, ir, vi, precision="fp32", cuda_graph=False) == [False]
+    assert torch.backends.cudnn.benchmark is False
+
+
 def test_api_prepares_pairs_in_threads_and_raises_the_first_bad_pair(tmp_path, model):
     """fuse_images prepares its pairs in threads: results keep the pairs' order, and of
     several bad pairs the first one (in order) is the error, even when a later one

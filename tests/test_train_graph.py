@@ -96,10 +96,13 @@ def test_trainer_records_the_step_and_trains_as_eagerly(tmp_path, monkeypatch, c
         capsys.readouterr()
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
         result = train(load_config(None, overrides))
-        # training ran with TF32 and gave the process its settings back (a later fuse in
-        # this process would otherwise run TF32 matmuls: test_fuse_cli failed after this test)
+        # training ran with TF32 and cuDNN's benchmark mode and gave the process its settings
+        # back (a later fuse in this process would otherwise run TF32 matmuls: test_fuse_cli
+        # failed after this test)
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cudnn.benchmark
         said = capsys.readouterr().err
         assert ("step 3: forward, loss and backward recorded as one CUDA graph" in said) == graph
         step2 = torch.load(run_dir / "checkpoints" / "step_00000002.pt", weights_only=True)["model"]

@@ -70,6 +70,7 @@ __all__ = [
     "load_model",
     "compiled",
     "COMPILE_LIMIT",
+    "cudnn_autotune",
     "graphed",
     "GRAPH_LIMIT",
     "resolve_device",
@@ -427,6 +428,29 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return torch.autocast(device.type, dtype=dtype)
 
 
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device, precision: str) -> Iterator[None]:
+    """cuDNN's benchmark mode (``torch.backends.cudnn.benchmark``) while fusing on a CUDA
+    device in bf16 or fp16; the caller's setting comes back afterwards.
+
+    For some reduced-precision depthwise convolutions of the network, cuDNN's heuristics
+    choose a direct kernel several times slower than the one that timing the candidates
+    finds (H200, bf16, the 288-channel convolutions of a 481x649 pair: 30 us a call
+    against about 4 us; the whole pass 5.28 -> 5.08 ms, BENCHMARKS.md). In fp32 the
+    heuristic choice measured as fast, so fp32 is left alone. The candidates are timed
+    once per input shape, in a shape's first pass (before any CUDA graph of it is
+    recorded)."""
+    if device.type != "cuda" or PRECISIONS.get(precision) is None:
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def fuse_luma(
     model: S4Fusion,
     infrared: torch.Tensor,
@@ -506,7 +530,7 @@ def fuse_luma(
         budget = budget or tiling.memory_budget(device)
         graph_at = 2 if per_pass * GRAPH_LIMIT <= budget else 0
     outs = []
-    with torch.inference_mode(), _autocast(device, precision):
+    with torch.inference_mode(), _autocast(device, precision), cudnn_autotune(device, precision):
         for first in range(0, batch, chunk):
             ir, vi = infrared[first : first + chunk], visible_y[first : first + chunk]
             if band is None:

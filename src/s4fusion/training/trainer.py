@@ -381,12 +381,13 @@ def train(config: TrainConfig, resume: Optional[str] = None) -> TrainResult:
     config.check()
     resume = resume if resume is not None else config.resume
     d = _Dist(config.device, graphs=config.cuda_graph)
-    # training turns TF32 on (below); the caller's process gets its own settings back
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    # training turns TF32 on and, in bf16, cuDNN's benchmark mode (below); the caller's
+    # process gets its own settings back
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
     try:
         return _train(config, resume, d)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
         d.close()
 
 
@@ -520,6 +521,9 @@ def _train(config: TrainConfig, resume: str, d: _Dist) -> TrainResult:
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        # cuDNN's heuristics pick slow kernels for some bf16 depthwise convolutions
+        # (api.cudnn_autotune); timing the candidates once per shape finds faster ones
+        torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark or use_bf16
 
     dataset = TrainPairs(
         train_pairs, config.data.crop, config.data.flips, config.data.small, config.data.high_bit_depth,
