@@ -59,6 +59,27 @@ def test_forward_and_gradients_match_reference(cross_scan_cpu, dtype, M, H, W):
         assert rel(a, r) < GRAD_TOL[dtype], f"gradient of {name}: rel. error {rel(a, r):.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_with_positive_entries(cross_scan_cpu, dtype):
+    """A state matrix that is not everywhere <= 0 takes the general exponential (the
+    decay factors' one would be wrong for positive arguments): still the reference's
+    forward and gradients; NaN in A selects it too."""
+    from s4fusion.ops import cpu_scan
+
+    H, W = 5, 7
+    inputs = make_inputs(2, 2, 12, 5, H, W, dtype, seed=7)
+    inputs[2][::3] = 0.02 * inputs[2][::3].abs()  # growth, but no float32 overflow
+    assert cpu_scan._exps(inputs[2]) is cpu_scan._EXPS_ANY
+    assert cpu_scan._exps(-inputs[2].abs()) is cpu_scan._EXPS_DECAY
+    assert cpu_scan._exps(torch.tensor([[-1.0, float("nan")]])) is cpu_scan._EXPS_ANY
+    grad_out = torch.randn(2, 2, 12, H * W, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    out, g = grads(cross_scan_cpu, inputs, H, W, grad_out)
+    ref, g_ref = grads(cross_scan_ref, inputs, H, W, grad_out)
+    assert rel(out, ref) < FWD_TOL[dtype]
+    for name, a, r in zip(NAMES, g, g_ref):
+        assert rel(a, r) < GRAD_TOL[dtype], f"gradient of {name}: rel. error {rel(a, r):.2e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_compute_in_float32(cross_scan_cpu, dtype):
     """bf16/fp16 inputs: float32 state, result and gradients in the input dtype, close
@@ -189,6 +210,20 @@ def test_float32_exp_and_softplus_helpers():
     assert np.max(np.abs(exp / np.exp(x.astype(np.float64)) - 1)) < 1.2e-7  # 1 ulp
     special = [cpu_scan._expf(np.float32(v)) for v in (-100.0, 100.0, np.nan)]
     assert special[0] == 0.0 and special[1] == np.inf and np.isnan(special[2])
+    # the decay factors' variant: bitwise _expf wherever x <= 0 (and NaN)
+    x = np.concatenate([np.linspace(-90.0, 0.0, 20001), [-np.inf, -1e30, -87.33654, -1e-30, -0.0, 0.0]])
+    x = x.astype(np.float32)
+    decay = np.array([cpu_scan._expf_decay(v) for v in x], dtype=np.float32)
+    assert np.array_equal(decay, np.array([cpu_scan._expf(v) for v in x], dtype=np.float32))
+    assert np.isnan(cpu_scan._expf_decay(np.float32(np.nan)))
+    # the kernels' choice by the marker's dtype: only the general one overflows to inf
+    from numba import njit
+
+    state_exp = njit(lambda x, exps: cpu_scan._state_exp(x, exps))
+    big, small = np.float32(100.0), np.float32(-3.0)
+    assert state_exp(big, cpu_scan._EXPS_ANY) == np.inf and state_exp(big, cpu_scan._EXPS_DECAY) != np.inf
+    assert state_exp(small, cpu_scan._EXPS_DECAY) == state_exp(small, cpu_scan._EXPS_ANY) == cpu_scan._expf(small)
+    assert state_exp(-3.0, cpu_scan._EXPS_DECAY) == np.exp(-3.0)  # float64: libm
     x = np.linspace(-80.0, 30.0, 20001).astype(np.float32)
     sp = np.array([cpu_scan._softplusf(v) for v in x], dtype=np.float64)
     ref = torch.nn.functional.softplus(torch.from_numpy(x).double()).numpy()

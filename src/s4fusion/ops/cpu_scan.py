@@ -20,7 +20,12 @@ How it runs:
   order (``fastmath`` is off; multiply-adds are explicit IEEE fused
   multiply-adds). In float32 the exponentials and the softplus are evaluated with
   the polynomial helpers below (exp within 0.6 ulp, softplus within 2 ulp; the C
-  library calls would not vectorise); in float64 with the C library.
+  library calls would not vectorise); in float64 with the C library. When every
+  entry of ``A`` is <= 0 (a decaying state, as in the network), the decay
+  factors exp(dt A) use a float32 exponential without the handling of large
+  positive arguments (bitwise the same values, 15% less time per state update);
+  the choice is made when a kernel is compiled (``_exps``), so each kernel has a
+  second compiled variant for other ``A``.
 * The recovery sum: each direction writes its own output slice; the slices are
   then summed and the ``D`` skip of the four directions added.
 * The work units run on ``torch.get_num_threads()`` threads, each taking the
@@ -38,8 +43,8 @@ How it runs:
   runs the same forward kernel with one direction (K = 1), its state loaded
   from ``h0`` and its final state stored, and no D skip.
 * Compiled code is cached on disk by numba (``cache=True``): the first use on a
-  machine compiles for some seconds per dtype (float32, float64), later
-  processes load it.
+  machine compiles for some seconds per dtype (float32, float64) and kind of
+  ``A``, later processes load it.
 """
 
 from __future__ import annotations
@@ -138,6 +143,26 @@ def _expf(x):
 
 
 @njit(inline="always", error_model="numpy", cache=True)
+def _expf_decay(x):
+    """exp(x) for x <= 0 or NaN, bitwise as :func:`_expf` there, in fewer instructions:
+    without the handling of large positive x (the recurrence's decay factors, exp(dt A)
+    with dt >= 0 and A <= 0; a positive x gives a wrong result)."""
+    xc = x
+    if xc < _EXP_LO:
+        xc = _EXP_LO
+    kf = np.floor(_fma(xc, _LOG2E, _HALF))
+    r = _fma(kf, _NEG_LN2_HI, xc)
+    r = _fma(kf, _NEG_LN2_LO, r)
+    p = _fma(_fma(_fma(_fma(_fma(_fma(_fma(_T7, r, _T6), r, _T5), r, _T4), r, _T3), r, _T2), r, _F1), r, _F1)
+    res = p * _int32_bits_as_float32((np.int32(kf) + np.int32(127)) << np.int32(23))
+    if x < _EXP_LO:
+        res = _F0
+    if x != x:
+        res = x
+    return res
+
+
+@njit(inline="always", error_model="numpy", cache=True)
 def _softplusf(x):
     # softplus(x) = max(x, 0) + log1p(exp(-|x|))
     z = _expf(-x if x > _F0 else x)
@@ -150,11 +175,6 @@ def _softplusf(x):
     return res
 
 
-def _exp(x):
-    """exp in the state dtype (float32: vectorisable polynomial, float64: libm)."""
-    return math.exp(x)
-
-
 def _softplus(x):
     """softplus with torch's threshold (20) in the state dtype."""
     return x if x > _SOFTPLUS_THRESHOLD else math.log1p(math.exp(x))
@@ -165,15 +185,36 @@ def _softplus_grad(x):
     return 1.0 if x > _SOFTPLUS_THRESHOLD else 1.0 / (1.0 + math.exp(-x))
 
 
+# The state recurrence's exponential exp(dt A) is selected when a kernel is compiled,
+# by the dtype of a zero-length marker array the kernel is called with: every A <= 0
+# (a decaying state, as the network's A = -exp(A_log)) makes every argument <= 0 or
+# NaN, and float32 then uses _expf_decay; otherwise the general _expf.
+_EXPS_DECAY = np.zeros(0, dtype=np.uint8)
+_EXPS_ANY = np.zeros(0, dtype=np.int8)
+
+
+def _state_exp(x, exps):
+    """exp(x) of the state recurrence, x = dt * A, in the state dtype (float32: a
+    vectorisable polynomial, float64: libm); ``exps`` is _EXPS_DECAY or _EXPS_ANY."""
+    return math.exp(x)
+
+
+def _exps(A: torch.Tensor) -> np.ndarray:
+    """The marker for the kernels: _EXPS_DECAY when every entry of A is <= 0 (NaN is not)."""
+    return _EXPS_DECAY if bool((A <= 0).all()) else _EXPS_ANY
+
+
 def _is_f32(x) -> bool:
     return isinstance(x, types.Float) and x.bitwidth == 32
 
 
-@overload(_exp, inline="always")
-def _ov_exp(x):
+@overload(_state_exp, inline="always")
+def _ov_state_exp(x, exps):
+    if _is_f32(x) and isinstance(exps, types.Array) and exps.dtype == types.uint8:
+        return lambda x, exps: _expf_decay(x)
     if _is_f32(x):
-        return lambda x: _expf(x)
-    return lambda x: math.exp(x)
+        return lambda x, exps: _expf(x)
+    return lambda x, exps: math.exp(x)
 
 
 @overload(_softplus, inline="always")
@@ -239,7 +280,7 @@ def _units(b: int, K: int, d: int, threads: int) -> tuple[int, int]:
 
 # ------------------------------------------------------------------- kernels
 @njit(nogil=True, fastmath=False, error_model="numpy", cache=True)
-def _forward_units(first, step, u, delta, A, Bm, Cm, bias, h_in, H, W, dir0, block, out_k, h_out, ckpt, save):
+def _forward_units(first, step, u, delta, A, Bm, Cm, bias, h_in, H, W, dir0, block, out_k, h_out, ckpt, save, exps):
     """Scan the work units first, first + step, ... of the (batch, direction,
     channel block) units; input direction k is scan direction ``dir0 + k``.
 
@@ -248,7 +289,7 @@ def _forward_units(first, step, u, delta, A, Bm, Cm, bias, h_in, H, W, dir0, blo
     out_k (b, K, M, d, L): the scan output of direction k at each row-major
     position, without the D skip; h_out (b, K*d, N): the state after the last
     step. With ``save``, ckpt (b, K, chunks, N, d) receives the state entering
-    every chunk.
+    every chunk. ``exps``: the marker of the recurrence's exponential (:func:`_exps`).
     """
     b, M, d, L = u.shape
     K = delta.shape[2]
@@ -305,7 +346,7 @@ def _forward_units(first, step, u, delta, A, Bm, Cm, bias, h_in, H, W, dir0, blo
                     hn = h[n]
                     an = Al[n]
                     for j in range(cbn):
-                        hv = _fma(_exp(dt[j] * an[j]), hn[j], dtu[j] * bn)
+                        hv = _fma(_state_exp(dt[j] * an[j], exps), hn[j], dtu[j] * bn)
                         hn[j] = hv
                         ys[j] = _fma(hv, cn, ys[j])
             for m in range(M):
@@ -319,14 +360,15 @@ def _forward_units(first, step, u, delta, A, Bm, Cm, bias, h_in, H, W, dir0, blo
 
 @njit(nogil=True, fastmath=False, error_model="numpy", cache=True)
 def _backward_units(
-    first, step, u, delta, A, Bm, Cm, bias, dout, H, W, block, groups, ckpt, du_k, ddelta, dA_part, dB_part, dC_part
+    first, step, u, delta, A, Bm, Cm, bias, dout, H, W, block, groups, ckpt, du_k, ddelta, dA_part, dB_part, dC_part,
+    exps,
 ):
     """Gradients of the scan part (the D skip is handled outside) for the work
     units first, first + step, ... of the (batch, direction, group) units; group g
     handles channel blocks g, g + groups, ... and accumulates its dB, dC
     contribution in slot g.
 
-    Inputs as :func:`_forward_units`, dout (b, M, d, L), ckpt from the forward.
+    Inputs as :func:`_forward_units` (``exps`` too), dout (b, M, d, L), ckpt from the forward.
     Outputs: du_k (b, K, M, d, L) per direction, ddelta (b, M, K, d, L),
     dA_part (b, K*d, N), dB_part, dC_part (groups, b, M, K, N, L) zero-filled on
     entry.
@@ -395,7 +437,7 @@ def _backward_units(
                         h0 = hb[s, n]
                         h1 = hb[s + 1, n]
                         for j in range(cbn):
-                            a = _exp(dt[j] * an[j])
+                            a = _state_exp(dt[j] * an[j], exps)
                             a_s[j] = a
                             h1[j] = _fma(a, h0[j], dtu[j] * bn)
                 # reverse-time recurrence
@@ -537,7 +579,7 @@ def _scan_units(u, delta, A, B, C, delta_bias, h0, height, width, dir0, save):
     _run_units(
         _forward_units, b * K * nblk,
         _np(u), _np(delta), _np(A), _np(B), _np(C), _np(delta_bias), _np(h0), height, width, dir0, block,
-        _np(out_k), _np(h_last), _np(ckpt), save,
+        _np(out_k), _np(h_last), _np(ckpt), save, _exps(A),
     )  # fmt: skip
     return out_k, h_last, ckpt
 
@@ -587,7 +629,7 @@ class _CrossScanCPU(torch.autograd.Function):
         _run_units(
             _backward_units, b * K * groups,
             _np(u), _np(delta), _np(A), _np(B), _np(C), _np(delta_bias), _np(dout), height, width, block, groups,
-            _np(ckpt), _np(du_k), _np(ddelta), _np(dA_part), _np(dB_part), _np(dC_part),
+            _np(ckpt), _np(du_k), _np(ddelta), _np(dA_part), _np(dB_part), _np(dC_part), _exps(A),
         )  # fmt: skip
         du = _recover(du_k, dout, D)
         dD = (dout * u).sum(dim=(0, 1, 3)).repeat(K)
