@@ -119,20 +119,34 @@ def _fma(typingctx, a, b, c):
 
 
 @njit(inline="always", error_model="numpy", cache=True)
+def _exp_reduced(xc):
+    """(kf, p) with exp(xc) = p * 2^kf, for xc in [_EXP_LO, _EXP_HI]: kf = round(xc / ln2),
+    p = exp(xc - kf ln2) by the polynomial."""
+    kf = np.floor(_fma(xc, _LOG2E, _HALF))
+    r = _fma(kf, _NEG_LN2_HI, xc)
+    r = _fma(kf, _NEG_LN2_LO, r)
+    p = _fma(_fma(_fma(_fma(_fma(_fma(_fma(_T7, r, _T6), r, _T5), r, _T4), r, _T3), r, _T2), r, _F1), r, _F1)
+    return kf, p
+
+
+@njit(inline="always", error_model="numpy", cache=True)
+def _pow2(kf):
+    """2^kf for a whole kf in [-126, 127], from the exponent bits."""
+    return _int32_bits_as_float32((np.int32(kf) + np.int32(127)) << np.int32(23))
+
+
+@njit(inline="always", error_model="numpy", cache=True)
 def _expf(x):
     xc = x
     if xc < _EXP_LO:
         xc = _EXP_LO
     if xc > _EXP_HI:
         xc = _EXP_HI
-    kf = np.floor(_fma(xc, _LOG2E, _HALF))
-    r = _fma(kf, _NEG_LN2_HI, xc)
-    r = _fma(kf, _NEG_LN2_LO, r)
-    p = _fma(_fma(_fma(_fma(_fma(_fma(_fma(_T7, r, _T6), r, _T5), r, _T4), r, _T3), r, _T2), r, _F1), r, _F1)
+    kf, p = _exp_reduced(xc)
     if kf > _K_MAX:  # only near ln(FLT_MAX): 2^128 is not a float32, use 2 * 2^127
         p = p * _F2
         kf = _K_MAX
-    res = p * _int32_bits_as_float32((np.int32(kf) + np.int32(127)) << np.int32(23))
+    res = p * _pow2(kf)
     if x < _EXP_LO:
         res = _F0
     if x > _EXP_HI:
@@ -150,11 +164,8 @@ def _expf_decay(x):
     xc = x
     if xc < _EXP_LO:
         xc = _EXP_LO
-    kf = np.floor(_fma(xc, _LOG2E, _HALF))
-    r = _fma(kf, _NEG_LN2_HI, xc)
-    r = _fma(kf, _NEG_LN2_LO, r)
-    p = _fma(_fma(_fma(_fma(_fma(_fma(_fma(_T7, r, _T6), r, _T5), r, _T4), r, _T3), r, _T2), r, _F1), r, _F1)
-    res = p * _int32_bits_as_float32((np.int32(kf) + np.int32(127)) << np.int32(23))
+    kf, p = _exp_reduced(xc)
+    res = p * _pow2(kf)
     if x < _EXP_LO:
         res = _F0
     if x != x:
