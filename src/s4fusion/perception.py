@@ -166,8 +166,7 @@ def _fold_batch_norms(net: nn.Module) -> None:
         for block in layer:
             pairs += [(block, f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
             if block.downsample is not None:
-                fold(block.downsample[0], block.downsample[1])
-                block.downsample[1] = nn.Identity()
+                pairs.append((block.downsample, "0", "1"))
     for owner, conv, bn in pairs:
         fold(getattr(owner, conv), getattr(owner, bn))
         setattr(owner, bn, nn.Identity())
