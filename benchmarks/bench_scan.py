@@ -4,6 +4,7 @@ Run from the repository root on a CUDA machine::
 
     python benchmarks/bench_scan.py --json scan.json
     python benchmarks/bench_scan.py --sweep forward --json sweep.json   # launch configurations
+    python benchmarks/bench_scan.py --proj --json proj.json   # the delta up-projection
 
 The inputs are made by the network's own blocks (``SS2D.project`` and
 ``CMSABlock.scan_inputs`` on random activations), so their memory layout is the
@@ -21,6 +22,11 @@ combine's ``COMBINE_*``,
 ``--sweep backward`` forward and backward (``BWD_*``) over the training cases;
 each configuration is checked against the default one's results, and the one
 with the smallest total is reported.
+
+``--proj`` times the delta up-projection (``ops.dt_project``) under ``no_grad`` at
+the same cases, the triton backend's against the reference (PyTorch's batched
+product) in the same run, in float32 and in bfloat16 (``low`` in bfloat16, as
+autocast's projection gives it), with the relative difference between the two.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from bench_gpu import graphed, time_cuda, write_json
 from s4fusion.models import S4FusionConfig
 from s4fusion.models.cmsa import CMSABlock
 from s4fusion.models.ss2d import SS2D
-from s4fusion.ops import cross_scan
+from s4fusion.ops import cross_scan, dt_project
 from s4fusion.ops import triton_scan as ts
 
 # (name, batch, H, W of the token map, scale, kind, scans of this shape per pass)
@@ -119,6 +125,45 @@ SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_scan and the
 }
 
 
+def proj_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.dtype) -> tuple:
+    """(low, weight) of the up-projection of one block of the default network at this
+    map size: low a view of the token-major projection (b, M, L, K, R + 2N), as
+    ``ScanParams.project`` passes it."""
+    cfg = S4FusionConfig()
+    dim = cfg.dims[scale]
+    R, d = cfg.dt_rank(dim), int(cfg.expand * dim)
+    N = cfg.ss2d_d_state if kind == "vss" else cfg.cmsa_d_state
+    M, K = (1 if kind == "vss" else 2), 4
+    g = torch.Generator(device="cuda").manual_seed(scale)
+    P = torch.randn(batch, M, H * W, K, R + 2 * N, device="cuda", generator=g, dtype=dtype)
+    weight = torch.randn(K, d, R, device="cuda", generator=g) * R**-0.5
+    return P[..., :R].permute(0, 1, 3, 2, 4), weight
+
+
+def bench_proj() -> list[dict]:
+    """The up-projection under no_grad at every case, reference and triton (see the
+    module's doc)."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for case in FUSE_CASES + TRAIN_CASES:
+            low, weight = proj_inputs(*case[1:6], dtype)
+            row = {"case": case[0], "dtype": str(dtype).split(".")[-1], "count": case[6]}
+            outs = {}
+            for backend in ("reference", "triton"):
+
+                def run(backend=backend):
+                    with torch.no_grad():
+                        return dt_project(low, weight, backend=backend)
+
+                outs[backend] = run()
+                row[f"{backend}_ms"] = time_ms(run)
+            ref = outs["reference"].float()
+            row["rel_diff"] = ((outs["triton"].float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def _results(x: tuple, H: int, W: int, train: bool, gout: torch.Tensor) -> list[torch.Tensor]:
     if not train:
         with torch.no_grad():
@@ -164,12 +209,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), help="time the launch configurations of one pass")
+    parser.add_argument("--proj", action="store_true", help="time the delta up-projection instead of the scan")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     result: dict = {"device": torch.cuda.get_device_name()}
     if args.sweep:
         result["sweep"] = sweep(args.sweep)
+    elif args.proj:
+        result["proj"] = rows = bench_proj()
+        for dtype in ("float32", "bfloat16"):
+            for kind in ("fuse", "train"):
+                sel = [r for r in rows if r["dtype"] == dtype and r["case"].startswith(kind)]
+                ref, tri = (sum(r[f"{b}_ms"] * r["count"] for r in sel) for b in ("reference", "triton"))
+                print(f"{kind} cases, {dtype}: up-projections of one forward: reference {ref:.3f} ms, triton {tri:.3f} ms")
     else:
         rows = []
         for dtype in (torch.float32, torch.bfloat16):

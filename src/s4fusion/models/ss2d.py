@@ -55,9 +55,10 @@ class ScanParams(nn.Module):
 
         Computed token-major: P = a x_proj^T (b, M, L, K*(R+2N)), split into the low-rank
         delta, B and C (views; their gradients meet in one concatenation), the delta
-        up-projected per direction. delta has its channels innermost in memory, B and C
-        their states, as the GPU scan reads them. With one modality the projection is
-        a single GEMM over every token of the batch (its weight gradient too)."""
+        up-projected per direction (:func:`s4fusion.ops.dt_project`). delta has its
+        channels innermost in memory, B and C their states, as the GPU scan reads them.
+        With one modality the projection is a single GEMM over every token of the batch
+        (its weight gradient too)."""
         R, N = self.dt_rank, self.d_state
         dt_weight = self.dt_projs_weight
         if direction is not None:
@@ -68,8 +69,8 @@ class ScanParams(nn.Module):
         w = x_proj_weight.reshape(M, K * rows, d).transpose(1, 2)  # (M, d, K*rows)
         P = (a.transpose(2, 3) @ (w[0] if M == 1 else w)).view(b, M, L, K, rows)
         low, B, C = P.split([R, N, N], dim=-1)
-        delta = low.permute(0, 1, 3, 2, 4) @ dt_weight.transpose(1, 2)  # (b, M, K, L, d)
-        return delta.transpose(3, 4), B.permute(0, 1, 3, 4, 2), C.permute(0, 1, 3, 4, 2)
+        delta = ops.dt_project(low.permute(0, 1, 3, 2, 4), dt_weight)  # (b, M, K, d, L)
+        return delta, B.permute(0, 1, 3, 4, 2), C.permute(0, 1, 3, 4, 2)
 
     def scan(self, u, delta, B, C, height: int, width: int) -> torch.Tensor:
         """u (b, M, d, L), delta (b, M, K, d, L), B/C (b, M, K, N, L) -> (b, M, d, L)."""

@@ -1,20 +1,22 @@
-"""Scan ops (and the channel LayerNorm) and their backends behind one dispatcher.
+"""Scan ops (with the delta up-projection and the channel LayerNorm) and their
+backends behind one dispatcher.
 
-Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`)
-and :func:`layer_norm` only; they never import a backend. A backend is a function
-with the signature of :func:`s4fusion.ops.reference.cross_scan_ref` registered
-under a name with the devices it serves and a probe saying whether it can run
-here, optionally with a function with the signature of
-:func:`s4fusion.ops.reference.cross_scan_state_ref` and one with that of
-:func:`s4fusion.ops.reference.layer_norm_ref` (backends without one use the
-reference LayerNorm, PyTorch's own).
+Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`),
+:func:`dt_project` and :func:`layer_norm` only; they never import a backend. A
+backend is a function with the signature of
+:func:`s4fusion.ops.reference.cross_scan_ref` registered under a name with the
+devices it serves and a probe saying whether it can run here, optionally with a
+function with the signature of :func:`s4fusion.ops.reference.cross_scan_state_ref`,
+one with that of :func:`s4fusion.ops.reference.dt_project_ref` and one with that
+of :func:`s4fusion.ops.reference.layer_norm_ref` (backends without one use the
+reference's, PyTorch's own operations).
 
 Choosing a backend, in order: the ``backend=`` argument, then
 :func:`set_backend` / the ``S4FUSION_SCAN_BACKEND`` environment variable, then
 the fastest available backend for the input's device (``auto``).
 
-Under :func:`torch.compile`, :func:`layer_norm` is the reference (inductor fuses
-it with its neighbours), and every scan call is a graph break: the backend, its
+Under :func:`torch.compile`, :func:`layer_norm` and :func:`dt_project` are the
+references (inductor fuses them with their neighbours), and every scan call is a graph break: the backend, its
 choice included, runs eagerly as an opaque call (``torch.compiler.disable``,
 applied only when compiling, so that importing the package does not import
 dynamo: :func:`prepare_for_compile`, which :func:`s4fusion.api.compiled` calls,
@@ -36,13 +38,22 @@ from typing import Callable, Optional
 
 import torch
 
-from .reference import cross_scan_ref, cross_scan_state_ref, direction_orders, layer_norm_ref, selective_scan_ref
+from .reference import (
+    cross_scan_ref,
+    cross_scan_state_ref,
+    direction_orders,
+    dt_project_ref,
+    layer_norm_ref,
+    selective_scan_ref,
+)
 
 __all__ = [
     "cross_scan",
     "cross_scan_ref",
     "cross_scan_state",
     "cross_scan_state_ref",
+    "dt_project",
+    "dt_project_ref",
     "layer_norm",
     "layer_norm_ref",
     "prepare_for_compile",
@@ -72,6 +83,7 @@ class Backend:
     how_to_get: str
     state_loader: Optional[Callable[[], Callable]]  # returns the cross_scan_state function; None: has none
     norm_loader: Callable[[], Callable]  # returns the layer_norm function (the reference's by default)
+    proj_loader: Callable[[], Callable]  # returns the dt_project function (the reference's by default)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -87,9 +99,13 @@ def register_backend(
     how_to_get: str = "",
     state_loader: Optional[Callable[[], Callable]] = None,
     norm_loader: Optional[Callable[[], Callable]] = None,
+    proj_loader: Optional[Callable[[], Callable]] = None,
 ) -> None:
     norm_loader = norm_loader or (lambda: layer_norm_ref)
-    _BACKENDS[name] = Backend(name, fn_loader, devices, probe, priority, how_to_get, state_loader, norm_loader)
+    proj_loader = proj_loader or (lambda: dt_project_ref)
+    _BACKENDS[name] = Backend(
+        name, fn_loader, devices, probe, priority, how_to_get, state_loader, norm_loader, proj_loader
+    )
 
 
 def _no_reason() -> Optional[str]:
@@ -170,7 +186,7 @@ _loaded: dict[tuple[str, str], Callable] = {}
 
 def _load(name: str, kind: str = "fn") -> Callable:
     """Backend ``name``'s function of this kind (``fn``: cross_scan, ``state``,
-    ``norm``), imported on first use."""
+    ``norm``, ``proj``), imported on first use."""
     fn = _loaded.get((name, kind))
     if fn is None:
         fn = _loaded[(name, kind)] = getattr(_BACKENDS[name], f"{kind}_loader")()
@@ -192,6 +208,17 @@ def layer_norm(
     if torch.compiler.is_compiling():
         return layer_norm_ref(x, weight, bias, eps, gate)
     return _load(resolve_backend(x.device, backend), "norm")(x, weight, bias, eps, gate)
+
+
+def dt_project(low: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """The per-direction up-projection of the low-rank delta: low (b, M, K, L, R),
+    weight (K, d, R) -> delta (b, M, K, d, L), channels innermost in memory; see
+    :func:`s4fusion.ops.reference.dt_project_ref`. Runs on the up-projection of the
+    backend that :func:`cross_scan` would use for ``low``'s device (``backend``
+    forces one)."""
+    if torch.compiler.is_compiling():
+        return dt_project_ref(low, weight)
+    return _load(resolve_backend(low.device, backend), "proj")(low, weight)
 
 
 _opaque: dict[str, Callable] = {}  # the scan calls wrapped in torch.compiler.disable

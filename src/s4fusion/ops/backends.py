@@ -1,7 +1,7 @@
 """Registration of the fast scan backends (the triton one has no state op:
 :func:`s4fusion.ops.cross_scan_state` runs the CPU kernel on host copies on the
-GPU, see :func:`s4fusion.ops.resolve_state_backend`; it has a LayerNorm of its
-own, the CPU one uses PyTorch's).
+GPU, see :func:`s4fusion.ops.resolve_state_backend`; it has a LayerNorm and a delta
+up-projection of its own, the CPU one uses PyTorch's).
 
 Each backend lives in its own module and is imported only when first used;
 the probe functions here only check whether it could be imported/run.
@@ -66,6 +66,12 @@ def _triton_loader():
     return cross_scan_triton
 
 
+def _triton_proj_loader():
+    from .triton_proj import dt_project_triton
+
+    return dt_project_triton
+
+
 def _triton_norm_loader():
     from .triton_norm import layer_norm_triton
 
@@ -80,4 +86,5 @@ register_backend(
     priority=20,
     how_to_get="install triton (it ships with PyTorch's CUDA wheels on Linux)",
     norm_loader=_triton_norm_loader,
+    proj_loader=_triton_proj_loader,
 )

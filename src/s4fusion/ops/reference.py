@@ -14,6 +14,8 @@ Notation (RELEASED-MODEL-FACTS.md section 3):
   given per position in row-major order, the op unfolds the four scan
   directions, interleaves the modalities (infrared first) per direction, scans,
   un-interleaves and sums the four directions back in row-major order.
+* ``dt_project_ref`` is the per-direction up-projection of the low-rank delta
+  (VMamba's ``dt_projs``), which produces ``cross_scan``'s delta.
 * ``layer_norm_ref`` is LayerNorm over the channels (last dimension), optionally
   times a SiLU gate, as the network's blocks apply it.
 * ``cross_scan_state_ref`` is one direction of ``cross_scan_ref`` started from
@@ -264,6 +266,29 @@ def cross_scan_state_ref(
     y = y.to(u.dtype).view(b, d, L, M).permute(0, 3, 1, 2)  # (b, M, d, L) in scan order
     out = torch.empty(b, M, d, L, dtype=u.dtype, device=u.device)
     return out.index_copy_(3, order, y), h_last
+
+
+def check_dt_project_args(low: torch.Tensor, weight: torch.Tensor) -> None:
+    """Check the shapes of a :func:`dt_project_ref` call (every backend shares this
+    contract); raises ValueError naming the argument, the expected and the given shape."""
+    if low.dim() != 5:
+        raise ValueError(f"dt_project: low must be (b, M, K, L, R), got shape {tuple(low.shape)}")
+    K, R = low.shape[2], low.shape[4]
+    if weight.dim() != 3 or weight.shape[0] != K or weight.shape[2] != R:
+        raise ValueError(f"dt_project: weight must be (K, d, R) = ({K}, d, {R}), got {tuple(weight.shape)}")
+    if weight.device != low.device:
+        raise ValueError(f"dt_project: weight is on {weight.device} but low is on {low.device}")
+
+
+def dt_project_ref(low: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The up-projection of the low-rank delta, per scan direction k:
+    ``delta[b, m, k] = (low[b, m, k] @ weight[k].T).T``.
+
+    low (b, M, K, L, R), weight (K, d, R) -> delta (b, M, K, d, L) in low's dtype
+    (the weight is cast to it, as autocast does for a bfloat16 ``low``), with its
+    channels innermost in memory, as the scans read it."""
+    check_dt_project_args(low, weight)
+    return (low @ weight.to(low.dtype).transpose(1, 2)).transpose(3, 4)
 
 
 def layer_norm_ref(
