@@ -1,22 +1,25 @@
-"""The delta up-projection for half-precision inference as a Triton kernel: the GPU
-twin of :func:`s4fusion.ops.reference.dt_project_ref` for a bfloat16 or float16
-``low`` where no gradient is needed.
+"""The delta up-projection in half precision as Triton kernels: the GPU twin of
+:func:`s4fusion.ops.reference.dt_project_ref` for a bfloat16 or float16 ``low`` (as
+bfloat16 autocast gives it), forward and backward.
 
 Per scan direction k, delta = low W_k^T with low (tokens, R) and W_k (d, R), R of 3
 to 12: every output element is an R-term sum, so the op only moves memory (it
 writes the K d L delta). Under bfloat16 autocast cuBLAS treats it as a batched GEMM
 with an inner size of 3 to 12 and picks kernels meant for large inner sizes (on an
-H200, ``magma_sgemmEx`` at 40 us for the finest scale of a 481x649 fuse). Here a
-program computes BL whole tokens with R broadcast multiply-adds in float32 and
-writes them as one contiguous block, channels innermost, as the scan reads them;
-the result has low's dtype, the weight is not rounded to it first.
+H200, ``magma_sgemmEx`` at 40 us for the finest scale of a 481x649 fuse, and
+``magma_sgemmEx`` and sm75 WMMA kernels of 86-181 us in the training step).
 
-The reference runs instead (BENCHMARKS.md, session 13, H200):
-* for a float32 ``low``: cuBLAS's float32 kernels are as fast at the network's
-  shapes, and a fuse with this kernel measured 0.4-1.7% slower;
-* where autograd needs a gradient: a Triton backward (dL/d(low) per token over the
-  channels, dL/dW over the tokens) made the training step 3.7% (float32) and 17%
-  (bfloat16) slower than cuBLAS's.
+* Forward: a program computes BL whole tokens with R broadcast multiply-adds in
+  float32 and writes them as one contiguous block, channels innermost, as the scan
+  reads them; the result has low's dtype, the weight is not rounded to it first.
+* Backward: a program walks a run of tokens of one direction, BL at a time, reading
+  dL/d(delta) once: dL/d(low) = G W_k per tile and its partial dL/dW_k = low^T G,
+  both on tensor cores with float32 sums; the partials are summed on the host by
+  one reduction. dL/d(low) has low's dtype, dL/dW the weight's.
+
+For a float32 ``low`` the reference runs: cuBLAS's float32 kernels are as fast at
+the network's shapes, and a fuse with the forward kernel measured 0.4-1.7% slower
+(BENCHMARKS.md, session 13, H200).
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ from .reference import check_dt_project_args, dt_project_ref
 
 __all__ = ["dt_project_triton"]
 
-TILE = 4096  # output elements of a program's tile: BL tokens x BD channels
+TILE = 4096  # forward: output elements of a program's tile, BL tokens x BD channels
 WARPS = 2
+BWD_TOKENS = 64  # backward: tokens per tile
+BWD_WARPS = 4
+BWD_PROGRAMS_PER_SM = 4  # backward programs per multiprocessor (each loops over tiles)
 
 
 @triton.jit
@@ -61,26 +67,106 @@ def _proj_fwd_kernel(
     tl.store(out_ptr + o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 
+@triton.jit
+def _proj_bwd_kernel(
+    g_ptr,  # (b, M, K, L, d) dL/d(delta), any strides, low's dtype
+    low_ptr,  # (b, M, K, L, R), any strides
+    w_ptr,  # (K, d, R) dense
+    gl_ptr,  # (b, M, K, L, R) dense out: dL/d(low)
+    part_ptr,  # (b*M*K, P, R, d) f32 out: every program's partial dL/dW (summed on the host)
+    L, d, rows_per_program,
+    sg_b, sg_m, sg_k, sg_l, sg_c, sl_b, sl_m, sl_k, sl_l, sl_r,
+    M: tl.constexpr, K: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    """A run of tokens of one direction, BL at a time, on tensor cores with float32
+    sums: dL/d(low) = G W_k per tile (W_k rounded to G's dtype, as autocast's product
+    rounds it), and low^T G summed over the run (exact products)."""
+    pid_p = tl.program_id(0)
+    pid_bmk = tl.program_id(1)
+    bi = pid_bmk // (M * K)
+    m = (pid_bmk // K) % M
+    k = pid_bmk % K
+    cols = tl.arange(0, BD)
+    rr = tl.arange(0, RP)
+    cmask = cols < d
+    qmask = rr < R
+    dtype = gl_ptr.dtype.element_ty
+    gp = g_ptr + bi.to(tl.int64) * sg_b + m * sg_m + k * sg_k
+    lp = low_ptr + bi.to(tl.int64) * sl_b + m * sl_m + k * sl_k
+    w = tl.load(w_ptr + (k * d + cols[:, None]) * R + rr[None, :], mask=cmask[:, None] & qmask[None, :], other=0.0)
+    w = w.to(dtype)  # (BD, RP)
+    acc = tl.zeros([RP, BD], tl.float32)
+    first = pid_p * rows_per_program
+    last = tl.minimum(first + rows_per_program, L)
+    for r0 in range(first, last, BL):
+        rows = r0 + tl.arange(0, BL)
+        tmask = rows < last
+        rl = rows.to(tl.int64)[:, None]
+        g = tl.load(gp + rl * sg_l + cols[None, :] * sg_c, mask=tmask[:, None] & cmask[None, :], other=0.0)
+        x = tl.load(lp + rl * sl_l + rr[None, :] * sl_r, mask=tmask[:, None] & qmask[None, :], other=0.0)
+        gl = tl.dot(g.to(dtype), w)  # (BL, RP)
+        o = (pid_bmk.to(tl.int64) * L + rl) * R + rr[None, :]
+        tl.store(gl_ptr + o, gl.to(dtype), mask=tmask[:, None] & qmask[None, :])
+        acc = tl.dot(tl.trans(x.to(dtype)), g.to(dtype), acc)  # (RP, BD)
+    part = part_ptr + (pid_bmk.to(tl.int64) * tl.num_programs(0) + pid_p) * R * d
+    tl.store(part + rr[:, None] * d + cols[None, :], acc, mask=qmask[:, None] & cmask[None, :])
+
+
 def _tile(d: int) -> tuple[int, int]:
     bd = triton.next_power_of_2(d)
     return max(1, TILE // bd), bd
 
 
+def _forward(low: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    b, M, K, L, R = low.shape
+    d = weight.shape[1]
+    out = torch.empty(b, M, K, L, d, device=low.device, dtype=low.dtype)
+    if out.numel():
+        bl, bd = _tile(d)
+        _proj_fwd_kernel[(triton.cdiv(L, bl), b * M * K)](
+            low, weight.contiguous(), out, L, d, *low.stride(), M=M, K=K, R=R, BL=bl, BD=bd, num_warps=WARPS
+        )
+    return out.transpose(3, 4)
+
+
+def _backward(low: torch.Tensor, weight: torch.Tensor, gout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, M, K, L, R = low.shape
+    d = weight.shape[1]
+    g = gout.transpose(3, 4)  # (b, M, K, L, d)
+    sms = torch.cuda.get_device_properties(low.device).multi_processor_count if low.is_cuda else 1
+    per_bmk = max(1, min(triton.cdiv(L, BWD_TOKENS), triton.cdiv(BWD_PROGRAMS_PER_SM * sms, b * M * K)))
+    per_program = triton.cdiv(triton.cdiv(L, per_bmk), BWD_TOKENS) * BWD_TOKENS
+    per_bmk = max(1, triton.cdiv(L, per_program))
+    g_low = torch.empty(b, M, K, L, R, device=low.device, dtype=low.dtype)
+    parts = torch.empty(b * M, K, per_bmk, R, d, device=low.device, dtype=torch.float32)
+    bd = max(16, triton.next_power_of_2(d))
+    _proj_bwd_kernel[(per_bmk, b * M * K)](
+        g, low, weight.contiguous(), g_low, parts, L, d, per_program, *g.stride(), *low.stride(),
+        M=M, K=K, R=R, RP=max(16, triton.next_power_of_2(R)), BL=BWD_TOKENS, BD=bd, num_warps=BWD_WARPS,
+    )  # fmt: skip
+    return g_low, parts.sum((0, 2)).transpose(1, 2).to(weight.dtype)  # (K, d, R)
+
+
+class _DtProject(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, low, weight):  # type: ignore[override]
+        ctx.save_for_backward(low, weight)
+        return _forward(low, weight)
+
+    @staticmethod
+    def backward(ctx, gout):  # type: ignore[override]
+        low, weight = ctx.saved_tensors
+        if not low.numel() or not weight.shape[1]:
+            return torch.zeros_like(low), torch.zeros_like(weight)
+        return _backward(low, weight, gout)
+
+
 def dt_project_triton(low: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """low (b, M, K, L, R), weight (K, d, R) -> delta (b, M, K, d, L) in low's dtype,
     channels innermost in memory; see :func:`s4fusion.ops.reference.dt_project_ref`
-    (which runs instead for a float32 ``low`` and where autograd needs a gradient)."""
+    (which runs instead for a float32 ``low``). Differentiable in both inputs."""
     check_dt_project_args(low, weight)
-    if low.dtype == torch.float32 or (torch.is_grad_enabled() and (low.requires_grad or weight.requires_grad)):
+    if low.dtype == torch.float32:
         return dt_project_ref(low, weight)
-    b, M, K, L, R = low.shape
-    d = weight.shape[1]
-    w = weight.contiguous()
-    out = torch.empty(b, M, K, L, d, device=low.device, dtype=low.dtype)
-    if out.numel():
-        with torch.cuda.device(low.device) if low.is_cuda else contextlib.nullcontext():
-            bl, bd = _tile(d)
-            _proj_fwd_kernel[(triton.cdiv(L, bl), b * M * K)](
-                low, w, out, L, d, *low.stride(), M=M, K=K, R=R, BL=bl, BD=bd, num_warps=WARPS
-            )
-    return out.transpose(3, 4)
+    with torch.cuda.device(low.device) if low.is_cuda else contextlib.nullcontext():
+        return _DtProject.apply(low, weight)
