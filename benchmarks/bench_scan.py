@@ -222,7 +222,8 @@ def main() -> int:
             for kind in ("fuse", "train"):
                 sel = [r for r in rows if r["dtype"] == dtype and r["case"].startswith(kind)]
                 ref, tri = (sum(r[f"{b}_ms"] * r["count"] for r in sel) for b in ("reference", "triton"))
-                print(f"{kind} cases, {dtype}: up-projections of one forward: reference {ref:.3f} ms, triton {tri:.3f} ms")
+                print(f"{kind} cases, {dtype}: up-projections of one forward: "
+                      f"reference {ref:.3f} ms, triton {tri:.3f} ms")  # fmt: skip
     else:
         rows = []
         for dtype in (torch.float32, torch.bfloat16):

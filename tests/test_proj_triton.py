@@ -92,12 +92,12 @@ def test_matches_reference_forward_and_both_gradients(case, dtype):
 
 @needs_cuda
 @pytest.mark.gpu
-def test_float32_runs_the_reference_and_bf16_the_kernel():
+def test_float32_and_float64_run_the_reference_and_bf16_the_kernel():
     from s4fusion.ops.triton_proj import dt_project_triton
 
-    low, w = _inputs(1, 2, 4, 37, 3, 72, 27, torch.float32, "cuda")
-    out = dt_project_triton(low, w)
-    assert torch.equal(out, dt_project_ref(low, w))
+    for dtype in (torch.float32, torch.float64):
+        low, w = _inputs(1, 2, 4, 37, 3, 72, 27, dtype, "cuda")
+        assert torch.equal(dt_project_triton(low, w), dt_project_ref(low, w))
     low, w = _inputs(1, 2, 4, 37, 3, 72, 27, torch.bfloat16, "cuda")
     # the kernel does not round the weight to bfloat16 as the reference does
     assert not torch.equal(dt_project_triton(low, w), dt_project_ref(low, w))

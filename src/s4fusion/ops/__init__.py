@@ -16,10 +16,10 @@ Choosing a backend, in order: the ``backend=`` argument, then
 the fastest available backend for the input's device (``auto``).
 
 Under :func:`torch.compile`, :func:`layer_norm` and :func:`dt_project` are the
-references (inductor fuses them with their neighbours), and every scan call is a graph break: the backend, its
-choice included, runs eagerly as an opaque call (``torch.compiler.disable``,
-applied only when compiling, so that importing the package does not import
-dynamo: :func:`prepare_for_compile`, which :func:`s4fusion.api.compiled` calls,
+references (inductor fuses them with their neighbours), and every scan call is a
+graph break: the backend, its choice included, runs eagerly as an opaque call
+(``torch.compiler.disable``, applied only when compiling, so that importing the
+package does not import dynamo: :func:`prepare_for_compile`, which :func:`s4fusion.api.compiled` calls,
 wraps the scans before tracing; without it they are wrapped during tracing,
 which dynamo in torch 2.11 (not in 2.14) cannot trace, adding a graph break), and dynamo
 compiles the code between scans. Dynamo cannot trace the numba and

@@ -17,9 +17,9 @@ H200, ``magma_sgemmEx`` at 40 us for the finest scale of a 481x649 fuse, and
   both on tensor cores with float32 sums; the partials are summed on the host by
   one reduction. dL/d(low) has low's dtype, dL/dW the weight's.
 
-For a float32 ``low`` the reference runs: cuBLAS's float32 kernels are as fast at
-the network's shapes, and a fuse with the forward kernel measured 0.4-1.7% slower
-(BENCHMARKS.md, session 13, H200).
+For a ``low`` of any other dtype the reference runs: cuBLAS's float32 kernels are
+as fast at the network's shapes, and a fuse with the forward kernel measured 0.4-1.7%
+slower (BENCHMARKS.md, session 13, H200); float64 keeps its precision.
 """
 
 from __future__ import annotations
@@ -164,9 +164,10 @@ class _DtProject(torch.autograd.Function):
 def dt_project_triton(low: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """low (b, M, K, L, R), weight (K, d, R) -> delta (b, M, K, d, L) in low's dtype,
     channels innermost in memory; see :func:`s4fusion.ops.reference.dt_project_ref`
-    (which runs instead for a float32 ``low``). Differentiable in both inputs."""
+    (which runs instead for a ``low`` of another dtype: float32, float64).
+    Differentiable in both inputs."""
     check_dt_project_args(low, weight)
-    if low.dtype == torch.float32:
+    if low.dtype not in (torch.bfloat16, torch.float16):
         return dt_project_ref(low, weight)
     with torch.cuda.device(low.device) if low.is_cuda else contextlib.nullcontext():
         return _DtProject.apply(low, weight)
