@@ -12,6 +12,10 @@ the resident memory before the first fuse and the peak.
     python benchmarks/cpu_fuse.py --backends cpu --height 3000 --width 4000 --band 20000 --repeats 1
     taskset -c 0,1 python benchmarks/cpu_fuse.py       # pin to two cores of a bigger machine
 
+``--malloc retain default`` runs each backend with glibc keeping freed memory in the
+process (``s4fusion.allocator.retain_freed_memory``, what ``s4fusion fuse`` does on
+the CPU; the default) and with glibc's default settings, each in its own child.
+
 ``--band N`` runs band-wise (``s4fusion.tiling.banded_forward``, bands of N tokens),
 the path ``s4fusion fuse`` takes for images that do not fit the memory budget;
 ``--topology paper`` the topology of the bundled weights. ``--profile`` adds, for the first backend, the time spent inside the scan per
@@ -54,8 +58,10 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from s4fusion import S4Fusion, S4FusionConfig, ops, tiling
+    from s4fusion.allocator import retain_freed_memory
 
     torch.set_num_threads(args.threads)
+    retained = retain_freed_memory() if args.malloc == ["retain"] else False
     scan_seconds = [0.0]
     if args.profile:
         fast = ops._BACKENDS[args.child].fn_loader()
@@ -91,6 +97,7 @@ def child(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t)
         result = {
             "backend": args.child,
+            "malloc": "retain" if retained else "default",
             "first_s": first,
             "median_s": statistics.median(times),
             "min_s": min(times),
@@ -119,6 +126,8 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="split the first backend's time: scan vs torch operators")
     p.add_argument("--band", type=int, default=0, help="tokens per band: band-wise execution (0: whole image)")
     p.add_argument("--topology", choices=("released", "paper"), default="released")
+    p.add_argument("--malloc", nargs="+", choices=("retain", "default"), default=["retain"],
+                   help="glibc settings to run each backend with (retain: keep freed memory, as the CLI does)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -130,11 +139,12 @@ def main() -> int:
     mode = f"band-wise, {args.band} tokens per band" if args.band else "whole image"
     print(f"fuse one {args.height} x {args.width} (H x W) pair, float32, no_grad, S4Fusion {args.topology} topology, {mode}")
     rows = []
-    for i, backend in enumerate(args.backends):
+    runs = [(backend, malloc) for backend in args.backends for malloc in args.malloc]
+    for i, (backend, malloc) in enumerate(runs):
         repeats = args.reference_repeats if backend == "reference" else args.repeats
         cmd = [sys.executable, os.path.abspath(__file__), "--child", backend, "--height", str(args.height),
                "--width", str(args.width), "--threads", str(args.threads), "--repeats", str(repeats),
-               "--band", str(args.band), "--topology", args.topology]  # fmt: skip
+               "--band", str(args.band), "--topology", args.topology, "--malloc", malloc]  # fmt: skip
         if args.profile and i == 0:
             cmd.append("--profile")
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -148,12 +158,12 @@ def main() -> int:
         if "ops_table" in r:
             print(f"\n{backend}: scan {r['scan_s']:.3f} s of the last timed fuse ({r['median_s']:.3f} s median); "
                   f"torch operators of one fuse by self CPU time:\n{r['ops_table']}")  # fmt: skip
-    print("\n| backend | first call | median of n | min - max | RSS before | peak RSS |")
-    print("|---|---|---|---|---|---|")
+    print("\n| backend | malloc | first call | median of n | min - max | RSS before | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backend']} | {r['first_s']:.2f} s | {r['median_s']:.3f} s (n={r['repeats']}) | "
+        print(f"| {r['backend']} | {r['malloc']} | {r['first_s']:.2f} s | {r['median_s']:.3f} s (n={r['repeats']}) | "
               f"{r['min_s']:.3f} - {r['max_s']:.3f} s | {r['rss_before_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB |")  # fmt: skip
-    return 0 if len(rows) == len(args.backends) else 1
+    return 0 if len(rows) == len(runs) else 1
 
 
 if __name__ == "__main__":

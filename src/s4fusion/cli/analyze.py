@@ -87,9 +87,13 @@ def _weights_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args: argparse.Namespace):
+    from ..allocator import retain_freed_memory
     from ..api import load_model
 
-    return load_model(args.weights, args.device)
+    model = load_model(args.weights, args.device)
+    if next(model.parameters()).device.type == "cpu":
+        retain_freed_memory()
+    return model
 
 
 def _fail(message: str) -> int:

@@ -26,6 +26,7 @@ from ..api import (
     prepare_pair,
     resolve_device,
 )
+from ..allocator import retain_freed_memory
 from ..checkpoint import CheckpointError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -282,6 +283,8 @@ def run_fuse(args: argparse.Namespace) -> int:
         if args.memory_budget is not None and args.memory_budget <= 0:
             raise UsageError(f"--memory-budget must be > 0 GiB, got {args.memory_budget}")
         jobs, notes = plan(args)
+        if device.type == "cpu":
+            retain_freed_memory()
         model = load_model(weights, device)
         if args.tile not in ("auto", 0):
             tiling.tile_tokens(model.config, args.tile)
