@@ -162,7 +162,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['backend']} | {r['malloc']} | {r['first_s']:.2f} s | {r['median_s']:.3f} s (n={r['repeats']}) | "
-              f"{r['min_s']:.3f} - {r['max_s']:.3f} s | {r['rss_before_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB |")  # fmt: skip
+              f"{r['min_s']:.3f} - {r['max_s']:.3f} s | {r['rss_before_mib']:.0f} MiB | "
+              f"{r['peak_rss_mib']:.0f} MiB |")  # fmt: skip
     return 0 if len(rows) == len(runs) else 1
 
 
