@@ -17,7 +17,7 @@ H200, ``magma_sgemmEx`` at 40 us for the finest scale of a 481x649 fuse, and
   both on tensor cores with float32 sums; the partials are summed on the host by
   one reduction. dL/d(low) has low's dtype, dL/dW the weight's.
 
-For a ``low`` of any other dtype the reference runs: cuBLAS's float32 kernels are
+For a ``low`` of any other dtype the reference runs: cuBLAS's float32 kernels are at least
 as fast at the network's shapes, and a fuse with the forward kernel measured 0.4-1.7%
 slower (BENCHMARKS.md, session 13, H200); float64 keeps its precision.
 """
