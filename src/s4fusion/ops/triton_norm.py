@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_grid import runs_of_tiles
+
 __all__ = ["layer_norm_triton"]
 
 TILE = 4096  # elements of a program's tile (BR tokens x BC channels)
@@ -145,10 +147,7 @@ class _LayerNorm(torch.autograd.Function):
         dx = torch.empty(R, C, device=x2.device, dtype=x_dtype)
         dz = torch.empty(R, C, device=x2.device, dtype=gate_info[1]) if gate_info is not None else dx
         br, bc = _tile(C)
-        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count if x2.is_cuda else 1
-        programs = max(1, min(triton.cdiv(R, br), BWD_PROGRAMS_PER_SM * sms))
-        per_program = triton.cdiv(triton.cdiv(R, programs), br) * br
-        programs = max(1, triton.cdiv(R, per_program))
+        programs, per_program = runs_of_tiles(R, br, 1, x2.device, BWD_PROGRAMS_PER_SM)
         parts = torch.empty(programs, 2, C, device=x2.device, dtype=torch.float32)
         _ln_bwd_kernel[(programs,)](
             x2, z2, weight, bias, g2, mean, rstd, dx, dz, parts, R, C, per_program,

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .reference import check_dt_project_args, dt_project_ref
+from .triton_grid import runs_of_tiles
 
 __all__ = ["dt_project_triton"]
 
@@ -133,10 +134,7 @@ def _backward(low: torch.Tensor, weight: torch.Tensor, gout: torch.Tensor) -> tu
     b, M, K, L, R = low.shape
     d = weight.shape[1]
     g = gout.transpose(3, 4)  # (b, M, K, L, d)
-    sms = torch.cuda.get_device_properties(low.device).multi_processor_count if low.is_cuda else 1
-    per_bmk = max(1, min(triton.cdiv(L, BWD_TOKENS), triton.cdiv(BWD_PROGRAMS_PER_SM * sms, b * M * K)))
-    per_program = triton.cdiv(triton.cdiv(L, per_bmk), BWD_TOKENS) * BWD_TOKENS
-    per_bmk = max(1, triton.cdiv(L, per_program))
+    per_bmk, per_program = runs_of_tiles(L, BWD_TOKENS, b * M * K, low.device, BWD_PROGRAMS_PER_SM)
     g_low = torch.empty(b, M, K, L, R, device=low.device, dtype=low.dtype)
     parts = torch.empty(b * M, K, per_bmk, R, d, device=low.device, dtype=torch.float32)
     bd = max(16, triton.next_power_of_2(d))
