@@ -1,4 +1,5 @@
-"""Helpers shared by the scan backend tests (test_scan_cpu, test_scan_state)."""
+"""Helpers shared by the backend tests (test_scan_cpu, test_scan_state; the Triton
+LayerNorm's and up-projection's: :func:`errors_against_float64`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     assert out.shape == ref.shape, (out.shape, ref.shape)
     out, ref = out.detach().double(), ref.detach().double()
     return ((out - ref).norm() / ref.norm()).item()
+
+
+def errors_against_float64(fn, ref_fn, inputs, gout):
+    """``fn(*inputs)`` and its gradients for ``gout`` against ``ref_fn`` on float64
+    copies of the inputs (``gout`` in float64). Returns (out, grads, the relative errors
+    of [out, *grads])."""
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, gout.to(out.dtype))
+    ref_in = [t.detach().double().requires_grad_() for t in inputs]
+    ref = ref_fn(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, gout.double())
+    return out, grads, [rel(a, r) for a, r in zip([out, *grads], [ref, *ref_grads])]
 
 
 def make_inputs(b, M, d, N, H, W, dtype=torch.float64, seed=0, K=4):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from s4fusion import ops
 from s4fusion.models.layers import LayerNorm
 from s4fusion.ops import layer_norm_ref
+from scan_helpers import errors_against_float64
 from triton_interpreter import worst_in_interpreter
 
 triton = pytest.importorskip("triton", reason="the triton LayerNorm needs the triton package")
@@ -47,12 +48,12 @@ def _inputs(lead, C, gated, strided, dtype, device, seed=0):
 
 
 def _errors(fn, ins, gout):
-    out = fn(*ins[:3], 1e-5, ins[3] if len(ins) > 3 else None)
-    grads = torch.autograd.grad(out, ins, gout.to(out.dtype))
-    ref_in = [t.detach().double().requires_grad_() for t in ins]
-    ref = layer_norm_ref(*ref_in[:3], 1e-5, ref_in[3] if len(ins) > 3 else None)
-    ref_grads = torch.autograd.grad(ref, ref_in, gout.double())
-    rel = [((a.double() - r).norm() / r.norm()).item() for a, r in zip([out, *grads], [ref, *ref_grads])]
+    """fn (a layer_norm) on x, weight, bias[, gate] against the reference in float64."""
+
+    def call(layer_norm):
+        return lambda x, w, b, *gate: layer_norm(x, w, b, 1e-5, gate[0] if gate else None)
+
+    out, _, rel = errors_against_float64(call(fn), call(layer_norm_ref), ins, gout)
     return out, rel
 
 

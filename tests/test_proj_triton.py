@@ -14,6 +14,7 @@ import torch
 
 from s4fusion import ops
 from s4fusion.ops import dt_project_ref
+from scan_helpers import errors_against_float64
 from triton_interpreter import worst_in_interpreter
 
 triton = pytest.importorskip("triton", reason="the triton up-projection needs the triton package")
@@ -46,16 +47,6 @@ def _inputs(b, M, K, L, R, d, rows, dtype, device, seed=0):
     return [low.detach().requires_grad_(), w.requires_grad_()]
 
 
-def _errors(fn, ins, gout):
-    out = fn(*ins)
-    grads = torch.autograd.grad(out, ins, gout.to(out.dtype))
-    ref_in = [t.detach().double().requires_grad_() for t in ins]
-    ref = dt_project_ref(*ref_in)
-    ref_grads = torch.autograd.grad(ref, ref_in, gout.double())
-    rel = [((a.double() - r).norm() / r.norm()).item() for a, r in zip([out, *grads], [ref, *ref_grads])]
-    return out, grads, rel
-
-
 def test_reference_is_the_per_direction_product():
     low, w = _inputs(2, 2, 4, 11, 3, 5, 7, torch.float64, "cpu")
     delta = dt_project_ref(low, w)
@@ -82,7 +73,7 @@ def test_matches_reference_forward_and_both_gradients(case, dtype):
     ins = _inputs(*case, dtype, "cuda")
     b, M, K, L, R, d, _ = case
     gout = torch.randn(b, M, K, L, d, device="cuda").transpose(3, 4)  # the scan's layout
-    out, grads, rel = _errors(dt_project_triton, ins, gout)
+    out, grads, rel = errors_against_float64(dt_project_triton, dt_project_ref, ins, gout)
     assert out.dtype == dtype and out.shape == (b, M, K, d, L) and out.stride(3) == 1
     assert grads[0].dtype == dtype and grads[1].dtype == torch.float32
     tol_out, tol_grad = TOLERANCES[dtype]
