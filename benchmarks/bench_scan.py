@@ -62,20 +62,27 @@ TRAIN_CASES = [
 ]
 
 
-def scan_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.dtype) -> tuple:
-    """The scan arguments of one block of the default network at this map size."""
+def _block(scale: int, kind: str) -> SS2D | CMSABlock:
+    """A block of the default network at this scale (``vss``: SS2D, ``cmsa``: CMSABlock),
+    on the GPU, with the seeded random weights of this benchmark."""
     cfg = S4FusionConfig()
     dim = cfg.dims[scale]
     args = (cfg.expand, cfg.dt_rank(dim), cfg.d_conv, cfg.norm_eps)
     torch.manual_seed(scale)
+    if kind == "vss":
+        return SS2D(dim, cfg.ss2d_d_state, *args).cuda()
+    return CMSABlock(dim, cfg.cmsa_d_state, *args).cuda()
+
+
+def scan_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.dtype) -> tuple:
+    """The scan arguments of one block of the default network at this map size."""
+    block = _block(scale, kind)
     with torch.no_grad():
         if kind == "vss":
-            block = SS2D(dim, cfg.ss2d_d_state, *args).cuda()
             a = block.conv_act(torch.randn(batch, H, W, block.d_inner, device="cuda"))
             u = a.reshape(batch, 1, block.d_inner, H * W)
             delta, B, C = block.project(u, block.x_proj_weight[None])
         else:
-            block = CMSABlock(dim, cfg.cmsa_d_state, *args).cuda()
             a = [block.conv_act(torch.randn(batch, H, W, block.d_inner, device="cuda")) for _ in range(2)]
             u, delta, B, C = block.scan_inputs(*a)
     A = -torch.exp(block.A_logs.detach())
@@ -129,14 +136,11 @@ def proj_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.
     """(low, weight) of the up-projection of one block of the default network at this
     map size: low a view of the token-major projection (b, M, L, K, R + 2N), as
     ``ScanParams.project`` passes it."""
-    cfg = S4FusionConfig()
-    dim = cfg.dims[scale]
-    R, d = cfg.dt_rank(dim), int(cfg.expand * dim)
-    N = cfg.ss2d_d_state if kind == "vss" else cfg.cmsa_d_state
-    M, K = (1 if kind == "vss" else 2), 4
+    block = _block(scale, kind)
+    R, N, weight = block.dt_rank, block.d_state, block.dt_projs_weight.detach()
+    M, K = (1 if kind == "vss" else 2), weight.shape[0]
     g = torch.Generator(device="cuda").manual_seed(scale)
     P = torch.randn(batch, M, H * W, K, R + 2 * N, device="cuda", generator=g, dtype=dtype)
-    weight = torch.randn(K, d, R, device="cuda", generator=g) * R**-0.5
     return P[..., :R].permute(0, 1, 3, 2, 4), weight
 
 
