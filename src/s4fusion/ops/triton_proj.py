@@ -164,8 +164,8 @@ def dt_project_triton(low: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     channels innermost in memory; see :func:`s4fusion.ops.reference.dt_project_ref`
     (which runs instead for a ``low`` of another dtype: float32, float64).
     Differentiable in both inputs."""
-    check_dt_project_args(low, weight)
     if low.dtype not in (torch.bfloat16, torch.float16):
-        return dt_project_ref(low, weight)
+        return dt_project_ref(low, weight)  # (which checks the arguments)
+    check_dt_project_args(low, weight)
     with torch.cuda.device(low.device) if low.is_cuda else contextlib.nullcontext():
         return _DtProject.apply(low, weight)
