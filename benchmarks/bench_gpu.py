@@ -16,7 +16,9 @@ whole forward (or of forward, loss, backward and AdamW step); ``compile`` runs t
 network compiled by ``torch.compile`` (``s4fusion.api.compiled``: inductor, static
 shapes, a graph break at every scan) and replays one CUDA graph of that; ``bf16``
 adds bfloat16 autocast (the training default of this package) and cuDNN's benchmark
-mode, as the fusing API and the trainer run bf16. Compilation
+mode, as the fusing API and the trainer run bf16; the ``graph-bf16`` fuse runs the
+network through ``s4fusion.cast_weights.CastWeights``, as the fusing API's graphs do
+under autocast (the weights' casts as one refresh of bf16 copies). Compilation
 happens in the warm-up, outside of timing; its wall time (compiling and the first
 run) is reported as ``compile_s``. A mode that fails is reported with its error
 and the others still run (exit code 1). The reference scan
@@ -41,6 +43,7 @@ import torch
 from s4fusion import S4Fusion
 from s4fusion.api import compiled, cudnn_autotune
 from s4fusion.cuda_graphs import record
+from s4fusion.cast_weights import CastWeights
 from s4fusion.losses import weighted_l1_loss
 from s4fusion.ops import set_backend
 
@@ -141,6 +144,8 @@ def bench_fuse(model: S4Fusion, size: tuple[int, int], mode: str, backend: str) 
     vi = torch.rand(1, 1, H, W, device="cuda", generator=g)
     bf16 = "bf16" in mode
     net = compiled(model) if mode.startswith("compile") else model
+    if mode == "graph-bf16":  # as the fusing API's graphs run under autocast
+        net = CastWeights(model, torch.bfloat16)
     set_backend(backend)
     try:
         with cudnn_autotune(torch.device("cuda"), "bf16" if bf16 else "fp32"):  # as the fusing API does
@@ -175,6 +180,8 @@ def training_step(mode: str) -> Callable[[], torch.Tensor]:
     torch.manual_seed(0)
     model = S4Fusion().cuda().train()
     net = compiled(model) if mode.startswith("compile") else model
+    if mode == "graph-bf16":  # as the fusing API's graphs run under autocast
+        net = CastWeights(model, torch.bfloat16)
     graph = graph_mode(mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph, fused=True)  # as the trainer's
     g = torch.Generator(device="cuda").manual_seed(0)

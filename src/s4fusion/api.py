@@ -59,6 +59,7 @@ from PIL import Image
 
 from . import checkpoint as ckpt
 from . import cuda_graphs, io, ops, tiling
+from .cast_weights import LOWER_DTYPES, CastWeights
 from .models import S4Fusion
 
 __all__ = [
@@ -226,7 +227,10 @@ class _GraphedPass:
             raise ValueError(f"CUDA graphs need CUDA tensors; the inputs are on {infrared.device}")
         self.device = infrared.device
         self.infrared, self.visible_y = infrared.clone(), visible_y.clone()
-        self.graph, self.out = cuda_graphs.record(lambda: model(self.infrared, self.visible_y), self.device)
+        dtype = _cuda_autocast()
+        # under autocast, the weights' casts are one refresh of low-precision copies
+        self.run = CastWeights(model, dtype) if dtype in LOWER_DTYPES else model
+        self.graph, self.out = cuda_graphs.record(lambda: self.run(self.infrared, self.visible_y), self.device)
 
     def __call__(self, infrared: torch.Tensor, visible_y: torch.Tensor) -> torch.Tensor:
         with torch.cuda.device(self.device):
@@ -283,7 +287,10 @@ def graphed(model: torch.nn.Module, record_at: int = 1) -> Callable[[torch.Tenso
     of it (the calls before it run ``model`` as usual); later calls copy their inputs
     into the graph's buffers and replay it: every kernel of the pass launches at
     once, without the host's per-kernel launch cost, which at small and medium sizes
-    is longer than the kernels. Up to :data:`GRAPH_LIMIT` graphs are kept per model
+    is longer than the kernels. Under autocast, the graph runs ``model`` through
+    :class:`s4fusion.cast_weights.CastWeights`: its matrix-product weights are cast by one
+    refresh of low-precision copies instead of a cast kernel each (same values, same
+    output). Up to :data:`GRAPH_LIMIT` graphs are kept per model
     (each holds the memory of one pass at its size); the oldest goes first. The
     result is a new tensor, as ``model(...)``'s. Record and replay under the same
     grad mode (``torch.inference_mode()`` in the fusing functions). Parameters

@@ -175,6 +175,8 @@ class _ModalityScan(ScanParams):
     (K, R+2N, d) for the low-rank delta, B and C, plus the delta up-projection and
     bias, ``A_logs`` and ``Ds`` of :class:`ScanParams`."""
 
+    matmul_weights = ("x_proj_weight",)
+
     def __init__(self, d_inner: int, dt_rank: int, d_state: int) -> None:
         super().__init__(d_inner, dt_rank, d_state)
         self.x_proj_weight = uniform_((NUM_DIRECTIONS, dt_rank + 2 * d_state, d_inner), d_inner**-0.5)

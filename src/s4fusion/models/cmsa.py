@@ -15,6 +15,8 @@ class PatchMark(nn.Module):
     ``mark_proj`` (d, 2d), infrared channels first.
     """
 
+    matmul_weights = ("mark_proj",)
+
     def __init__(self, d_inner: int) -> None:
         super().__init__()
         self.mark_proj = uniform_((d_inner, 2 * d_inner), (2 * d_inner) ** -0.5)
@@ -39,6 +41,8 @@ class CMSABlock(GatedScanBranch):
     With ``patch_mark=False`` (ablation, paper Table 3 Exp. 5) no mark is created
     and the scan input is the unmarked features.
     """
+
+    matmul_weights = ("x_proj_weight", "y_proj_weight")
 
     def __init__(
         self, dim: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float, patch_mark: bool = True

@@ -121,6 +121,8 @@ class GatedScanBranch(ScanParams):
 class SS2D(GatedScanBranch):
     """2-D selective scan over four directions (RELEASED-MODEL-FACTS.md 2.2, 3.2)."""
 
+    matmul_weights = ("x_proj_weight",)
+
     def __init__(self, dim: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float) -> None:
         super().__init__(dim, d_state, expand, dt_rank, d_conv, eps)
         self.x_proj_weight = uniform_((NUM_DIRECTIONS, dt_rank + 2 * d_state, self.d_inner), self.d_inner**-0.5)

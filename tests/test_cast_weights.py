@@ -1,0 +1,127 @@
+"""CastWeights: low-precision copies of the matrix-product weights give autocast's output exactly."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from s4fusion import S4Fusion, S4FusionConfig, api, ops
+from s4fusion.cast_weights import CastWeights, matmul_parameter_names
+from s4fusion.models.ablation import ABLATION_PRESETS
+
+SMALL = S4FusionConfig(dims=(8, 16, 32), depths=(1, 1, 1), decoder_depths=(1, 1, 1), cmsa_depth=1, ss2d_d_state=4)
+FLOAT32_PARAMETERS = ("A_logs", "Ds", "dt_projs_weight", "dt_projs_bias", "norm.weight", "norm.bias")
+
+
+def _pair(seed: int, h: int = 24, w: int = 30, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.rand(1, 1, h, w, generator=g).to(device) for _ in range(2))
+
+
+def test_names_are_the_matrix_product_weights_of_the_default_network():
+    model = S4Fusion()
+    names = matmul_parameter_names(model)
+    params = dict(model.named_parameters())
+    assert len(names) == len(set(names)) == 136
+    linear = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert all(f"{n}.weight" in names for n in linear)
+    assert sum(n.endswith(("x_proj_weight", "y_proj_weight", "mark_proj")) for n in names) == sum(
+        n.endswith(("x_proj_weight", "y_proj_weight", "mark_proj")) for n in params
+    )
+    assert not [n for n in names if n.endswith(FLOAT32_PARAMETERS)]
+
+
+def _intermediates(model, run, ir, vi, monkeypatch) -> list[torch.Tensor]:
+    """Every tensor that every submodule of ``model`` returns during ``run(ir, vi)``, and
+    every tensor argument of the scan, LayerNorm and up-projection ops, in call order.
+    The ops' arguments show a float32 parameter given rounded (A, D, the delta bias,
+    the norms' weights), which the bf16 values after the ops may round away."""
+    seen: list[torch.Tensor] = []
+
+    def keep(values) -> None:
+        seen.extend(t.clone() for t in torch.utils._pytree.tree_leaves(values) if isinstance(t, torch.Tensor))
+
+    for name in ("cross_scan", "layer_norm", "dt_project"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _op=op, **kwargs: keep((args, kwargs)) or _op(*args, **kwargs))
+    hooks = [m.register_forward_hook(lambda module, args, out: keep(out)) for m in model.modules()]
+    try:
+        run(ir, vi)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        monkeypatch.undo()
+    return seen
+
+
+@pytest.mark.parametrize("topology", ["released", "paper"])
+@pytest.mark.parametrize("name", sorted(ABLATION_PRESETS))
+def test_cpu_bf16_output_is_autocasts_bit_for_bit(name, topology, monkeypatch):
+    torch.manual_seed(0)
+    preset = {k: v for k, v in ABLATION_PRESETS[name].items() if k not in ("dims", "cmsa_depth")}
+    model = S4Fusion(replace(SMALL, topology=topology, **preset)).eval()
+    ir, vi = _pair(1)
+    cast = CastWeights(model, torch.bfloat16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _intermediates(model, model, ir, vi, monkeypatch)
+        got = _intermediates(model, cast, ir, vi, monkeypatch)
+    assert expected[-1].dtype == torch.bfloat16 and len(got) == len(expected) > 20
+    assert all(g.dtype == e.dtype and torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_copies_follow_in_place_changes_and_leave_the_parameters_alone():
+    torch.manual_seed(0)
+    model = S4Fusion(SMALL).eval()
+    ir, vi = _pair(2)
+    cast = CastWeights(model, torch.bfloat16)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        first = cast(ir, vi)
+        assert all(torch.equal(p, before[n]) and p.dtype == torch.float32 for n, p in model.named_parameters())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)  # in place: the next call sees it
+        second, expected = cast(ir, vi), model(ir, vi)
+    assert not torch.equal(first, second)
+    assert torch.equal(second, expected)
+
+
+def test_rejects_a_dtype_autocast_does_not_lower_to():
+    with pytest.raises(ValueError, match="bfloat16 or torch.float16, got torch.float32"):
+        CastWeights(S4Fusion(SMALL), torch.float32)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
+
+
+def _cast_kernels(fn) -> int:
+    """Kernels of one call of ``fn`` that convert float32 to a half-precision type."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and "copy_kernel" in e.name)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_graph_of_cast_weights_drops_the_cast_kernels_and_keeps_the_output(dtype):
+    torch.manual_seed(0)
+    model = S4Fusion().cuda().eval()
+    ir, vi = _pair(3, 96, 128, "cuda")
+    cast = CastWeights(model, dtype)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+        eager, through_copies = model(ir, vi), cast(ir, vi)
+        plain, fewer = _cast_kernels(lambda: model(ir, vi)), _cast_kernels(lambda: cast(ir, vi))
+        graphed = api.graphed(model)(ir, vi)
+    # the scan's float32 atomic adds make runs differ in the last bits
+    assert (through_copies.float() - eager.float()).abs().max() < 2e-2
+    assert (graphed.float() - eager.float()).abs().max() < 2e-2
+    assert plain - fewer >= len(cast.names) - 4, (plain, fewer)  # the refresh: a few multi-tensor kernels
+    (recorded,) = vars(model)[api._GRAPHED_ATTR].passes.values()
+    assert isinstance(recorded[1].run, CastWeights) and recorded[1].run.dtype == dtype
