@@ -180,8 +180,6 @@ def training_step(mode: str) -> Callable[[], torch.Tensor]:
     torch.manual_seed(0)
     model = S4Fusion().cuda().train()
     net = compiled(model) if mode.startswith("compile") else model
-    if mode == "graph-bf16":  # as the fusing API's graphs run under autocast
-        net = CastWeights(model, torch.bfloat16)
     graph = graph_mode(mode)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, capturable=graph, fused=True)  # as the trainer's
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -88,9 +88,11 @@ def test_copies_follow_in_place_changes_and_leave_the_parameters_alone():
     assert torch.equal(second, expected)
 
 
-def test_rejects_a_dtype_autocast_does_not_lower_to():
+def test_rejects_a_dtype_autocast_does_not_lower_to_and_grad_mode():
     with pytest.raises(ValueError, match="bfloat16 or torch.float16, got torch.float32"):
         CastWeights(S4Fusion(SMALL), torch.float32)
+    with pytest.raises(RuntimeError, match="CastWeights is for inference"):
+        CastWeights(S4Fusion(SMALL), torch.bfloat16)(*_pair(0))
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")

@@ -49,8 +49,9 @@ class CastWeights:
     replaced by ``dtype`` copies, which every call first refreshes from the float32
     parameters (so changes made in place, by ``load_state_dict`` or an optimizer step,
     are seen; a CUDA graph of a call records the refresh too). For inference under
-    autocast in ``dtype``: gradients do not reach the float32 parameters. A parameter
-    replaced by a new tensor is not seen: make a new CastWeights."""
+    autocast in ``dtype``: a call with grad mode on raises RuntimeError (gradients
+    would not reach the float32 parameters). A parameter replaced by a new tensor is
+    not seen: make a new CastWeights."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
         if dtype not in LOWER_DTYPES:
@@ -66,5 +67,10 @@ class CastWeights:
         torch._foreach_copy_(self._copies, self._sources)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "CastWeights is for inference: gradients would not reach the float32 parameters; "
+                "call it under torch.inference_mode() or torch.no_grad(), or call the model itself to train"
+            )
         self.refresh()
         return functional_call(self.model, dict(zip(self.names, self._copies)), args, kwargs)
