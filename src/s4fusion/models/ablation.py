@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .cmsa import ResidualPairStack
 from .config import CROSS_ATTENTION_HEADS, S4FusionConfig
-from .layers import LayerNorm, depthwise_conv
+from .layers import DepthwiseConvSiLU, LayerNorm
 from .ss2d import NUM_DIRECTIONS, ScanParams, uniform_
 
 __all__ = [
@@ -197,7 +197,7 @@ class FSSMBlock(nn.Module):
         super().__init__()
         d_inner = int(expand * dim)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
-        self.conv2d = depthwise_conv(d_inner, d_conv)
+        self.conv2d = DepthwiseConvSiLU(d_inner, d_conv)
         self.ir = _ModalityScan(d_inner, dt_rank, d_state)
         self.vi = _ModalityScan(d_inner, dt_rank, d_state)
         self.out_norm = LayerNorm(d_inner, eps=eps)
@@ -206,7 +206,7 @@ class FSSMBlock(nn.Module):
     def _branch_in(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, C) -> a (B, d, H, W) after conv + SiLU, gate z (B, H, W, d)."""
         a, z = self.in_proj(v).chunk(2, dim=-1)
-        return F.silu(self.conv2d(a.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))), z
+        return self.conv2d(a.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)), z
 
     def _branch_out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """scan output (B, d, L) and gate z (B, H, W, d) -> (B, H, W, C)."""

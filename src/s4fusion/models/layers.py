@@ -18,14 +18,22 @@ class LayerNorm(nn.LayerNorm):
         return ops.layer_norm(x, self.weight, self.bias, self.eps, gate)
 
 
-def depthwise_conv(channels: int, kernel: int) -> nn.Conv2d:
-    """The depthwise conv of the SS2D / Cross SS2D branches (same padding, bias). It
-    runs on channels-last inputs, so its weight is kept channels-last too: the
-    weight's gradient then has the weight's strides (DDP's gradient-layout contract;
-    otherwise DDP warns and copies the gradient into its buckets). Values, state dict
-    and results are unchanged."""
-    conv = nn.Conv2d(channels, channels, kernel, padding=(kernel - 1) // 2, groups=channels)
-    return conv.to(memory_format=torch.channels_last)
+class DepthwiseConvSiLU(nn.Conv2d):
+    """The depthwise conv + SiLU of the SS2D / Cross SS2D branches (same padding,
+    bias): (b, d, H, W) channels-last -> ``silu(conv(x) + bias)``, channels-last. The
+    convolution runs without its bias; the bias and the SiLU are one op
+    (:func:`s4fusion.ops.bias_silu`, on a GPU one kernel each way). The weight is kept
+    channels-last, like the inputs: the weight's gradient then has the weight's
+    strides (DDP's gradient-layout contract; otherwise DDP warns and copies the
+    gradient into its buckets). Parameters and state dict are ``nn.Conv2d``'s."""
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__(channels, channels, kernel, padding=(kernel - 1) // 2, groups=channels)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return ops.bias_silu(out, self.bias)
 
 
 class OverlapPatchEmbed(nn.Module):

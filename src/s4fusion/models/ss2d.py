@@ -6,10 +6,9 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import ops
-from .layers import LayerNorm, depthwise_conv
+from .layers import DepthwiseConvSiLU, LayerNorm
 
 NUM_DIRECTIONS = 4
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -96,7 +95,7 @@ class GatedScanBranch(ScanParams):
         d_inner = int(expand * dim)
         super().__init__(d_inner, dt_rank, d_state)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
-        self.conv2d = depthwise_conv(d_inner, d_conv)
+        self.conv2d = DepthwiseConvSiLU(d_inner, d_conv)
         self.out_norm = LayerNorm(d_inner, eps=eps)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
@@ -109,7 +108,7 @@ class GatedScanBranch(ScanParams):
     def conv_act(self, x_in: torch.Tensor) -> torch.Tensor:
         """The depthwise conv + SiLU of the branch: x_in (b, H, W, d) -> a (b, d, H, W),
         channels innermost in memory (``torch.channels_last``)."""
-        return F.silu(self.conv2d(x_in.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)))
+        return self.conv2d(x_in.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
 
     def branch_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y (b, d, L) scan output, z (b, H, W, d) -> (b, H, W, C)."""

@@ -2,20 +2,21 @@
 backends behind one dispatcher.
 
 Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`),
-:func:`dt_project` and :func:`layer_norm` only; they never import a backend. A
+:func:`dt_project`, :func:`layer_norm` and :func:`bias_silu` only; they never import a backend. A
 backend is a function with the signature of
 :func:`s4fusion.ops.reference.cross_scan_ref` registered under a name with the
 devices it serves and a probe saying whether it can run here, optionally with a
 function with the signature of :func:`s4fusion.ops.reference.cross_scan_state_ref`,
-one with that of :func:`s4fusion.ops.reference.dt_project_ref` and one with that
-of :func:`s4fusion.ops.reference.layer_norm_ref` (backends without one use the
+one with that of :func:`s4fusion.ops.reference.dt_project_ref`, one with that
+of :func:`s4fusion.ops.reference.layer_norm_ref` and one with that of
+:func:`s4fusion.ops.reference.bias_silu_ref` (backends without one use the
 reference's, PyTorch's own operations).
 
 Choosing a backend, in order: the ``backend=`` argument, then
 :func:`set_backend` / the ``S4FUSION_SCAN_BACKEND`` environment variable, then
 the fastest available backend for the input's device (``auto``).
 
-Under :func:`torch.compile`, :func:`layer_norm` and :func:`dt_project` are the
+Under :func:`torch.compile`, :func:`layer_norm`, :func:`dt_project` and :func:`bias_silu` are the
 references (inductor fuses them with their neighbours), and every scan call is a
 graph break: the backend, its choice included, runs eagerly as an opaque call
 (``torch.compiler.disable``, applied only when compiling, so that importing the
@@ -39,6 +40,7 @@ from typing import Callable, Optional
 import torch
 
 from .reference import (
+    bias_silu_ref,
     cross_scan_ref,
     cross_scan_state_ref,
     direction_orders,
@@ -48,6 +50,8 @@ from .reference import (
 )
 
 __all__ = [
+    "bias_silu",
+    "bias_silu_ref",
     "cross_scan",
     "cross_scan_ref",
     "cross_scan_state",
@@ -84,6 +88,7 @@ class Backend:
     state_loader: Optional[Callable[[], Callable]]  # returns the cross_scan_state function; None: has none
     norm_loader: Callable[[], Callable]  # returns the layer_norm function (the reference's by default)
     proj_loader: Callable[[], Callable]  # returns the dt_project function (the reference's by default)
+    bias_silu_loader: Callable[[], Callable]  # returns the bias_silu function (the reference's by default)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -100,11 +105,13 @@ def register_backend(
     state_loader: Optional[Callable[[], Callable]] = None,
     norm_loader: Optional[Callable[[], Callable]] = None,
     proj_loader: Optional[Callable[[], Callable]] = None,
+    bias_silu_loader: Optional[Callable[[], Callable]] = None,
 ) -> None:
     norm_loader = norm_loader or (lambda: layer_norm_ref)
     proj_loader = proj_loader or (lambda: dt_project_ref)
+    bias_silu_loader = bias_silu_loader or (lambda: bias_silu_ref)
     _BACKENDS[name] = Backend(
-        name, fn_loader, devices, probe, priority, how_to_get, state_loader, norm_loader, proj_loader
+        name, fn_loader, devices, probe, priority, how_to_get, state_loader, norm_loader, proj_loader, bias_silu_loader
     )
 
 
@@ -186,7 +193,7 @@ _loaded: dict[tuple[str, str], Callable] = {}
 
 def _load(name: str, kind: str = "fn") -> Callable:
     """Backend ``name``'s function of this kind (``fn``: cross_scan, ``state``,
-    ``norm``, ``proj``), imported on first use."""
+    ``norm``, ``proj``, ``bias_silu``), imported on first use."""
     fn = _loaded.get((name, kind))
     if fn is None:
         fn = _loaded[(name, kind)] = getattr(_BACKENDS[name], f"{kind}_loader")()
@@ -219,6 +226,15 @@ def dt_project(low: torch.Tensor, weight: torch.Tensor, backend: Optional[str] =
     if torch.compiler.is_compiling():
         return dt_project_ref(low, weight)
     return _load(resolve_backend(low.device, backend), "proj")(low, weight)
+
+
+def bias_silu(x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """``silu(x + bias)`` per channel of x (b, C, H, W), the bias cast to x's dtype; see
+    :func:`s4fusion.ops.reference.bias_silu_ref`. Runs on the op of the backend that
+    :func:`cross_scan` would use for ``x``'s device (``backend`` forces one)."""
+    if torch.compiler.is_compiling():
+        return bias_silu_ref(x, bias)
+    return _load(resolve_backend(x.device, backend), "bias_silu")(x, bias)
 
 
 _opaque: dict[str, Callable] = {}  # the scan calls wrapped in torch.compiler.disable

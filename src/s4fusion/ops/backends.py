@@ -1,7 +1,7 @@
 """Registration of the fast scan backends (the triton one has no state op:
 :func:`s4fusion.ops.cross_scan_state` runs the CPU kernel on host copies on the
-GPU, see :func:`s4fusion.ops.resolve_state_backend`; it has a LayerNorm and a delta
-up-projection of its own, the CPU one uses PyTorch's).
+GPU, see :func:`s4fusion.ops.resolve_state_backend`; it has a LayerNorm, a delta
+up-projection and a bias + SiLU of its own, the CPU one uses PyTorch's).
 
 Each backend lives in its own module and is imported only when first used;
 the probe functions here only check whether it could be imported/run.
@@ -72,6 +72,12 @@ def _triton_proj_loader():
     return dt_project_triton
 
 
+def _triton_bias_silu_loader():
+    from .triton_act import bias_silu_triton
+
+    return bias_silu_triton
+
+
 def _triton_norm_loader():
     from .triton_norm import layer_norm_triton
 
@@ -87,4 +93,5 @@ register_backend(
     how_to_get="install triton (it ships with PyTorch's CUDA wheels on Linux)",
     norm_loader=_triton_norm_loader,
     proj_loader=_triton_proj_loader,
+    bias_silu_loader=_triton_bias_silu_loader,
 )

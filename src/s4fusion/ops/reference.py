@@ -298,3 +298,23 @@ def layer_norm_ref(
     shape) is given: SS2D's ``out_norm(y) * silu(z)``."""
     out = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     return out if gate is None else out * F.silu(gate)
+
+
+def check_bias_silu_args(x: torch.Tensor, bias: torch.Tensor) -> None:
+    """Check the shapes of a :func:`bias_silu_ref` call (every backend shares this
+    contract); raises ValueError naming the argument, the expected and the given shape."""
+    if x.dim() != 4:
+        raise ValueError(f"bias_silu: x must be (b, C, H, W), got shape {tuple(x.shape)}")
+    if bias.shape != (x.shape[1],):
+        raise ValueError(f"bias_silu: bias must be ({x.shape[1]},) for x {tuple(x.shape)}, got {tuple(bias.shape)}")
+    if bias.device != x.device:
+        raise ValueError(f"bias_silu: bias is on {bias.device} but x is on {x.device}")
+
+
+def bias_silu_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``silu(x + bias)`` per channel of x (b, C, H, W): the bias and activation of the
+    SS2D branches' depthwise convolution, applied to its bias-free output. The bias is
+    cast to x's dtype first (as autocast casts a convolution's bias); the result has
+    x's dtype and memory format."""
+    check_bias_silu_args(x, bias)
+    return F.silu(x + bias.to(x.dtype).view(1, -1, 1, 1))

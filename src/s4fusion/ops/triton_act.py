@@ -1,0 +1,130 @@
+"""The bias and SiLU after the SS2D branches' depthwise convolution as Triton kernels:
+the GPU twin of :func:`s4fusion.ops.reference.bias_silu_ref`, forward and backward.
+
+PyTorch runs a convolution's bias as a separate broadcast add after cuDNN's kernel,
+the SiLU as another pass, and in training their backward as a SiLU-backward pass
+and a sum of the gradient over (b, H, W) for the bias; on channels-last maps that
+sum is a strided reduction (on an H200, 55 us for a 20x144x38x38 bf16 map, 1.03 ms
+per training step of the default network: BENCHMARKS.md, session 14).
+
+* Forward: ``silu(x + bias)`` per element in float32 (the bias rounded to x's dtype
+  first, as the reference casts it), written once in x's dtype.
+* Backward: a program walks a run of tokens (rows of the channels-last map) for one
+  block of channels, recomputes ``x + bias``, writes dL/dx and keeps its partial
+  dL/dbias in float32; the partials are summed on the host by one reduction.
+
+x must be channels-last (what the network's convolution returns for its
+channels-last input); other layouts run the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import bias_silu_ref, check_bias_silu_args
+from .triton_grid import runs_of_tiles
+
+__all__ = ["bias_silu_triton"]
+
+TILE = 4096  # elements of a program's tile: BR tokens x BC channels
+WARPS = 4
+BWD_PROGRAMS_PER_SM = 4  # backward programs per multiprocessor (each walks a run of tiles)
+
+
+@triton.jit
+def _bias_silu_fwd_kernel(x_ptr, b_ptr, o_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
+    """x, o (R, C) dense (channels-last tokens), bias (C,)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = cols < C
+    m = (rows < R)[:, None] & cmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
+    s = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) + bias[None, :]
+    tl.store(o_ptr + offs, (s / (1.0 + tl.exp(-s))).to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bias_silu_bwd_kernel(
+    x_ptr, b_ptr, g_ptr, dx_ptr,  # x, g, dx (R, C) dense
+    part_ptr,  # (programs, C) f32: this program's partial sum of dL/dbias
+    R, C, rows_per_program, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = cols < C
+    bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
+    acc = tl.zeros([BR, BC], tl.float32)
+    first = pid * rows_per_program
+    last = tl.minimum(first + rows_per_program, R)
+    for r0 in range(first, last, BR):
+        rows = r0 + tl.arange(0, BR)
+        m = (rows < last)[:, None] & cmask[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        s = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) + bias[None, :]
+        g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        sig = 1.0 / (1.0 + tl.exp(-s))
+        ds = tl.where(m, g * sig * (1.0 + s * (1.0 - sig)), 0.0)
+        tl.store(dx_ptr + offs, ds.to(dx_ptr.dtype.element_ty), mask=m)
+        acc += ds
+    tl.store(part_ptr + pid * C + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+def _tile(C: int) -> tuple[int, int]:
+    """(BR, BC): the widest channel block of 32, 64 or 128 that pads C least (C = 72:
+    32, three blocks; 144: 32; 288: 32; 48: 64; 192: 64)."""
+    padded = {w: triton.cdiv(C, w) * w for w in (128, 64, 32)}
+    bc = min(padded, key=lambda w: (padded[w], -w))
+    return TILE // bc, bc
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """(b, C, H, W) channels-last -> its (b*H*W, C) view."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+class _BiasSiLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias):  # type: ignore[override]
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        R, C = x.numel() // max(x.shape[1], 1), x.shape[1]
+        if out.numel():
+            br, bc = _tile(C)
+            _bias_silu_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
+                _tokens(x), bias, _tokens(out), R, C, BR=br, BC=bc, num_warps=WARPS
+            )
+        ctx.save_for_backward(x, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):  # type: ignore[override]
+        x, bias = ctx.saved_tensors
+        R, C = x.numel() // max(x.shape[1], 1), x.shape[1]
+        if not x.numel():
+            return torch.zeros_like(x), torch.zeros_like(bias)
+        g = gout.contiguous(memory_format=torch.channels_last)
+        dx = torch.empty_like(x, memory_format=torch.channels_last)
+        br, bc = _tile(C)
+        blocks = triton.cdiv(C, bc)
+        programs, per_program = runs_of_tiles(R, br, blocks, x.device, BWD_PROGRAMS_PER_SM)
+        parts = torch.empty(programs, C, device=x.device, dtype=torch.float32)
+        _bias_silu_bwd_kernel[(programs, blocks)](
+            _tokens(x), bias, _tokens(g), _tokens(dx), parts, R, C, per_program, BR=br, BC=bc, num_warps=WARPS
+        )
+        return dx, parts.sum(0).to(bias.dtype)
+
+
+def bias_silu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``silu(x + bias)`` per channel of a channels-last x (b, C, H, W), the bias
+    rounded to x's dtype, in x's dtype and layout; see
+    :func:`s4fusion.ops.reference.bias_silu_ref` (which runs instead for x in another
+    layout). Differentiable in both inputs."""
+    check_bias_silu_args(x, bias)
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return bias_silu_ref(x, bias)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _BiasSiLU.apply(x, bias)
