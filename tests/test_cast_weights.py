@@ -98,15 +98,16 @@ def test_rejects_a_dtype_autocast_does_not_lower_to_and_grad_mode():
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
 
 
-def _cast_kernels(fn) -> int:
-    """Kernels of one call of ``fn`` that convert float32 to a half-precision type."""
+def _kernels(fn) -> tuple[int, int]:
+    """(all kernels, copy and conversion kernels) of one call of ``fn``."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type.name == "CUDA" and "copy_kernel" in e.name)
+    names = [e.name for e in prof.events() if e.device_type.name == "CUDA" and "memcpy" not in e.name.lower()]
+    return len(names), sum("copy_kernel" in n for n in names)
 
 
 @pytest.mark.gpu
@@ -119,11 +120,15 @@ def test_cuda_graph_of_cast_weights_drops_the_cast_kernels_and_keeps_the_output(
     cast = CastWeights(model, dtype)
     with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
         eager, through_copies = model(ir, vi), cast(ir, vi)
-        plain, fewer = _cast_kernels(lambda: model(ir, vi)), _cast_kernels(lambda: cast(ir, vi))
+        plain, fewer, refresh = _kernels(lambda: model(ir, vi)), _kernels(lambda: cast(ir, vi)), _kernels(cast.refresh)
         graphed = api.graphed(model)(ir, vi)
     # the scan's float32 atomic adds make runs differ in the last bits
     assert (through_copies.float() - eager.float()).abs().max() < 2e-2
     assert (graphed.float() - eager.float()).abs().max() < 2e-2
-    assert plain - fewer >= len(cast.names) - 4, (plain, fewer)  # the refresh: a few multi-tensor kernels
+    # 136 parameters; autocast casts them at 115 places (the CMSA blocks' stacked x/y
+    # projections share a cast, the Patch Mark's halves have one each); the refresh is
+    # a few multi-tensor kernels (H200: 211 copies and conversions, 96 with the copies)
+    assert refresh[0] <= 4, refresh
+    assert plain[1] - fewer[1] >= 110 and plain[0] - fewer[0] >= 110 - refresh[0], (plain, fewer)
     (recorded,) = vars(model)[api._GRAPHED_ATTR].passes.values()
     assert isinstance(recorded[1].run, CastWeights) and recorded[1].run.dtype == dtype

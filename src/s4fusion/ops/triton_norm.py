@@ -76,8 +76,9 @@ def _ln_bwd_kernel(
     cmask = cols < C
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BC], tl.float32)
-    db = tl.zeros([BC], tl.float32)
+    # per-element sums, reduced over the rows once at the end (not per tile)
+    dw = tl.zeros([BR, BC], tl.float32)
+    db = tl.zeros([BR, BC], tl.float32)
     first = pid * rows_per_program
     last = tl.minimum(first + rows_per_program, R)
     for r0 in range(first, last, BR):
@@ -97,15 +98,15 @@ def _ln_bwd_kernel(
             dz = g * normed * sig * (1.0 + z * (1.0 - sig))
             tl.store(dz_ptr + r * C + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=m)
             g = g * z * sig
-        dw += tl.sum(g * xhat, axis=0)
-        db += tl.sum(g, axis=0)
+        dw += g * xhat
+        db += g
         dxhat = g * w[None, :]
         c1 = tl.sum(dxhat * xhat, axis=1) / C
         c2 = tl.sum(dxhat, axis=1) / C
         dx = (dxhat - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         tl.store(dx_ptr + r * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=m)
-    tl.store(part_ptr + pid * 2 * C + cols, dw, mask=cmask)
-    tl.store(part_ptr + (pid * 2 + 1) * C + cols, db, mask=cmask)
+    tl.store(part_ptr + pid * 2 * C + cols, tl.sum(dw, axis=0), mask=cmask)
+    tl.store(part_ptr + (pid * 2 + 1) * C + cols, tl.sum(db, axis=0), mask=cmask)
 
 
 def _tile(C: int) -> tuple[int, int]:
