@@ -115,6 +115,59 @@ def test_module_on_the_cpu_is_pytorchs_layer_norm_exactly():
     assert torch.equal(norm(x, gate=z), plain(x) * F.silu(z))
 
 
+def test_matmul_input_under_autocast_is_the_float32_result_cast():
+    x, w, b, z = (t.detach() for t in _inputs((2, 7, 9), 72, True, True, torch.float32, "cpu"))
+    assert ops.layer_norm(x, w, b, 1e-5, z, matmul_input=True).dtype == torch.float32  # no autocast: no effect
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = ops.layer_norm(x, w, b, 1e-5, z)
+        lower = ops.layer_norm(x, w, b, 1e-5, z, matmul_input=True)
+    assert full.dtype == torch.float32 and lower.dtype == torch.bfloat16
+    assert torch.equal(lower, full.to(torch.bfloat16))
+
+
+def test_matmul_input_norms_leave_a_training_pass_unchanged_bit_for_bit():
+    """The network's LayerNorms read only by a linear layer return autocast's dtype: the
+    output, the loss and every parameter's gradient of a bf16 training pass are the
+    ones of float32 norms whose results the linear layers cast."""
+    from s4fusion import S4Fusion, S4FusionConfig
+
+    torch.manual_seed(0)
+    model = S4Fusion(S4FusionConfig(dims=(8, 16, 32), depths=(1, 1, 1), decoder_depths=(1, 1, 1), cmsa_depth=1))
+    norms = [m for m in model.modules() if isinstance(m, LayerNorm) and m.matmul_input]
+    # the 9 VSS blocks' norm and out_norm, the 3 CMSA blocks' out_norm, the 2 encoders' 2 mergings
+    assert len(norms) == 2 * 9 + 3 + 2 * 2
+    ir, vi = torch.rand(2, 1, 24, 30), torch.rand(2, 1, 24, 30)
+    results = []
+    for matmul_input in (True, False):
+        for m in norms:
+            m.matmul_input = matmul_input
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ir, vi)
+        out.float().square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append([out] + grads)
+    assert len(results[0]) == len(results[1]) > 100
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_matmul_input_kernel_rounds_the_float32_result_once():
+    from s4fusion.ops.triton_norm import layer_norm_triton
+
+    ins = _inputs((2, 7, 9), 72, True, True, torch.bfloat16, "cuda")
+    gout = torch.randn(2, 7, 9, 72, device="cuda").bfloat16()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        full = layer_norm_triton(*ins[:3], 1e-5, ins[3])
+        lower = layer_norm_triton(*ins[:3], 1e-5, ins[3], matmul_input=True)
+    assert full.dtype == torch.float32 and lower.dtype == torch.bfloat16
+    assert torch.equal(lower, full.to(torch.bfloat16))
+    grads_full = torch.autograd.grad(full, ins, gout.float())
+    grads_lower = torch.autograd.grad(lower, ins, gout)
+    assert all(torch.equal(a, b) for a, b in zip(grads_full, grads_lower))
+
+
 INTERPRETER_CHECK = """
 from s4fusion.ops import triton_norm as tn
 from s4fusion.ops.reference import layer_norm_ref

@@ -200,7 +200,7 @@ class FSSMBlock(nn.Module):
         self.conv2d = DepthwiseConvSiLU(d_inner, d_conv)
         self.ir = _ModalityScan(d_inner, dt_rank, d_state)
         self.vi = _ModalityScan(d_inner, dt_rank, d_state)
-        self.out_norm = LayerNorm(d_inner, eps=eps)
+        self.out_norm = LayerNorm(d_inner, eps=eps, matmul_input=True)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def _branch_in(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,10 +12,18 @@ from .. import ops
 class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` over the last dimension (same parameters and state dict)
     computed by :func:`s4fusion.ops.layer_norm`: on a GPU, the scan backend's
-    LayerNorm kernel. ``gate`` (x's shape) multiplies the result by ``silu(gate)``."""
+    LayerNorm kernel. ``gate`` (x's shape) multiplies the result by ``silu(gate)``.
+
+    ``matmul_input``: the owner reads the result only with a linear layer. Under
+    autocast the result then comes in autocast's dtype (rounded once in the kernel)
+    instead of float32: the values the layer would have cast it to, without the cast."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, matmul_input: bool = False) -> None:
+        super().__init__(normalized_shape, eps=eps)
+        self.matmul_input = matmul_input
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        return ops.layer_norm(x, self.weight, self.bias, self.eps, gate)
+        return ops.layer_norm(x, self.weight, self.bias, self.eps, gate, self.matmul_input)
 
 
 class DepthwiseConvSiLU(nn.Conv2d):
@@ -56,7 +64,7 @@ class PatchMerging(nn.Module):
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
-        self.norm = LayerNorm(4 * dim, eps=eps)
+        self.norm = LayerNorm(4 * dim, eps=eps, matmul_input=True)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -96,7 +96,7 @@ class GatedScanBranch(ScanParams):
         super().__init__(d_inner, dt_rank, d_state)
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
         self.conv2d = DepthwiseConvSiLU(d_inner, d_conv)
-        self.out_norm = LayerNorm(d_inner, eps=eps)
+        self.out_norm = LayerNorm(d_inner, eps=eps, matmul_input=True)
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
 
     def branch_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +142,7 @@ class VSSBlock(nn.Module):
 
     def __init__(self, dim: int, d_state: int, expand: float, dt_rank: int, d_conv: int, eps: float) -> None:
         super().__init__()
-        self.norm = LayerNorm(dim, eps=eps)
+        self.norm = LayerNorm(dim, eps=eps, matmul_input=True)  # read by ss2d.in_proj only
         self.ss2d = SS2D(dim, d_state, expand, dt_rank, d_conv, eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, H, W, C)

@@ -206,15 +206,17 @@ def layer_norm(
     bias: torch.Tensor,
     eps: float,
     gate: Optional[torch.Tensor] = None,
+    matmul_input: bool = False,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """LayerNorm of x (..., C) over its last dimension, times ``silu(gate)`` when a
-    gate is given; see :func:`s4fusion.ops.reference.layer_norm_ref`. Runs on the
-    LayerNorm of the backend that :func:`cross_scan` would use for ``x``'s device
-    (``backend`` forces one)."""
+    gate is given; under autocast with ``matmul_input``, in autocast's dtype; see
+    :func:`s4fusion.ops.reference.layer_norm_ref`. Runs on the LayerNorm of the
+    backend that :func:`cross_scan` would use for ``x``'s device (``backend`` forces
+    one)."""
     if torch.compiler.is_compiling():
-        return layer_norm_ref(x, weight, bias, eps, gate)
-    return _load(resolve_backend(x.device, backend), "norm")(x, weight, bias, eps, gate)
+        return layer_norm_ref(x, weight, bias, eps, gate, matmul_input)
+    return _load(resolve_backend(x.device, backend), "norm")(x, weight, bias, eps, gate, matmul_input)
 
 
 def dt_project(low: torch.Tensor, weight: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:

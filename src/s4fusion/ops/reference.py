@@ -291,13 +291,34 @@ def dt_project_ref(low: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (low @ weight.to(low.dtype).transpose(1, 2)).transpose(3, 4)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast runs matrix products in on ``device_type``, None when it is off
+    (the torch >= 2.4 spelling, then the older ones)."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cuda":
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return None
+
+
 def layer_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, gate: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    gate: torch.Tensor | None = None,
+    matmul_input: bool = False,
 ) -> torch.Tensor:
     """``F.layer_norm`` of x (..., C) over C, times ``F.silu(gate)`` when a gate (x's
-    shape) is given: SS2D's ``out_norm(y) * silu(z)``."""
+    shape) is given: SS2D's ``out_norm(y) * silu(z)``. Under autocast the result is
+    float32, or with ``matmul_input`` (for a result that only a matrix product reads)
+    the float32 result cast to autocast's dtype: what the product would cast it to."""
     out = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    return out if gate is None else out * F.silu(gate)
+    out = out if gate is None else out * F.silu(gate)
+    lower = autocast_dtype(x.device.type) if matmul_input else None
+    return out if lower is None else out.to(lower)
 
 
 def check_bias_silu_args(x: torch.Tensor, bias: torch.Tensor) -> None:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import autocast_dtype
 from .triton_grid import runs_of_tiles
 
 __all__ = ["layer_norm_triton"]
@@ -172,10 +173,13 @@ def layer_norm_triton(
     bias: torch.Tensor,
     eps: float,
     gate: torch.Tensor | None = None,
+    matmul_input: bool = False,
 ) -> torch.Tensor:
     """LayerNorm of x (..., C) over C with ``weight``/``bias`` (C,), times
     ``silu(gate)`` when given (gate: x's shape). The result has x's dtype (promoted
-    with the gate's), or float32 under autocast (which runs LayerNorm in float32)."""
+    with the gate's), or float32 under autocast (which runs LayerNorm in float32); with
+    ``matmul_input``, autocast's dtype under autocast: the float32 result rounded once,
+    as the matrix product reading it would cast it (the same values, one kernel less)."""
     C = x.shape[-1]
     if weight.shape != (C,) or bias.shape != (C,):
         raise ValueError(
@@ -184,8 +188,9 @@ def layer_norm_triton(
         )
     if gate is not None and gate.shape != x.shape:
         raise ValueError(f"layer_norm: gate {tuple(gate.shape)} must have the input's shape {tuple(x.shape)}")
-    if torch.is_autocast_enabled(x.device.type):
-        out_dtype = torch.float32
+    lower = autocast_dtype(x.device.type)
+    if lower is not None:
+        out_dtype = lower if matmul_input else torch.float32
     else:
         out_dtype = x.dtype if gate is None else torch.promote_types(x.dtype, gate.dtype)
     # Triton launches on the current device (autograd sets the backward's); the
