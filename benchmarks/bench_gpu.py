@@ -42,8 +42,8 @@ import torch
 
 from s4fusion import S4Fusion
 from s4fusion.api import compiled, cudnn_autotune
-from s4fusion.cuda_graphs import record
 from s4fusion.cast_weights import CastWeights
+from s4fusion.cuda_graphs import record
 from s4fusion.losses import weighted_l1_loss
 from s4fusion.ops import set_backend
 

@@ -61,6 +61,7 @@ from . import checkpoint as ckpt
 from . import cuda_graphs, io, ops, tiling
 from .cast_weights import LOWER_DTYPES, CastWeights
 from .models import S4Fusion
+from .ops.reference import autocast_dtype
 
 __all__ = [
     "FusionError",
@@ -227,7 +228,7 @@ class _GraphedPass:
             raise ValueError(f"CUDA graphs need CUDA tensors; the inputs are on {infrared.device}")
         self.device = infrared.device
         self.infrared, self.visible_y = infrared.clone(), visible_y.clone()
-        dtype = _cuda_autocast()
+        dtype = autocast_dtype("cuda")
         # under autocast, the weights' casts are one refresh of low-precision copies
         self.run = CastWeights(model, dtype) if dtype in LOWER_DTYPES else model
         self.graph, self.out = cuda_graphs.record(lambda: self.run(self.infrared, self.visible_y), self.device)
@@ -254,14 +255,6 @@ class _GraphSlot:
 
     def __reduce__(self) -> tuple:
         return (_GraphSlot, ())
-
-
-def _cuda_autocast() -> Optional[torch.dtype]:
-    """The dtype CUDA autocast runs in, None when it is off (the torch >= 2.4 spelling,
-    then the older one)."""
-    if hasattr(torch, "get_autocast_dtype"):
-        return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
 
 
 def _tensor_addresses(model: torch.nn.Module) -> tuple[int, ...]:
@@ -305,7 +298,7 @@ def graphed(model: torch.nn.Module, record_at: int = 1) -> Callable[[torch.Tenso
         setattr(model, _GRAPHED_ATTR, slot)
 
     def forward(infrared: torch.Tensor, visible_y: torch.Tensor) -> torch.Tensor:
-        key = (tuple(infrared.shape), tuple(visible_y.shape), infrared.dtype, infrared.device, _cuda_autocast())
+        key = (tuple(infrared.shape), tuple(visible_y.shape), infrared.dtype, infrared.device, autocast_dtype("cuda"))
         recorded, graph = slot.passes.pop(key, ((), None))
         if graph is None:
             calls = slot.seen.pop(key, 0) + 1

@@ -2,8 +2,8 @@
 
 Under :func:`torch.autocast`, every linear layer, convolution and matrix product
 casts its float32 weights to the autocast dtype, in every pass: for the default
-network on a CUDA device that is 136 parameters and as many small cast kernels per
-forward (BENCHMARKS.md, session 14). :class:`CastWeights` keeps those parameters as
+network that is 136 parameters, cast by 115 small kernels per forward on a CUDA
+device (stacked and sliced weights share or split casts; BENCHMARKS.md, session 14). :class:`CastWeights` keeps those parameters as
 copies in the lower dtype, refreshed from the float32 parameters by one
 ``torch._foreach_copy_`` (a few multi-tensor kernels), and runs the model with the
 copies in their place (:func:`torch.func.functional_call`). Autocast then finds them
@@ -27,7 +27,9 @@ from torch.func import functional_call
 
 __all__ = ["CastWeights", "matmul_parameter_names"]
 
-_MATMUL_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_MATMUL_MODULES = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d
+)  # fmt: skip
 LOWER_DTYPES = (torch.bfloat16, torch.float16)
 
 

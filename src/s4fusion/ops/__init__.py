@@ -111,8 +111,9 @@ def register_backend(
     proj_loader = proj_loader or (lambda: dt_project_ref)
     bias_silu_loader = bias_silu_loader or (lambda: bias_silu_ref)
     _BACKENDS[name] = Backend(
-        name, fn_loader, devices, probe, priority, how_to_get, state_loader, norm_loader, proj_loader, bias_silu_loader
-    )
+        name, fn_loader, devices, probe, priority, how_to_get,
+        state_loader, norm_loader, proj_loader, bias_silu_loader,
+    )  # fmt: skip
 
 
 def _no_reason() -> Optional[str]:
