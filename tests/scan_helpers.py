@@ -1,5 +1,6 @@
 """Helpers shared by the backend tests (test_scan_cpu, test_scan_state; the Triton
-LayerNorm's and up-projection's: :func:`errors_against_float64`)."""
+LayerNorm's, up-projection's and bias + SiLU's: :func:`errors_against_float64`; the
+latter two's: :func:`bf16_network_with_and_without`)."""
 
 from __future__ import annotations
 
@@ -42,3 +43,21 @@ def make_inputs(b, M, d, N, H, W, dtype=torch.float64, seed=0, K=4):
         torch.randn(K * d, generator=g, dtype=torch.float64).to(dtype),
         (2 * torch.randn(K * d, generator=g, dtype=torch.float64) - 1).to(dtype),
     ]
+
+
+def bf16_network_with_and_without(monkeypatch, kind: str, reference, device: str = "cuda", backend: str = "triton"):
+    """The default network (seeded) fusing a 61x50 pair on ``device``: in float32, under bf16
+    autocast with ``backend``'s op of this ``kind`` (``proj``, ``bias_silu``), and under
+    bf16 autocast with ``reference`` in its place. Returns the three outputs in float32."""
+    from s4fusion import S4Fusion, ops
+
+    torch.manual_seed(0)
+    model = S4Fusion().to(device).eval()
+    ir, vi = torch.rand(1, 1, 61, 50, device=device), torch.rand(1, 1, 61, 50, device=device)
+    with torch.no_grad():
+        exact = model(ir, vi)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            kernel = model(ir, vi).float()
+            monkeypatch.setitem(ops._loaded, (backend, kind), reference)
+            replaced = model(ir, vi).float()
+    return exact, kernel, replaced

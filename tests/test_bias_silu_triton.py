@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from s4fusion import ops
 from s4fusion.models.layers import DepthwiseConvSiLU
 from s4fusion.ops import bias_silu_ref
-from scan_helpers import errors_against_float64
+from scan_helpers import bf16_network_with_and_without, errors_against_float64
 from triton_interpreter import worst_in_interpreter
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
@@ -104,17 +104,7 @@ def test_other_layouts_run_the_reference_and_the_dispatcher_picks_the_kernel():
 def test_network_in_bf16_with_the_kernel_matches_the_reference_op(monkeypatch):
     """The default network fusing under bf16 autocast: with the kernel as with PyTorch's
     add and SiLU (which round the sum to bfloat16 first), both close to float32."""
-    from s4fusion import S4Fusion
-
-    torch.manual_seed(0)
-    model = S4Fusion().cuda().eval()
-    ir, vi = torch.rand(1, 1, 61, 50, device="cuda"), torch.rand(1, 1, 61, 50, device="cuda")
-    with torch.no_grad():
-        exact = model(ir, vi)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            kernel = model(ir, vi).float()
-            monkeypatch.setitem(ops._loaded, ("triton", "bias_silu"), bias_silu_ref)
-            torch_ops = model(ir, vi).float()
+    exact, kernel, torch_ops = bf16_network_with_and_without(monkeypatch, "bias_silu", bias_silu_ref)
     assert (kernel - torch_ops).abs().max() < 2e-2
     assert (kernel - exact).abs().max() < 5e-2 and (torch_ops - exact).abs().max() < 5e-2
 

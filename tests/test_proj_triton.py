@@ -14,7 +14,7 @@ import torch
 
 from s4fusion import ops
 from s4fusion.ops import dt_project_ref
-from scan_helpers import errors_against_float64
+from scan_helpers import bf16_network_with_and_without, errors_against_float64
 from triton_interpreter import worst_in_interpreter
 
 triton = pytest.importorskip("triton", reason="the triton up-projection needs the triton package")
@@ -109,17 +109,7 @@ def test_dispatcher_uses_the_scan_backends_up_projection():
 def test_network_in_bf16_with_the_kernel_matches_the_reference_projection(monkeypatch):
     """The default network fusing under bf16 autocast: with the kernel as with cuBLAS's
     product (which rounds the weight to bfloat16 first), both close to float32."""
-    from s4fusion import S4Fusion
-
-    torch.manual_seed(0)
-    model = S4Fusion().cuda().eval()
-    ir, vi = torch.rand(1, 1, 61, 50, device="cuda"), torch.rand(1, 1, 61, 50, device="cuda")
-    with torch.no_grad():
-        exact = model(ir, vi)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            kernel = model(ir, vi).float()
-            monkeypatch.setitem(ops._loaded, ("triton", "proj"), dt_project_ref)
-            cublas = model(ir, vi).float()
+    exact, kernel, cublas = bf16_network_with_and_without(monkeypatch, "proj", dt_project_ref)
     assert (kernel - cublas).abs().max() < 2e-2
     assert (kernel - exact).abs().max() < 5e-2 and (cublas - exact).abs().max() < 5e-2
 
