@@ -123,8 +123,8 @@ def bias_silu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     rounded to x's dtype, in x's dtype and layout; see
     :func:`s4fusion.ops.reference.bias_silu_ref` (which runs instead for x in another
     layout). Differentiable in both inputs."""
-    check_bias_silu_args(x, bias)
     if not x.is_contiguous(memory_format=torch.channels_last):
-        return bias_silu_ref(x, bias)
+        return bias_silu_ref(x, bias)  # (which checks the arguments)
+    check_bias_silu_args(x, bias)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         return _BiasSiLU.apply(x, bias)
