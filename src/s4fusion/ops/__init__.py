@@ -22,8 +22,8 @@ graph break: the backend, its choice included, runs eagerly as an opaque call
 (``torch.compiler.disable``, applied only when compiling, so that importing the
 package does not import dynamo: :func:`prepare_for_compile`, which :func:`s4fusion.api.compiled` calls,
 wraps the scans before tracing; without it they are wrapped during tracing,
-which dynamo in torch 2.11 (not in 2.14) cannot trace, adding a graph break), and dynamo
-compiles the code between scans. Dynamo cannot trace the numba and
+and dynamo breaks the graph at that ``torch.compiler.disable`` call as well: two
+breaks per scan call instead of one), and dynamo compiles the code between scans. Dynamo cannot trace the numba and
 Triton kernels, and their autograd Functions save kernel-specific intermediates
 for the backward pass, which an op with a fake implementation would have to
 expose; the reference scan is a Python loop over tokens, which tracing would
