@@ -101,6 +101,9 @@ TARGET_LANES = 1 << 17
 # for M = 1 (halved for M = 2); most lanes summed in registers before an atomic add.
 # Chosen by `bench_scan.py --sweep backward` on an H200 (BENCHMARKS.md).
 SWEEP_CB, BWD_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 2, 32, 4, 8
+# State indices per iteration of the backward kernel's loop over n (independent work
+# that hides latency; more needs more registers).
+BWD_UNROLL = 2
 # Chunk combine: chunk slots per scan block, states per program, warps.
 COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 16, 16, 4
 
@@ -575,7 +578,7 @@ def _bwd_kernel(
     sgu_b, sgu_m, sgu_c, sgu_l,
     sgb_b, sgb_m, sgb_k, sgb_n, sgb_l,
     K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, TB: tl.constexpr, CT: tl.constexpr,
-    CB: tl.constexpr,
+    CB: tl.constexpr, NU: tl.constexpr,
 ):  # fmt: skip
     """One chunk of E (line, channel group) lanes, walked backwards block by block; a
     lane is one line x CB neighbouring channels. Per block, a loop over the state index
@@ -700,7 +703,7 @@ def _bwd_kernel(
         for t in tl.static_range(NT):
             BV = BV + (tl.load(b_base + (t % M) * sb_m + P[t] * sb_l, mask=V[t], other=0.0).to(tl.float32),)
             CV = CV + (tl.load(c_base + (t % M) * sc_m + P[t] * sc_l, mask=V[t], other=0.0).to(tl.float32),)
-        for n in tl.range(0, N, loop_unroll_factor=2):
+        for n in tl.range(0, N, loop_unroll_factor=NU):
             A2_nx = tl.tuple([])
             H_nx = tl.tuple([])
             GN_nx = tl.tuple([])
@@ -920,7 +923,8 @@ class _CrossScan(torch.autograd.Function):
         _bwd_kernel[(triton.cdiv(NL * nq, BWD_LANES) * ns, b * K)](
             *args, gout, ck, arriving, carry, parts, g_delta, g_u, g_B, g_C,
             *sizes, *in_strides, *out_strides,
-            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq), CB=BWD_CB, num_warps=max(1, BWD_LANES // 32),
+            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq), CB=BWD_CB, NU=BWD_UNROLL,
+            num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
         sums = parts.view(-1, K, N + 2, d).sum(0)  # (K, N + 2, d)
         return (
