@@ -219,3 +219,24 @@ def test_wrong_network_named(tmp_path):
 def test_rejects_bad_input_shape(net):
     with pytest.raises(ValueError, match="grey or .* RGB"):
         net(torch.zeros(1, 2, 32, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
+def test_on_the_gpu_bias_relu_passes_equal_the_modules():
+    """On a GPU every bottleneck runs its biases, ReLUs and residual adds as
+    ops.bias_relu passes after bias-free convolutions: the logits, the features and
+    the input's gradient equal those of torchvision's blocks on the same GPU."""
+    from torchvision.models import resnet50
+
+    torch.manual_seed(0)
+    net = PerceptionNet(resnet50(weights=None).state_dict(), "caffe", v1_strides=True).cuda()
+    x = torch.rand(3, 1, 61, 75, generator=torch.Generator().manual_seed(5)).cuda().requires_grad_()
+    logits, features = net(x)
+    (grad,) = torch.autograd.grad(logits.logsumexp(1).sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    expected = _stages(net.net, net.preprocess(x2).contiguous(memory_format=torch.channels_last))
+    (expected_grad,) = torch.autograd.grad(expected[0].logsumexp(1).sum(), x2)
+    for got, want in zip([logits, *features], expected):
+        assert ((got - want).norm() / want.norm()).item() < 1e-6
+    assert ((grad - expected_grad).norm() / expected_grad.norm()).item() < 1e-5

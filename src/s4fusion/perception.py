@@ -15,7 +15,9 @@ adds the input handling the authors did not release:
   parameter requires a gradient. Gradients still flow through it to the input.
 * being frozen, every BatchNorm is an affine map per channel: it is folded into
   the convolution before it (weight scaled, bias added), and on a GPU the network
-  runs channels-last, the layout of cuDNN's tensor-core convolutions.
+  runs channels-last, the layout of cuDNN's tensor-core convolutions, with each
+  convolution's bias, the ReLU and a block's residual add as one pass after it
+  (:func:`s4fusion.ops.bias_relu`).
 
 Two weight conventions exist (``../shared/weights/README.md``):
 
@@ -42,7 +44,10 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
+
+from . import ops
 
 Convention = Literal["caffe", "torchvision"]
 
@@ -138,13 +143,33 @@ class PerceptionNet(nn.Module):
         x = self.preprocess(gray)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            x = net.maxpool(ops.bias_relu(_conv_without_bias(net.conv1, x), net.conv1.bias))
+        else:
+            x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         features = []
         for layer in (net.layer1, net.layer2, net.layer3, net.layer4):
-            x = layer(x)
+            for block in layer:
+                x = _bottleneck_cuda(block, x) if x.is_cuda else block(x)
             features.append(x.detach())
         logits = net.fc(torch.flatten(net.avgpool(x), 1))
         return logits, features
+
+
+def _conv_without_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _bottleneck_cuda(block: nn.Module, x: Tensor) -> Tensor:
+    """torchvision's folded Bottleneck, ``relu(conv3(relu(conv2(relu(conv1(x))))) + identity)``,
+    with each convolution's bias and the ReLU (and the residual add) as one pass
+    (:func:`s4fusion.ops.bias_relu`) after the bias-free convolution. On CUDA, PyTorch
+    adds a convolution's bias in a pass of its own, then the residual and the ReLU in
+    two more; the sums are the same, in the same order. (On a CPU, oneDNN adds the bias
+    inside its convolution, and the module runs as it is.)"""
+    out = ops.bias_relu(_conv_without_bias(block.conv1, x), block.conv1.bias)
+    out = ops.bias_relu(_conv_without_bias(block.conv2, out), block.conv2.bias)
+    identity = x if block.downsample is None else block.downsample(x)
+    return ops.bias_relu(_conv_without_bias(block.conv3, out), block.conv3.bias, identity)
 
 
 def _fold_batch_norms(net: nn.Module) -> None:

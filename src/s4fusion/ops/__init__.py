@@ -2,21 +2,23 @@
 backends behind one dispatcher.
 
 Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`),
-:func:`dt_project`, :func:`layer_norm` and :func:`bias_silu` only; they never import a backend. A
+:func:`dt_project`, :func:`layer_norm` and :func:`bias_silu` only (the loss's frozen ResNet-50
+:func:`bias_relu`); they never import a backend. A
 backend is a function with the signature of
 :func:`s4fusion.ops.reference.cross_scan_ref` registered under a name with the
 devices it serves and a probe saying whether it can run here, optionally with a
 function with the signature of :func:`s4fusion.ops.reference.cross_scan_state_ref`,
 one with that of :func:`s4fusion.ops.reference.dt_project_ref`, one with that
-of :func:`s4fusion.ops.reference.layer_norm_ref` and one with that of
-:func:`s4fusion.ops.reference.bias_silu_ref` (backends without one use the
-reference's, PyTorch's own operations).
+of :func:`s4fusion.ops.reference.layer_norm_ref` and ones with those of
+:func:`s4fusion.ops.reference.bias_silu_ref` and :func:`s4fusion.ops.reference.bias_relu_ref`
+(backends without one use the reference's, PyTorch's own operations).
 
 Choosing a backend, in order: the ``backend=`` argument, then
 :func:`set_backend` / the ``S4FUSION_SCAN_BACKEND`` environment variable, then
 the fastest available backend for the input's device (``auto``).
 
-Under :func:`torch.compile`, :func:`layer_norm`, :func:`dt_project` and :func:`bias_silu` are the
+Under :func:`torch.compile`, :func:`layer_norm`, :func:`dt_project`, :func:`bias_silu` and
+:func:`bias_relu` are the
 references (inductor fuses them with their neighbours), and every scan call is a
 graph break: the backend, its choice included, runs eagerly as an opaque call
 (``torch.compiler.disable``, applied only when compiling, so that importing the
@@ -40,6 +42,7 @@ from typing import Callable, Optional
 import torch
 
 from .reference import (
+    bias_relu_ref,
     bias_silu_ref,
     cross_scan_ref,
     cross_scan_state_ref,
@@ -50,6 +53,8 @@ from .reference import (
 )
 
 __all__ = [
+    "bias_relu",
+    "bias_relu_ref",
     "bias_silu",
     "bias_silu_ref",
     "cross_scan",
@@ -89,6 +94,7 @@ class Backend:
     norm_loader: Callable[[], Callable]  # returns the layer_norm function (the reference's by default)
     proj_loader: Callable[[], Callable]  # returns the dt_project function (the reference's by default)
     bias_silu_loader: Callable[[], Callable]  # returns the bias_silu function (the reference's by default)
+    bias_relu_loader: Callable[[], Callable]  # returns the bias_relu function (the reference's by default)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -106,13 +112,15 @@ def register_backend(
     norm_loader: Optional[Callable[[], Callable]] = None,
     proj_loader: Optional[Callable[[], Callable]] = None,
     bias_silu_loader: Optional[Callable[[], Callable]] = None,
+    bias_relu_loader: Optional[Callable[[], Callable]] = None,
 ) -> None:
     norm_loader = norm_loader or (lambda: layer_norm_ref)
     proj_loader = proj_loader or (lambda: dt_project_ref)
     bias_silu_loader = bias_silu_loader or (lambda: bias_silu_ref)
+    bias_relu_loader = bias_relu_loader or (lambda: bias_relu_ref)
     _BACKENDS[name] = Backend(
         name, fn_loader, devices, probe, priority, how_to_get,
-        state_loader, norm_loader, proj_loader, bias_silu_loader,
+        state_loader, norm_loader, proj_loader, bias_silu_loader, bias_relu_loader,
     )  # fmt: skip
 
 
@@ -194,7 +202,7 @@ _loaded: dict[tuple[str, str], Callable] = {}
 
 def _load(name: str, kind: str = "fn") -> Callable:
     """Backend ``name``'s function of this kind (``fn``: cross_scan, ``state``,
-    ``norm``, ``proj``, ``bias_silu``), imported on first use."""
+    ``norm``, ``proj``, ``bias_silu``, ``bias_relu``), imported on first use."""
     fn = _loaded.get((name, kind))
     if fn is None:
         fn = _loaded[(name, kind)] = getattr(_BACKENDS[name], f"{kind}_loader")()
@@ -238,6 +246,18 @@ def bias_silu(x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None
     if torch.compiler.is_compiling():
         return bias_silu_ref(x, bias)
     return _load(resolve_backend(x.device, backend), "bias_silu")(x, bias)
+
+
+def bias_relu(
+    x: torch.Tensor, bias: torch.Tensor, residual: Optional[torch.Tensor] = None, backend: Optional[str] = None
+) -> torch.Tensor:
+    """``relu((x + bias) + residual)`` per channel of x (b, C, H, W), the bias cast to
+    x's dtype (the residual optional); see :func:`s4fusion.ops.reference.bias_relu_ref`.
+    Runs on the op of the backend that :func:`cross_scan` would use for ``x``'s device
+    (``backend`` forces one)."""
+    if torch.compiler.is_compiling():
+        return bias_relu_ref(x, bias, residual)
+    return _load(resolve_backend(x.device, backend), "bias_relu")(x, bias, residual)
 
 
 _opaque: dict[str, Callable] = {}  # the scan calls wrapped in torch.compiler.disable

@@ -78,6 +78,12 @@ def _triton_bias_silu_loader():
     return bias_silu_triton
 
 
+def _triton_bias_relu_loader():
+    from .triton_act import bias_relu_triton
+
+    return bias_relu_triton
+
+
 def _triton_norm_loader():
     from .triton_norm import layer_norm_triton
 
@@ -94,4 +100,5 @@ register_backend(
     norm_loader=_triton_norm_loader,
     proj_loader=_triton_proj_loader,
     bias_silu_loader=_triton_bias_silu_loader,
+    bias_relu_loader=_triton_bias_relu_loader,
 )

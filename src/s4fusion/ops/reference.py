@@ -321,15 +321,19 @@ def layer_norm_ref(
     return out if lower is None else out.to(lower)
 
 
+def _check_bias_args(op: str, x: torch.Tensor, bias: torch.Tensor) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be (b, C, H, W), got shape {tuple(x.shape)}")
+    if bias.shape != (x.shape[1],):
+        raise ValueError(f"{op}: bias must be ({x.shape[1]},) for x {tuple(x.shape)}, got {tuple(bias.shape)}")
+    if bias.device != x.device:
+        raise ValueError(f"{op}: bias is on {bias.device} but x is on {x.device}")
+
+
 def check_bias_silu_args(x: torch.Tensor, bias: torch.Tensor) -> None:
     """Check the shapes of a :func:`bias_silu_ref` call (every backend shares this
     contract); raises ValueError naming the argument, the expected and the given shape."""
-    if x.dim() != 4:
-        raise ValueError(f"bias_silu: x must be (b, C, H, W), got shape {tuple(x.shape)}")
-    if bias.shape != (x.shape[1],):
-        raise ValueError(f"bias_silu: bias must be ({x.shape[1]},) for x {tuple(x.shape)}, got {tuple(bias.shape)}")
-    if bias.device != x.device:
-        raise ValueError(f"bias_silu: bias is on {bias.device} but x is on {x.device}")
+    _check_bias_args("bias_silu", x, bias)
 
 
 def bias_silu_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -339,3 +343,26 @@ def bias_silu_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     x's dtype and memory format."""
     check_bias_silu_args(x, bias)
     return F.silu(x + bias.to(x.dtype).view(1, -1, 1, 1))
+
+
+def check_bias_relu_args(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> None:
+    """Check the shapes of a :func:`bias_relu_ref` call (every backend shares this
+    contract); raises ValueError naming the argument, the expected and the given value."""
+    _check_bias_args("bias_relu", x, bias)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"bias_relu: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        if residual.device != x.device or residual.dtype != x.dtype:
+            raise ValueError(
+                f"bias_relu: residual is {residual.dtype} on {residual.device} but x is {x.dtype} on {x.device}"
+            )
+
+
+def bias_relu_ref(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu((x + bias) + residual)`` per channel of x (b, C, H, W): a convolution's
+    bias and the ReLU after it (with a residual branch, a ResNet bottleneck's end),
+    applied to the bias-free convolution's output, summed in this order. The bias is
+    cast to x's dtype first; the result has x's dtype and memory format."""
+    check_bias_relu_args(x, bias, residual)
+    y = x + bias.to(x.dtype).view(1, -1, 1, 1)
+    return torch.relu(y if residual is None else y + residual)

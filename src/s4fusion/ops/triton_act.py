@@ -1,5 +1,6 @@
-"""The bias and SiLU after the SS2D branches' depthwise convolution as Triton kernels:
-the GPU twin of :func:`s4fusion.ops.reference.bias_silu_ref`, forward and backward.
+"""A convolution's bias and the activation after it as Triton kernels: the GPU twins of
+:func:`s4fusion.ops.reference.bias_silu_ref` (forward and backward) and
+:func:`s4fusion.ops.reference.bias_relu_ref` (forward; its backward is one PyTorch op).
 
 PyTorch runs a convolution's bias as a separate broadcast add after cuDNN's kernel,
 the SiLU as another pass, and in training their backward as a SiLU-backward pass
@@ -7,14 +8,18 @@ and a sum of the gradient over (b, H, W) for the bias; on channels-last maps tha
 sum is a strided reduction (on an H200, 55 us for a 20x144x38x38 bf16 map, 1.03 ms
 per training step of the default network: BENCHMARKS.md, session 14).
 
-* Forward: ``silu(x + bias)`` per element in float32 (the bias rounded to x's dtype
-  first, as the reference casts it), written once in x's dtype.
-* Backward: a program walks a run of tokens (rows of the channels-last map) for one
-  block of channels, recomputes ``x + bias``, writes dL/dx and keeps its partial
-  dL/dbias in float32; the partials are summed on the host by one reduction.
+* bias + SiLU forward: ``silu(x + bias)`` per element in float32 (the bias rounded to
+  x's dtype first, as the reference casts it), written once in x's dtype.
+* bias + SiLU backward: a program walks a run of tokens (rows of the channels-last
+  map) for one block of channels, recomputes ``x + bias``, writes dL/dx and keeps its
+  partial dL/dbias in float32; the partials are summed on the host by one reduction.
+* bias + ReLU forward: ``relu((x + bias) + residual)`` in x's dtype, the additions in
+  the reference's order and precision (so the result is the reference's, bit for
+  bit): one pass where PyTorch makes three (bias, residual, ReLU). The backward is
+  the ReLU's, ``dL/dx = dL/dresidual = dL/dy where y > 0``.
 
-x must be channels-last (what the network's convolution returns for its
-channels-last input); other layouts run the reference.
+x must be channels-last (what a convolution returns for its channels-last input);
+other layouts run the reference.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import bias_silu_ref, check_bias_silu_args
+from .reference import bias_relu_ref, bias_silu_ref, check_bias_relu_args, check_bias_silu_args
 from .triton_grid import runs_of_tiles
 
-__all__ = ["bias_silu_triton"]
+__all__ = ["bias_relu_triton", "bias_silu_triton"]
 
 TILE = 4096  # elements of a program's tile: BR tokens x BC channels
 WARPS = 4
@@ -46,6 +51,22 @@ def _bias_silu_fwd_kernel(x_ptr, b_ptr, o_ptr, R, C, BR: tl.constexpr, BC: tl.co
     bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     s = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) + bias[None, :]
     tl.store(o_ptr + offs, (s / (1.0 + tl.exp(-s))).to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bias_relu_fwd_kernel(x_ptr, b_ptr, r_ptr, o_ptr, R, C, RESIDUAL: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """x, residual, o (R, C) dense (channels-last tokens), bias (C,); the sums in x's dtype."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    cmask = cols < C
+    m = (rows < R)[:, None] & cmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    dt = x_ptr.dtype.element_ty
+    bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(dt)
+    y = (tl.load(x_ptr + offs, mask=m, other=0.0) + bias[None, :]).to(dt)
+    if RESIDUAL:
+        y = (y + tl.load(r_ptr + offs, mask=m, other=0.0)).to(dt)
+    tl.store(o_ptr + offs, tl.where((y > 0) | (y != y), y, 0.0).to(dt), mask=m)  # (NaN stays NaN)
 
 
 @triton.jit
@@ -128,3 +149,39 @@ def bias_silu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     check_bias_silu_args(x, bias)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         return _BiasSiLU.apply(x, bias)
+
+
+class _BiasReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, residual):  # type: ignore[override]
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        R, C = x.numel() // max(x.shape[1], 1), x.shape[1]
+        if out.numel():
+            br, bc = _tile(C)
+            r = _tokens(residual) if residual is not None else x
+            _bias_relu_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
+                _tokens(x), bias, r, _tokens(out), R, C, RESIDUAL=residual is not None, BR=br, BC=bc, num_warps=WARPS
+            )
+        ctx.save_for_backward(out)
+        ctx.bias_dtype = bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, gout):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        g = torch.where(out <= 0, 0.0, gout)  # PyTorch's ReLU backward (threshold_backward)
+        gbias = g.sum((0, 2, 3)).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+        return g, gbias, g if ctx.needs_input_grad[2] else None
+
+
+def bias_relu_triton(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``relu((x + bias) + residual)`` per channel of a channels-last x (b, C, H, W)
+    (residual optional, in x's dtype and layout), the bias rounded to x's dtype, in x's
+    dtype and layout; see :func:`s4fusion.ops.reference.bias_relu_ref` (which runs
+    instead for x or a residual in another layout). Differentiable in every input."""
+    channels_last = [t.is_contiguous(memory_format=torch.channels_last) for t in (x, residual) if t is not None]
+    if not all(channels_last):
+        return bias_relu_ref(x, bias, residual)  # (which checks the arguments)
+    check_bias_relu_args(x, bias, residual)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        return _BiasReLU.apply(x, bias, residual)
