@@ -25,6 +25,7 @@ other layouts run the reference.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import triton
@@ -95,6 +96,7 @@ def _bias_silu_bwd_kernel(
     tl.store(part_ptr + pid * C + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
+@functools.lru_cache(maxsize=None)
 def _tile(C: int) -> tuple[int, int]:
     """(BR, BC): the widest channel block of 32, 64 or 128 that pads C least (C = 72:
     32, three blocks; 144: 32; 288: 32; 48: 64; 192: 64)."""
@@ -154,14 +156,18 @@ def bias_silu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 class _BiasReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual):  # type: ignore[override]
+        # x, residual and out are dense channels-last: their memory is the (R, C) token
+        # matrix the kernel indexes, so the tensors go to it as they are (no views: in
+        # an eager pass the op's host time is what it costs against PyTorch's three ops)
         out = torch.empty_like(x, memory_format=torch.channels_last)
-        R, C = x.numel() // max(x.shape[1], 1), x.shape[1]
-        if out.numel():
+        C = x.shape[1]
+        R = x.numel() // max(C, 1)
+        if R and C:
             br, bc = _tile(C)
-            r = _tokens(residual) if residual is not None else x
             _bias_relu_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
-                _tokens(x), bias, r, _tokens(out), R, C, RESIDUAL=residual is not None, BR=br, BC=bc, num_warps=WARPS
-            )
+                x, bias, x if residual is None else residual, out, R, C,
+                RESIDUAL=residual is not None, BR=br, BC=bc, num_warps=WARPS,
+            )  # fmt: skip
         ctx.save_for_backward(out)
         ctx.bias_dtype = bias.dtype
         return out
@@ -179,9 +185,11 @@ def bias_relu_triton(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
     (residual optional, in x's dtype and layout), the bias rounded to x's dtype, in x's
     dtype and layout; see :func:`s4fusion.ops.reference.bias_relu_ref` (which runs
     instead for x or a residual in another layout). Differentiable in every input."""
-    channels_last = [t.is_contiguous(memory_format=torch.channels_last) for t in (x, residual) if t is not None]
-    if not all(channels_last):
+    cl = torch.channels_last
+    if not (x.is_contiguous(memory_format=cl) and (residual is None or residual.is_contiguous(memory_format=cl))):
         return bias_relu_ref(x, bias, residual)  # (which checks the arguments)
     check_bias_relu_args(x, bias, residual)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        return _BiasReLU.apply(x, bias, residual)
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        with torch.cuda.device(x.device):
+            return _BiasReLU.apply(x, bias, residual)
+    return _BiasReLU.apply(x, bias, residual)
