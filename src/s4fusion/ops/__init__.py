@@ -2,8 +2,8 @@
 backends behind one dispatcher.
 
 Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`),
-:func:`dt_project`, :func:`layer_norm` and :func:`bias_silu` only (the loss's frozen ResNet-50
-:func:`bias_relu`); they never import a backend. A
+:func:`dt_project`, :func:`layer_norm` and :func:`bias_silu` only, and the loss's frozen ResNet-50
+:func:`bias_relu`; they never import a backend. A
 backend is a function with the signature of
 :func:`s4fusion.ops.reference.cross_scan_ref` registered under a name with the
 devices it serves and a probe saying whether it can run here, optionally with a
@@ -18,8 +18,7 @@ Choosing a backend, in order: the ``backend=`` argument, then
 the fastest available backend for the input's device (``auto``).
 
 Under :func:`torch.compile`, :func:`layer_norm`, :func:`dt_project`, :func:`bias_silu` and
-:func:`bias_relu` are the
-references (inductor fuses them with their neighbours), and every scan call is a
+:func:`bias_relu` are the references (inductor fuses them with their neighbours), and every scan call is a
 graph break: the backend, its choice included, runs eagerly as an opaque call
 (``torch.compiler.disable``, applied only when compiling, so that importing the
 package does not import dynamo: :func:`prepare_for_compile`, which :func:`s4fusion.api.compiled` calls,
