@@ -24,7 +24,6 @@ other layouts run the reference.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -32,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .reference import bias_relu_ref, bias_silu_ref, check_bias_relu_args, check_bias_silu_args
-from .triton_grid import runs_of_tiles
+from .triton_grid import launch_device, runs_of_tiles
 
 __all__ = ["bias_relu_triton", "bias_silu_triton"]
 
@@ -149,7 +148,7 @@ def bias_silu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if not x.is_contiguous(memory_format=torch.channels_last):
         return bias_silu_ref(x, bias)  # (which checks the arguments)
     check_bias_silu_args(x, bias)
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with launch_device(x):
         return _BiasSiLU.apply(x, bias)
 
 
@@ -189,7 +188,5 @@ def bias_relu_triton(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
     if not (x.is_contiguous(memory_format=cl) and (residual is None or residual.is_contiguous(memory_format=cl))):
         return bias_relu_ref(x, bias, residual)  # (which checks the arguments)
     check_bias_relu_args(x, bias, residual)
-    if x.is_cuda and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            return _BiasReLU.apply(x, bias, residual)
-    return _BiasReLU.apply(x, bias, residual)
+    with launch_device(x):
+        return _BiasReLU.apply(x, bias, residual)

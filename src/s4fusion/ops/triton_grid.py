@@ -1,10 +1,23 @@
-"""Launch-grid arithmetic shared by the Triton backward kernels (LayerNorm, delta
-up-projection) whose programs each walk a run of rows and write one partial sum."""
+"""Launch helpers shared by the Triton backends: the device their launches run on, and
+the grid arithmetic of the backward kernels (LayerNorm, delta up-projection, bias +
+SiLU) whose programs each walk a run of rows and write one partial sum."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
+
+
+def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The context an op's Triton launches for tensor ``t`` run in. Triton launches on
+    the current CUDA device (autograd makes the backward's current), so ``t``'s device is
+    made current unless it already is (skipping the switch saves host time per call);
+    nothing for a CPU tensor (the interpreter)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def runs_of_tiles(rows: int, tile: int, sets: int, device: torch.device, per_sm: int) -> tuple[int, int]:

@@ -17,14 +17,13 @@ sums of dL/dweight and dL/dbias, summed on the host by one reduction.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from .reference import autocast_dtype
-from .triton_grid import runs_of_tiles
+from .triton_grid import launch_device, runs_of_tiles
 
 __all__ = ["layer_norm_triton"]
 
@@ -193,7 +192,5 @@ def layer_norm_triton(
         out_dtype = lower if matmul_input else torch.float32
     else:
         out_dtype = x.dtype if gate is None else torch.promote_types(x.dtype, gate.dtype)
-    # Triton launches on the current device (autograd sets the backward's); the
-    # interpreter runs on CPU tensors
-    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+    with launch_device(x):
         return _LayerNorm.apply(x, weight, bias, float(eps), gate, out_dtype)

@@ -24,14 +24,13 @@ slower (BENCHMARKS.md, session 13, H200); float64 keeps its precision.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from .reference import check_dt_project_args, dt_project_ref
-from .triton_grid import runs_of_tiles
+from .triton_grid import launch_device, runs_of_tiles
 
 __all__ = ["dt_project_triton"]
 
@@ -167,5 +166,5 @@ def dt_project_triton(low: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if low.dtype not in (torch.bfloat16, torch.float16):
         return dt_project_ref(low, weight)  # (which checks the arguments)
     check_dt_project_args(low, weight)
-    with torch.cuda.device(low.device) if low.is_cuda else contextlib.nullcontext():
+    with launch_device(low):
         return _DtProject.apply(low, weight)

@@ -63,7 +63,6 @@ every image size.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
@@ -73,6 +72,7 @@ import triton
 import triton.language as tl
 
 from .reference import check_cross_scan_args
+from .triton_grid import launch_device
 
 __all__ = ["cross_scan_triton"]
 
@@ -959,7 +959,5 @@ def cross_scan_triton(
     (b, M, d, L) in ``u.dtype``; differentiable in every tensor input.
     """
     _check(u, delta, A, B, C, D, delta_bias, height, width)
-    # Triton launches on the current device (autograd sets the backward's); the
-    # interpreter runs on CPU tensors
-    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+    with launch_device(u):
         return _CrossScan.apply(u, delta, A, B, C, D, delta_bias, height, width)
