@@ -44,10 +44,10 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from .models.layers import conv2d_without_bias
 
 Convention = Literal["caffe", "torchvision"]
 
@@ -143,7 +143,7 @@ class PerceptionNet(nn.Module):
         x = self.preprocess(gray)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-            x = net.maxpool(ops.bias_relu(_conv_without_bias(net.conv1, x), net.conv1.bias))
+            x = net.maxpool(ops.bias_relu(conv2d_without_bias(net.conv1, x), net.conv1.bias))
         else:
             x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         features = []
@@ -155,10 +155,6 @@ class PerceptionNet(nn.Module):
         return logits, features
 
 
-def _conv_without_bias(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
 def _bottleneck_cuda(block: nn.Module, x: Tensor) -> Tensor:
     """torchvision's folded Bottleneck, ``relu(conv3(relu(conv2(relu(conv1(x))))) + identity)``,
     with each convolution's bias and the ReLU (and the residual add) as one pass
@@ -166,10 +162,10 @@ def _bottleneck_cuda(block: nn.Module, x: Tensor) -> Tensor:
     adds a convolution's bias in a pass of its own, then the residual and the ReLU in
     two more; the sums are the same, in the same order. (On a CPU, oneDNN adds the bias
     inside its convolution, and the module runs as it is.)"""
-    out = ops.bias_relu(_conv_without_bias(block.conv1, x), block.conv1.bias)
-    out = ops.bias_relu(_conv_without_bias(block.conv2, out), block.conv2.bias)
+    out = ops.bias_relu(conv2d_without_bias(block.conv1, x), block.conv1.bias)
+    out = ops.bias_relu(conv2d_without_bias(block.conv2, out), block.conv2.bias)
     identity = x if block.downsample is None else block.downsample(x)
-    return ops.bias_relu(_conv_without_bias(block.conv3, out), block.conv3.bias, identity)
+    return ops.bias_relu(conv2d_without_bias(block.conv3, out), block.conv3.bias, identity)
 
 
 def _fold_batch_norms(net: nn.Module) -> None:

@@ -40,8 +40,13 @@ class DepthwiseConvSiLU(nn.Conv2d):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
-        return ops.bias_silu(out, self.bias)
+        return ops.bias_silu(conv2d_without_bias(self, x), self.bias)
+
+
+def conv2d_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv``'s convolution of x without its bias (zero padding), for a bias that the
+    next op adds (on CUDA, PyTorch adds a convolution's bias in a pass of its own)."""
+    return F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class OverlapPatchEmbed(nn.Module):
