@@ -165,3 +165,28 @@ def test_fold_head_equals_expansion_fold_and_conv(fold_chans, out_chans, patch, 
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"patch grid covers"):
         head(x, (size[0] + 1, size[1]))
+
+
+@pytest.mark.parametrize("preset", ["s4fusion", "fssm"])
+@pytest.mark.parametrize("topology", ["released", "paper"])
+def test_every_scan_gets_its_output_gradient_with_channels_innermost(topology, preset, monkeypatch):
+    """The GPU scan reads dL/dy over the channels of a line, as it reads u: the network
+    hands every scan its output gradient with the channels innermost (stride 1), so that
+    the backward needs no transposing copy."""
+    from s4fusion import ops
+    from s4fusion.models.ablation import ablation_config
+
+    strides = []
+    scan = ops.cross_scan
+
+    def recording_scan(*args, **kwargs):
+        out = scan(*args, **kwargs)
+        out.register_hook(lambda g: strides.append((tuple(g.shape), g.stride())))
+        return out
+
+    monkeypatch.setattr(ops, "cross_scan", recording_scan)
+    torch.manual_seed(0)
+    model = S4Fusion(ablation_config(preset, S4FusionConfig(topology=topology)))
+    model(torch.rand(1, 1, 28, 31), torch.rand(1, 1, 28, 31)).square().mean().backward()
+    assert len(strides) >= 10
+    assert all(stride[2] == 1 for _, stride in strides), strides

@@ -221,8 +221,8 @@ class FSSMBlock(nn.Module):
         delta_x, B_x, C_x = self.ir.project(a_x, self.ir.x_proj_weight[None])
         delta_y, B_y, C_y = self.vi.project(a_y, self.vi.x_proj_weight[None])
         # M = 1 scans through the dispatcher; each stream driven by the other's parameters.
-        o_x = self.vi.scan(a_x, delta_y, B_y, C_y, h, w)[:, 0]
-        o_y = self.ir.scan(a_y, delta_x, B_x, C_x, h, w)[:, 0]
+        o_x = self.vi.scan(a_x, delta_y, B_y, C_y, h, w).squeeze(1)
+        o_y = self.ir.scan(a_y, delta_x, B_x, C_x, h, w).squeeze(1)
         return self._branch_out(o_x, z_x), self._branch_out(o_y, z_y)
 
 

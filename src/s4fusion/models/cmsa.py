@@ -76,7 +76,9 @@ class CMSABlock(GatedScanBranch):
         """x (infrared), y (visible): (b, H, W, C) each -> (out_x, out_y), same shapes."""
         a_x, z_x = self.branch_in(x)
         a_y, z_y = self.branch_in(y)
-        o_x, o_y = self.cross_ss2d(a_x, a_y).unbind(1)
+        # unbound from the tokens-major view: the stacked gradient that reaches the scan
+        # then has its channels innermost, the layout the GPU scan reads
+        o_x, o_y = (o.transpose(1, 2) for o in self.cross_ss2d(a_x, a_y).transpose(2, 3).unbind(1))
         return self.branch_out(o_x, z_x), self.branch_out(o_y, z_y)
 
 

@@ -130,7 +130,7 @@ class SS2D(GatedScanBranch):
         """a (b, d, H, W) -> sum of the four direction scans (b, d, H*W)."""
         b, d, H, W = a.shape
         u = a.reshape(b, 1, d, H * W)
-        return self.scan(u, *self.project(u, self.x_proj_weight[None]), H, W)[:, 0]
+        return self.scan(u, *self.project(u, self.x_proj_weight[None]), H, W).squeeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (b, H, W, C) -> (b, H, W, C)
         a, z = self.branch_in(x)

@@ -38,7 +38,8 @@ batch element; a lane is one line and ``CB`` neighbouring channels (``CB`` is a
 launch constant of each pass: ``FWD_CB``, ``SWEEP_CB``, ``BWD_CB``). Lanes of one line are neighbours, so at every step a warp
 reads the channels of a few positions: coalesced for every direction when the
 channels are innermost in memory, the layout the network passes (the output and
-the gradients of u and delta have their input's layout). B and C are read once
+the gradients of u and delta have their input's layout; dL/dy is read the same
+way, and the network hands it over with its channels innermost). B and C are read once
 per line and step and shared by the line's lanes. The forward modes keep the
 ``N`` states of each channel in registers (``N`` is a compile-time constant);
 the backward holds one state index at a time over a block of ``TB * M`` tokens.
@@ -559,7 +560,9 @@ def _scatter_slots(lane, NX: tl.constexpr, CT: tl.constexpr):
 
 @_scan_jit
 def _bwd_kernel(
-    u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
+    u_ptr, dl_ptr,
+    a2_ptr,  # (K, N, d) f32: A * log2(e), channels innermost (a line's lanes load a state index from neighbours)
+    b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
     ck_ptr,  # (b*K, NL, NBLK, N, d) f32: state entering every block (MODE_SWEEP)
     q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end
     qc_ptr,  # (b*K, NL, NS, N, d) f32: the adjoint carried from block to block (scratch)
@@ -626,7 +629,7 @@ def _bwd_kernel(
         SN = SN + (row * N * d + c,)
         SP = SP + (prow * (N + 2) * d + c,)
         CK = CK + (ck_line + c,)
-        A2L = A2L + (a2_ptr + (k * d + c) * N,)
+        A2L = A2L + (a2_ptr + k * N * d + c,)
         BIAS = BIAS + (tl.load(bias_ptr + k * d + c, mask=cm, other=0.0),)
         DSK = DSK + (tl.load(dsk_ptr + k * d + c, mask=cm, other=0.0),)
         UB = UB + (u_ptr + bi * su_b + c * su_c,)
@@ -710,7 +713,7 @@ def _bwd_kernel(
             GAc_nx = tl.tuple([])
             for e in tl.static_range(CB):
                 nx = CM[e] & (n + 1 < N)
-                A2_nx = A2_nx + (tl.load(A2L[e] + n + 1, mask=nx, other=0.0),)
+                A2_nx = A2_nx + (tl.load(A2L[e] + (n + 1) * d, mask=nx, other=0.0),)
                 H_nx = H_nx + (tl.load(ck_ptr + CK[e] + (blk * N + n + 1) * d, mask=nx, other=0.0),)
                 GN_nx = GN_nx + (tl.load(QB[e] + (n + 1) * q_n, mask=nx, other=0.0),)
                 GAc_nx = GAc_nx + (tl.load(part_ptr + SP[e] + (n + 1) * d, mask=nx, other=0.0),)
@@ -920,8 +923,9 @@ class _CrossScan(torch.autograd.Function):
         carry = torch.empty(b * K, NL, ns, N, d, device=dev, dtype=f32)
         out_strides = (*g_delta.stride(), *g_u.stride(), *g_B.stride())
         nq = triton.cdiv(d, BWD_CB)  # lanes per line
+        a2_nd = a2.view(K, d, N).transpose(1, 2).contiguous()  # (K, N, d)
         _bwd_kernel[(triton.cdiv(NL * nq, BWD_LANES) * ns, b * K)](
-            *args, gout, ck, arriving, carry, parts, g_delta, g_u, g_B, g_C,
+            u, delta, a2_nd, B, C, dsk, bias, gout, ck, arriving, carry, parts, g_delta, g_u, g_B, g_C,
             *sizes, *in_strides, *out_strides,
             K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq), CB=BWD_CB, NU=BWD_UNROLL,
             num_warps=max(1, BWD_LANES // 32),
