@@ -35,8 +35,9 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
 
 Work layout: a program owns ``E`` lanes of one segment of one direction and
 batch element; a lane is one line and ``CB`` neighbouring channels (``CB`` is a
-launch constant of each pass: ``FWD_CB``, ``SWEEP_CB``, ``BWD_CB``). Lanes of one line are neighbours, so at every step a warp
-reads the channels of a few positions: coalesced for every direction when the
+launch constant of each pass: ``FWD_CB``, ``SWEEP_CB``, ``BWD_CB``). Lanes of one
+line are neighbours, so at every step a warp reads the channels of a few
+positions: coalesced for every direction when the
 channels are innermost in memory, the layout the network passes (the output and
 the gradients of u and delta have their input's layout; dL/dy is read the same
 way, and the network hands it over with its channels innermost). B and C are read once
@@ -366,7 +367,9 @@ def _fwd_kernel(
                 blk = i0 // CKB
                 for n in tl.static_range(N):
                     for e in tl.static_range(CB):
-                        tl.store(ck_ptr + ck_line + (blk * N + n) * d + c0 + e, Hs[n * CB + e], mask=CM[e])
+                        # (streamed: written once here, read once by _bwd_kernel; see there)
+                        tl.store(ck_ptr + ck_line + (blk * N + n) * d + c0 + e, Hs[n * CB + e], mask=CM[e],
+                                 eviction_policy="evict_first")
         for s in tl.static_range(TB):
             v = lmask & (i0 + s < hi)
             for m in tl.static_range(M):
@@ -686,7 +689,10 @@ def _bwd_kernel(
             q_blk = tl.where(ib == 0, q_ptr + ST[e], qc_ptr + SN[e])
             QB = QB + (q_blk,)
             A2 = A2 + (tl.load(A2L[e], mask=CM[e], other=0.0),)
-            Hs = Hs + (tl.load(ck_ptr + CK[e] + blk * N * d, mask=CM[e], other=0.0),)
+            # the stored states are read once and are far larger than L2 (about 400 MB for a
+            # training step's finest scan): evict-first leaves L2 to the carried adjoint and
+            # dL/dA partial, which every block reads and writes
+            Hs = Hs + (tl.load(ck_ptr + CK[e] + blk * N * d, mask=CM[e], other=0.0, eviction_policy="evict_first"),)
             GN = GN + (tl.load(q_blk, mask=CM[e], other=0.0),)
             GAc = GAc + (tl.load(part_ptr + SP[e], mask=CM[e], other=0.0),)
         # where this lane adds its sums for dL/dB and dL/dC (at state index 0): sum r is
@@ -714,7 +720,8 @@ def _bwd_kernel(
             for e in tl.static_range(CB):
                 nx = CM[e] & (n + 1 < N)
                 A2_nx = A2_nx + (tl.load(A2L[e] + (n + 1) * d, mask=nx, other=0.0),)
-                H_nx = H_nx + (tl.load(ck_ptr + CK[e] + (blk * N + n + 1) * d, mask=nx, other=0.0),)
+                ck_nx = ck_ptr + CK[e] + (blk * N + n + 1) * d
+                H_nx = H_nx + (tl.load(ck_nx, mask=nx, other=0.0, eviction_policy="evict_first"),)
                 GN_nx = GN_nx + (tl.load(QB[e] + (n + 1) * q_n, mask=nx, other=0.0),)
                 GAc_nx = GAc_nx + (tl.load(part_ptr + SP[e] + (n + 1) * d, mask=nx, other=0.0),)
             BV_nx = tl.tuple([])
