@@ -102,7 +102,7 @@ def bench_case(case: tuple, dtype: torch.dtype, train: bool) -> dict:
     x = scan_inputs(batch, H, W, scale, kind, dtype)
     if train:
         x = tuple(t.detach().requires_grad_() for t in x)
-        gout = torch.randn_like(x[0])  # channels innermost, as u: the layout the network hands dL/dy over in
+        gout = torch.randn_like(x[0])  # in u's layout (channels innermost), as the network hands dL/dy over
 
         def run():
             out = cross_scan(*x, H, W, backend="triton")
@@ -190,7 +190,7 @@ def sweep(which: str) -> dict:
     inputs = []
     for case in cases:
         x = scan_inputs(*case[1:6], torch.float32)
-        gout = torch.randn_like(x[0])  # channels innermost, as the network hands dL/dy over
+        gout = torch.randn_like(x[0])  # in u's layout (channels innermost), as the network hands dL/dy over
         inputs.append((case, x, gout, _results(x, case[2], case[3], train, gout)))
     rows = []
     for values in itertools.product(*grid.values()):

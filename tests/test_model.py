@@ -171,8 +171,8 @@ def test_fold_head_equals_expansion_fold_and_conv(fold_chans, out_chans, patch, 
 @pytest.mark.parametrize("topology", ["released", "paper"])
 def test_every_scan_gets_its_output_gradient_with_channels_innermost(topology, preset, monkeypatch):
     """The GPU scan reads dL/dy over the channels of a line, as it reads u: the network
-    hands every scan its output gradient with the channels innermost (stride 1), so that
-    the backward needs no transposing copy."""
+    hands every scan its output gradient with the channels innermost (stride 1), not the
+    zero-filled contiguous gradient that autograd gives an indexed or unbound output."""
     from s4fusion import ops
     from s4fusion.models.ablation import ablation_config
 

@@ -37,11 +37,11 @@ Work layout: a program owns ``E`` lanes of one segment of one direction and
 batch element; a lane is one line and ``CB`` neighbouring channels (``CB`` is a
 launch constant of each pass: ``FWD_CB``, ``SWEEP_CB``, ``BWD_CB``). Lanes of one
 line are neighbours, so at every step a warp reads the channels of a few
-positions: coalesced for every direction when the
-channels are innermost in memory, the layout the network passes (the output and
-the gradients of u and delta have their input's layout; dL/dy is read the same
-way, and the network hands it over with its channels innermost). B and C are read once
-per line and step and shared by the line's lanes. The forward modes keep the
+positions: coalesced for every direction when the channels are innermost in
+memory, the layout the network passes (the output and the gradients of u and
+delta have their input's layout; dL/dy is read the same way, and the network
+hands it over with its channels innermost). B and C are read once per line and
+step and shared by the line's lanes. The forward modes keep the
 ``N`` states of each channel in registers (``N`` is a compile-time constant);
 the backward holds one state index at a time over a block of ``TB * M`` tokens.
 In ``_bwd_kernel`` the channel sums of dL/dB and dL/dC are first taken over a
