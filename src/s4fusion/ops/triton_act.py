@@ -104,20 +104,23 @@ def _tile(C: int) -> tuple[int, int]:
     return TILE // bc, bc
 
 
-def _tokens(t: torch.Tensor) -> torch.Tensor:
-    """(b, C, H, W) channels-last -> its (b*H*W, C) view."""
-    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+def _token_matrix(x: torch.Tensor) -> tuple[int, int]:
+    """(R, C): a dense channels-last x (b, C, H, W) is in memory the (R, C) matrix of its
+    R = b*H*W tokens, which the kernels index; such tensors go to them as they are (no
+    views: in an eager pass an op's host time is what it costs against PyTorch's ops)."""
+    C = x.shape[1]
+    return x.numel() // max(C, 1), C
 
 
 class _BiasSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias):  # type: ignore[override]
         out = torch.empty_like(x, memory_format=torch.channels_last)
-        R, C = x.numel() // max(x.shape[1], 1), x.shape[1]
+        R, C = _token_matrix(x)
         if out.numel():
             br, bc = _tile(C)
             _bias_silu_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
-                _tokens(x), bias, _tokens(out), R, C, BR=br, BC=bc, num_warps=WARPS
+                x, bias, out, R, C, BR=br, BC=bc, num_warps=WARPS
             )
         ctx.save_for_backward(x, bias)
         return out
@@ -125,7 +128,7 @@ class _BiasSiLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gout):  # type: ignore[override]
         x, bias = ctx.saved_tensors
-        R, C = x.numel() // max(x.shape[1], 1), x.shape[1]
+        R, C = _token_matrix(x)
         if not x.numel():
             return torch.zeros_like(x), torch.zeros_like(bias)
         g = gout.contiguous(memory_format=torch.channels_last)
@@ -135,7 +138,7 @@ class _BiasSiLU(torch.autograd.Function):
         programs, per_program = runs_of_tiles(R, br, blocks, x.device, BWD_PROGRAMS_PER_SM)
         parts = torch.empty(programs, C, device=x.device, dtype=torch.float32)
         _bias_silu_bwd_kernel[(programs, blocks)](
-            _tokens(x), bias, _tokens(g), _tokens(dx), parts, R, C, per_program, BR=br, BC=bc, num_warps=WARPS
+            x, bias, g, dx, parts, R, C, per_program, BR=br, BC=bc, num_warps=WARPS
         )
         return dx, parts.sum(0).to(bias.dtype)
 
@@ -155,12 +158,8 @@ def bias_silu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 class _BiasReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, residual):  # type: ignore[override]
-        # x, residual and out are dense channels-last: their memory is the (R, C) token
-        # matrix the kernel indexes, so the tensors go to it as they are (no views: in
-        # an eager pass the op's host time is what it costs against PyTorch's three ops)
         out = torch.empty_like(x, memory_format=torch.channels_last)
-        C = x.shape[1]
-        R = x.numel() // max(C, 1)
+        R, C = _token_matrix(x)
         if R and C:
             br, bc = _tile(C)
             _bias_relu_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
