@@ -1,6 +1,7 @@
-"""Helpers shared by the backend tests (test_scan_cpu, test_scan_state; the Triton
-LayerNorm's, up-projection's and bias + SiLU's: :func:`errors_against_float64`; the
-latter two's: :func:`bf16_network_with_and_without`)."""
+"""Helpers shared by the backend tests: test_scan_cpu and test_scan_state; the Triton
+LayerNorm's, up-projection's and bias + SiLU's (:func:`errors_against_float64`,
+:func:`assert_errors_within`); the up-projection's and bias + SiLU's
+(:func:`bf16_network_with_and_without`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ def errors_against_float64(fn, ref_fn, inputs, gout):
     ref = ref_fn(*ref_in)
     ref_grads = torch.autograd.grad(ref, ref_in, gout.double())
     return out, grads, [rel(a, r) for a, r in zip([out, *grads], [ref, *ref_grads])]
+
+
+def assert_errors_within(errors: list[float], tolerances: tuple[float, float]) -> None:
+    """The relative errors of [out, *grads] (:func:`errors_against_float64`) are below
+    (the output's tolerance, every gradient's tolerance)."""
+    tol_out, tol_grad = tolerances
+    assert errors[0] < tol_out, errors
+    assert max(errors[1:]) < tol_grad, errors
 
 
 def make_inputs(b, M, d, N, H, W, dtype=torch.float64, seed=0, K=4):
