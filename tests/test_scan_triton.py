@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from s4fusion import S4Fusion
-from s4fusion.ops import cross_scan_ref, set_backend
+from s4fusion.ops import cross_scan_ref, projection_rows, set_backend
 from triton_interpreter import worst_in_interpreter
 
 triton = pytest.importorskip("triton", reason="the triton scan backend needs the triton package")
@@ -38,10 +38,11 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def make_inputs(b, M, d, N, H, W, dtype, device, seed=0, K=4, channels_last=False):
+def make_inputs(b, M, d, N, H, W, dtype, device, seed=0, K=4, layout="channels_first"):
     """Scan inputs like the network's: activations in ``dtype``, A, D, delta_bias float32;
     ``channels_last``: u and delta with their channels innermost in memory, B and C
-    slices of one wider tensor, as the network passes them."""
+    slices of one wider tensor; ``projection``: the same, B and C views of the network's
+    projection layout (``ops.projection_rows``: 16-byte aligned, read by vector loads)."""
     g = torch.Generator().manual_seed(seed)
     L = H * W
     act = [
@@ -54,11 +55,25 @@ def make_inputs(b, M, d, N, H, W, dtype, device, seed=0, K=4, channels_last=Fals
     bias = 0.5 * torch.randn(K * d, generator=g)
     u, delta = (t.to(device, dtype) for t in act)
     B, C = (t.to(device, dtype) for t in BC)
-    if channels_last:
+    if layout != "channels_first":
         u, delta = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (u, delta))
+    if layout == "channels_last":
         wide = torch.cat([B, C], dim=3).permute(0, 1, 4, 2, 3).contiguous().permute(0, 1, 3, 4, 2)
         B, C = wide[:, :, :, :N], wide[:, :, :, N:]
+    elif layout == "projection":
+        B, C = projection_views(B, C, dt_rank=3)
     return [t.requires_grad_() for t in (u, delta, A.to(device), B, C, D.to(device), bias.to(device))]
+
+
+def projection_views(B: torch.Tensor, C: torch.Tensor, dt_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and C (b, M, K, N, L) copied into a token-major projection laid out as the
+    network's (``ops.projection_rows``), returned as its views."""
+    b, M, K, N, L = B.shape
+    rows, ob, oc, _ = projection_rows(dt_rank, N)
+    P = torch.zeros(b, M, L, K, rows, dtype=B.dtype, device=B.device)
+    P[..., ob : ob + N] = B.permute(0, 1, 4, 2, 3)
+    P[..., oc : oc + N] = C.permute(0, 1, 4, 2, 3)
+    return P[..., ob : ob + N].permute(0, 1, 3, 4, 2), P[..., oc : oc + N].permute(0, 1, 3, 4, 2)
 
 
 def reference_and_grads(inputs, gout, H, W):
@@ -70,7 +85,7 @@ def reference_and_grads(inputs, gout, H, W):
 # ------------------------------------------------------------------ on the GPU
 
 
-@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last", "projection"])
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}M{}d{}N{}_{}x{}".format(*c))
 @pytest.mark.gpu
@@ -79,11 +94,11 @@ def test_matches_reference_forward_and_every_gradient(case, dtype, layout):
     from s4fusion.ops.triton_scan import cross_scan_triton
 
     b, M, d, N, H, W = case
-    inputs = make_inputs(b, M, d, N, H, W, dtype, "cuda", channels_last=layout == "channels_last")
+    inputs = make_inputs(b, M, d, N, H, W, dtype, "cuda", layout=layout)
     out = cross_scan_triton(*inputs, H, W)
     assert out.dtype == dtype and out.shape == (b, M, d, H * W)
     gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
-    if layout == "channels_last":  # dL/dy as the network hands it over; otherwise with the tokens innermost
+    if layout != "channels_first":  # dL/dy as the network hands it over; otherwise with the tokens innermost
         gout = gout.transpose(2, 3).contiguous().transpose(2, 3)
     grads = torch.autograd.grad(out, inputs, gout)
     ref, ref_grads = reference_and_grads(inputs, gout, H, W)
@@ -108,7 +123,7 @@ def test_backward_lanes_of_one_channel_match_the_reference(case, steps, monkeypa
     monkeypatch.setattr(ts, "BWD_CB", 1)
     monkeypatch.setattr(ts, "BWD_STEPS", steps)
     b, M, d, N, H, W = case
-    inputs = make_inputs(b, M, d, N, H, W, torch.float32, "cuda", channels_last=True)
+    inputs = make_inputs(b, M, d, N, H, W, torch.float32, "cuda", layout="channels_last")
     out = ts.cross_scan_triton(*inputs, H, W)
     gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to("cuda")
     grads = torch.autograd.grad(out, inputs, gout)
@@ -268,6 +283,58 @@ print("WORST", worst)
 
 def test_kernels_in_the_triton_interpreter_match_the_reference():
     assert worst_in_interpreter(INTERPRETER_CHECK) < 1e-5
+
+
+VECTOR_CHECK = """
+import torch
+from s4fusion.ops import triton_scan as ts, projection_rows
+from s4fusion.ops.reference import cross_scan_ref
+ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
+# B and C views of the network's projection layout: vector loads of float32 values (N = 6
+# and 5: chunks of 4, 2 and 1) and of bfloat16 pairs (N = 12, 18), forward loads one
+# iteration ahead or not; their results must equal those of one load per state
+worst = 0.0
+for b, M, d, N, H, W, dtype, pf, kind in [
+    (1, 2, 5, 6, 4, 3, torch.float32, True, 1), (2, 1, 8, 5, 3, 5, torch.float32, False, 1),
+    (1, 1, 6, 18, 3, 4, torch.bfloat16, True, 2), (1, 2, 4, 12, 3, 3, torch.bfloat16, False, 2),
+]:
+    ts.FWD_PREFETCH = (pf, pf)
+    g = torch.Generator().manual_seed(H * W)
+    L, K = H * W, 4
+    rows, ob, oc, _ = projection_rows(3, N)
+    P = torch.randn(b, M, L, K, rows, generator=g).to(dtype)
+    B, C = (P[..., o : o + N].permute(0, 1, 3, 4, 2) for o in (ob, oc))
+    assert ts._state_loads(B, C) == kind, ts._state_loads(B, C)
+    shifted = P[..., ob + 1 : ob + 1 + N].permute(0, 1, 3, 4, 2)  # not 16-byte aligned
+    assert ts._state_loads(shifted, C) == 0 and ts._state_loads(B.contiguous(), C) == 0
+    x = [torch.randn(b, M, d, L, generator=g).to(dtype), (0.5 * torch.randn(b, M, K, d, L, generator=g)).to(dtype),
+         -torch.exp(0.5 * torch.randn(K * d, N, generator=g)), B, C, torch.randn(K * d, generator=g),
+         0.5 * torch.randn(K * d, generator=g)]
+    x = [t.detach().requires_grad_() for t in x]
+    gout = torch.randn(b, M, d, L, generator=g).to(dtype)
+    results = []
+    for vector in (True, False):
+        ts.VECTOR_STATES = vector
+        out = ts.cross_scan_triton(*x, H, W)
+        results.append([out, *torch.autograd.grad(out, x, gout)])
+    ts.VECTOR_STATES = True
+    for a, e in zip(*results):
+        assert torch.equal(a, e), (N, dtype, (a - e).abs().max())
+    xr = [t.detach().double().requires_grad_() for t in x]
+    ref = cross_scan_ref(*xr, H, W)
+    refs = [ref] + list(torch.autograd.grad(ref, xr, gout.double()))
+    scale = 1.0 if dtype == torch.float32 else 1e-3  # bfloat16 outputs: about 1e-3
+    for a, r in zip(results[0], refs):
+        worst = max(worst, scale * ((a.double() - r).norm() / r.norm()).item())
+print("WORST", worst)
+"""
+
+
+def test_vector_loads_of_the_projection_layout_in_the_interpreter():
+    """B and C as the network's projection lays them out are read by vector loads, with
+    the same results as one load per state, within float32 (bfloat16) accuracy of the
+    reference."""
+    assert worst_in_interpreter(VECTOR_CHECK) < 1e-5
 
 
 def test_halving_exchange_leaves_every_group_sum_on_one_lane_in_the_interpreter():

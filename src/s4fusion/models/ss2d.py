@@ -22,6 +22,19 @@ def init_dt_bias(d_inner: int, generator: torch.Generator | None = None) -> torc
     return dt + torch.log(-torch.expm1(-dt))
 
 
+def projection_index(dt_rank: int, d_state: int) -> torch.Tensor:
+    """For each row of :func:`s4fusion.ops.projection_rows`'s layout, the row of an input
+    projection weight (low-rank delta, B, C: R + 2N rows) it holds; its unused rows hold
+    row 0, whose outputs there nothing reads (so their gradient is zero)."""
+    R, N = dt_rank, d_state
+    rows, ob, oc, ol = ops.projection_rows(R, N)
+    source = [0] * rows
+    source[ob : ob + N] = range(R, R + N)
+    source[oc : oc + N] = range(R + N, R + 2 * N)
+    source[ol : ol + R] = range(R)
+    return torch.tensor(source)
+
+
 def uniform_(shape: tuple[int, ...], bound: float) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
 
@@ -43,6 +56,8 @@ class ScanParams(nn.Module):
         A = torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(K * d_inner, 1)
         self.A_logs = nn.Parameter(A)
         self.Ds = nn.Parameter(torch.ones(K * d_inner))
+        # (a constant, not saved: the layout is this code's, not the weights')
+        self.register_buffer("proj_index", projection_index(dt_rank, d_state), persistent=False)
         self.A_logs._no_weight_decay = True
         self.Ds._no_weight_decay = True
 
@@ -52,22 +67,26 @@ class ScanParams(nn.Module):
         position order (the projections are position-wise, so no unfolding is needed
         before them); with ``direction``, that direction's only (K = 1).
 
-        Computed token-major: P = a x_proj^T (b, M, L, K*(R+2N)), split into the low-rank
-        delta, B and C (views; their gradients meet in one concatenation), the delta
-        up-projected per direction (:func:`s4fusion.ops.dt_project`). delta has its
-        channels innermost in memory, B and C their states, as the GPU scan reads them.
-        With one modality the projection is a single GEMM over every token of the batch
-        (its weight gradient too)."""
+        Computed token-major: P = a x_proj^T (b, M, L, K*rows), its rows per direction
+        laid out by :func:`s4fusion.ops.projection_rows` (B and C 16-byte aligned, unused
+        rows between), read as views: the low-rank delta, B and C (their gradients meet in
+        P's), the delta up-projected per direction (:func:`s4fusion.ops.dt_project`).
+        delta has its channels innermost in memory, B and C their states, as the GPU scan
+        reads them. With one modality the projection is a single GEMM over every token of
+        the batch (its weight gradient too)."""
         R, N = self.dt_rank, self.d_state
         dt_weight = self.dt_projs_weight
         if direction is not None:
             x_proj_weight = x_proj_weight[:, direction : direction + 1]
             dt_weight = dt_weight[direction : direction + 1]
-        M, K, rows, d = x_proj_weight.shape
+        M, K, _, d = x_proj_weight.shape
         b, L = a.shape[0], a.shape[3]
-        w = x_proj_weight.reshape(M, K * rows, d).transpose(1, 2)  # (M, d, K*rows)
+        rows, ob, oc, ol = ops.projection_rows(R, N)
+        # the parameter's rows (low-rank delta, B, C) gathered into that layout
+        weight = x_proj_weight.index_select(2, self.proj_index)  # (M, K, rows, d)
+        w = weight.reshape(M, K * rows, d).transpose(1, 2)  # (M, d, K*rows)
         P = (a.transpose(2, 3) @ (w[0] if M == 1 else w)).view(b, M, L, K, rows)
-        low, B, C = P.split([R, N, N], dim=-1)
+        low, B, C = P[..., ol : ol + R], P[..., ob : ob + N], P[..., oc : oc + N]
         delta = ops.dt_project(low.permute(0, 1, 3, 2, 4), dt_weight)  # (b, M, K, d, L)
         return delta, B.permute(0, 1, 3, 4, 2), C.permute(0, 1, 3, 4, 2)
 

@@ -48,6 +48,7 @@ from .reference import (
     direction_orders,
     dt_project_ref,
     layer_norm_ref,
+    projection_rows,
     selective_scan_ref,
 )
 
@@ -65,6 +66,7 @@ __all__ = [
     "layer_norm",
     "layer_norm_ref",
     "prepare_for_compile",
+    "projection_rows",
     "selective_scan_ref",
     "direction_orders",
     "register_backend",

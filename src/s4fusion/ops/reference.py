@@ -31,6 +31,22 @@ import torch.nn.functional as F
 NUM_DIRECTIONS = 4
 
 
+ROW_ALIGN = 8  # rows: 16 bytes of bfloat16 (and a multiple of 16 bytes of float32)
+
+
+def projection_rows(dt_rank: int, d_state: int) -> tuple[int, int, int, int]:
+    """Where a scan block's input projection puts B, C and the low-rank delta, per
+    direction: (rows, b, c, low). B is rows [b, b + N), C [c, c + N), the low-rank delta
+    [low, low + R); nothing reads the other rows. b, c and rows are multiples of 8, so that in a
+    token-major projection (..., L, K, rows) every token's B and C start 16-byte aligned in
+    float32 and in bfloat16 and all their strides but the states' are multiples of 16
+    bytes: the layout the Triton backend reads with vector loads (any layout is correct)."""
+    c = -(-d_state // ROW_ALIGN) * ROW_ALIGN
+    low = c + d_state
+    rows = -(-(low + dt_rank) // ROW_ALIGN) * ROW_ALIGN
+    return rows, 0, c, low
+
+
 def check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height: int, width: int) -> None:
     """Check the shapes of a :func:`cross_scan_ref` call (every backend shares this
     contract); raises ValueError naming the argument, the expected and the given shape."""

@@ -56,7 +56,12 @@ Every load stays inside its tensor: loads are masked, except the forward modes'
 loads of B and C. There a lane past the last line reads the last line, and a step
 past the segment's end reads the segment's current step (both in bounds for any
 strides; such a step's dt is 0 and its results are masked, so the values are
-unused). Masks there cost 9-11% of a forward loop iteration's instructions.
+unused). Masks there cost 9-11% of a forward loop iteration's instructions. (Loads
+issued one iteration ahead are masked past the segment's end: the last iteration's
+are never used.) Where B and C are laid out as the network's projection lays them
+out (``ops.projection_rows``: state stride 1, 16-byte aligned), the forward modes
+read a token's states with 16-byte vector loads, float32 values or bfloat16 pairs
+(``VEC``); one load per state otherwise.
 
 ``H``, ``W``, ``SEG`` and the size-dependent strides are runtime values that are
 not specialised on: one compiled kernel per dtype, M, N and block shape serves
@@ -106,6 +111,9 @@ SWEEP_CB, BWD_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 2, 32, 4, 8
 # State indices per iteration of the backward kernel's loop over n (independent work
 # that hides latency; more needs more registers).
 BWD_UNROLL = 2
+# Whether the forward modes read B and C by vector loads where their layout allows
+# (``_state_loads``; off: one load per state, as for other layouts).
+VECTOR_STATES = True
 # Chunk combine: chunk slots per scan block, states per program, warps.
 COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 16, 16, 4
 
@@ -231,17 +239,84 @@ def _shifted(P, off, CB: tl.constexpr):
     return Q
 
 
+# how the forward modes read a token's N states of B and C (state stride 1)
+VEC_NONE = tl.constexpr(0)  # one load per state
+VEC_VALUES = tl.constexpr(1)  # vector loads of float32 values
+VEC_WORDS = tl.constexpr(2)  # vector loads of 32-bit words, each two bfloat16 states
+
+
+@triton.jit
+def _columns(X, W: tl.constexpr):
+    """The W columns of X (E, W), W a power of two, as a tuple of (E,) tensors (in
+    registers: a lane holds its row)."""
+    if W == 1:
+        return (tl.reshape(X, [X.shape[0]]),)
+    else:
+        even, odd = tl.split(tl.reshape(X, [X.shape[0], W // 2, 2]))
+        EV = _columns(even, W // 2)
+        OD = _columns(odd, W // 2)
+        R = tl.tuple([])
+        for i in tl.static_range(W // 2):
+            R = R + (EV[i], OD[i])
+        return R
+
+
+@triton.jit
+def _vector_states(p, mask, N: tl.constexpr, VEC: tl.constexpr):
+    """A token's N states of B or C from p (per lane; 16-byte aligned, state stride 1),
+    as 32-bit words: N float32 values (VEC_VALUES) or N / 2 pairs of bfloat16 states
+    (VEC_WORDS); :func:`_state` takes a state from them."""
+    q = tl.multiple_of(p.to(tl.pointer_type(tl.int32)), 16)
+    if VEC == VEC_WORDS:
+        return _vector_loads(q, mask, N // 2)
+    else:
+        return _vector_loads(q, mask, N)
+
+
+@triton.jit
+def _vector_loads(q, mask, COUNT: tl.constexpr):
+    """The COUNT 32-bit elements from q (per lane, 16-byte aligned) as a tuple of (E,)
+    tensors, read by 16-byte loads and an 8- and a 4-byte one for the rest (every load
+    aligned to its width; wider chunks would be spread over several lanes)."""
+    X = tl.tuple([])
+    for i in tl.static_range(COUNT // 4):
+        X = X + _columns(tl.load(q[:, None] + (4 * i + tl.arange(0, 4))[None, :], mask=mask), 4)
+    if COUNT % 4 >= 2:
+        X = X + _columns(tl.load(q[:, None] + (COUNT // 4 * 4 + tl.arange(0, 2))[None, :], mask=mask), 2)
+    if COUNT % 2 == 1:
+        X = X + (tl.load(q + (COUNT - 1), mask=mask),)
+    return X
+
+
+@triton.jit
+def _state(X, n: tl.constexpr, VEC: tl.constexpr):
+    """State n of the states X that :func:`_fwd_loads` read, in float32 (the bfloat16
+    halves of a word: its upper 16 bits, low ones zero, are the float32 value)."""
+    if VEC == VEC_WORDS:
+        if n % 2 == 0:
+            return (X[n // 2] << 16).to(tl.float32, bitcast=True)
+        else:
+            return (X[n // 2] & -65536).to(tl.float32, bitcast=True)
+    elif VEC == VEC_VALUES:
+        return X[n].to(tl.float32, bitcast=True)
+    else:
+        return X[n].to(tl.float32)
+
+
 @triton.jit
 def _fwd_loads(
     i0, hi, lmask, UP, DP, YP, CM, pb, pc, st_u, st_d, st_y, st_b, st_c,
     su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m,
     M: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr, MODE: tl.constexpr, UNIT_N: tl.constexpr,
+    VEC: tl.constexpr, AHEAD: tl.constexpr,
 ):  # fmt: skip
     """The raw inputs of the TB steps from i0: per step and modality (delta, u, dL/dy per
-    channel, zeros past hi; B, C per state), what MODE reads. UP, DP, YP (per channel),
-    pb, pc point at step i0 (step ``st_*`` elements apart). A step past hi reads step i0
-    (in bounds): B and C are loaded unmasked (that step's dt is 0, so they are unused);
-    with UNIT_N (state stride 1 in both) at constant offsets from one address."""
+    channel, zeros past hi; B, C per state, see :func:`_state`), what MODE reads. UP, DP,
+    YP (per channel), pb, pc point at step i0 (step ``st_*`` elements apart). A step past
+    hi reads step i0, B and C unmasked (that step's dt is 0, so they are unused); with
+    UNIT_N (state stride 1 in both) at constant offsets from one address, with VEC by
+    vector loads (:func:`_vector_states`). AHEAD (the loads of the next iteration): i0
+    may lie past hi, where B and C are not read (the values are never used)."""
     X = tl.tuple([])
     for s in tl.static_range(TB):
         v = lmask & (i0 + s < hi)
@@ -258,17 +333,25 @@ def _fwd_loads(
                     GY = GY + (tl.load(YP[e] + (m * sy_m + o * st_y), mask=ve, other=0.0),)
             pbs = pb + (m * sb_m + o * st_b)
             pcs = pc + (m * sc_m + o * st_c)
+            if AHEAD:
+                bc = i0 < hi
+            else:
+                bc = None
             BN = tl.tuple([])
             CN = tl.tuple([])
-            for n in tl.static_range(N):
+            if VEC != VEC_NONE:
+                BN = _vector_states(pbs, bc, N, VEC)
+                if MODE != MODE_END:
+                    CN = _vector_states(pcs, bc, N, VEC)
+            for n in tl.static_range(N if VEC == VEC_NONE else 0):
                 if UNIT_N:
-                    BN = BN + (tl.load(pbs + n),)
+                    BN = BN + (tl.load(pbs + n, mask=bc),)
                     if MODE != MODE_END:
-                        CN = CN + (tl.load(pcs + n),)
+                        CN = CN + (tl.load(pcs + n, mask=bc),)
                 else:
-                    BN = BN + (tl.load(pbs + n * sb_n),)
+                    BN = BN + (tl.load(pbs + n * sb_n, mask=bc),)
                     if MODE != MODE_END:
-                        CN = CN + (tl.load(pcs + n * sc_n),)
+                        CN = CN + (tl.load(pcs + n * sc_n, mask=bc),)
             X = X + (tl.tuple([DL, UU, GY, BN, CN]),)
     return X
 
@@ -288,7 +371,7 @@ def _fwd_kernel(
     sc_b, sc_m, sc_k, sc_n, sc_l,
     sy_b, sy_m, sy_c, sy_l,
     K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, E: tl.constexpr, TB: tl.constexpr,
-    MODE: tl.constexpr, CKB: tl.constexpr, PF: tl.constexpr, UNIT_N: tl.constexpr,
+    MODE: tl.constexpr, CKB: tl.constexpr, PF: tl.constexpr, UNIT_N: tl.constexpr, VEC: tl.constexpr,
 ):  # fmt: skip
     """One chunk (a segment of SEG steps of a line) of E (line, channel group) lanes;
     lane = one line x CB neighbouring channels, the N states of each in registers;
@@ -351,17 +434,20 @@ def _fwd_kernel(
     pc = c_ptr + bi * sc_b + k * sc_k + pos * sc_l
     if PF:
         X = _fwd_loads(lo, hi, lmask, UP, DP, YP, CM, pb, pc, st_u, st_d, st_y, st_b, st_c,
-                       su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N)
+                       su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N, VEC, True)
     for i0 in range(lo, hi, TB):
+        # the next iteration's pointers
+        UPn = _shifted(UP, TB * st_u, CB)
+        DPn = _shifted(DP, TB * st_d, CB)
+        YPn = _shifted(YP, TB * st_y, CB)
+        pbn = pb + TB * st_b
+        pcn = pc + TB * st_c
         if PF:  # the next iteration's loads go out before this one's arithmetic
-            nx = tl.where(i0 + TB < hi, TB, 0).to(tl.int64)  # (none past hi)
-            X_nx = _fwd_loads(i0 + TB, hi, lmask, _shifted(UP, nx * st_u, CB), _shifted(DP, nx * st_d, CB),
-                              _shifted(YP, nx * st_y, CB), CM, pb + nx * st_b, pc + nx * st_c,
-                              st_u, st_d, st_y, st_b, st_c, su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m,
-                              M, N, CB, TB, MODE, UNIT_N)  # fmt: skip
+            X_nx = _fwd_loads(i0 + TB, hi, lmask, UPn, DPn, YPn, CM, pbn, pcn, st_u, st_d, st_y, st_b, st_c,
+                              su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N, VEC, True)
         else:
             X = _fwd_loads(i0, hi, lmask, UP, DP, YP, CM, pb, pc, st_u, st_d, st_y, st_b, st_c,
-                           su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N)
+                           su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N, VEC, False)
         if MODE == MODE_SWEEP:
             if i0 % CKB == 0:  # a block starts: store its entering state
                 blk = i0 // CKB
@@ -395,9 +481,9 @@ def _fwd_kernel(
                 PR2 = tl.tuple([])
                 EA2 = tl.tuple([])
                 for n in tl.static_range(N):
-                    bn = BN[n].to(tl.float32)
+                    bn = _state(BN, n, VEC)
                     if MODE != MODE_END:
-                        cn = CN[n].to(tl.float32)
+                        cn = _state(CN, n, VEC)
                     Y2 = tl.tuple([])
                     for e in tl.static_range(CB):
                         a = _exp2(DT[e] * A2[n * CB + e])
@@ -418,11 +504,7 @@ def _fwd_kernel(
                 if MODE == MODE_Y:
                     for e in tl.static_range(CB):
                         tl.atomic_add(YP[e] + (m * sy_m + s * st_y), Y[e], mask=v & CM[e], sem="relaxed")
-        UP = _shifted(UP, TB * st_u, CB)
-        DP = _shifted(DP, TB * st_d, CB)
-        YP = _shifted(YP, TB * st_y, CB)
-        pb += TB * st_b
-        pc += TB * st_c
+        UP, DP, YP, pb, pc = UPn, DPn, YPn, pbn, pcn
         if PF:
             X = X_nx
     # a segment slot past the line's end stays an identity for the combines: dt sum 0,
@@ -850,6 +932,28 @@ def _unit_states(B: torch.Tensor, C: torch.Tensor) -> bool:
     return B.stride(-2) == 1 and C.stride(-2) == 1
 
 
+def _state_loads(B: torch.Tensor, C: torch.Tensor) -> int:
+    """How the forward modes read B and C (``VEC``): by vector loads where both have
+    state stride 1, one dtype, 16-byte aligned data and every other stride a multiple of
+    16 bytes (the layout of :func:`s4fusion.ops.projection_layout`'s projection):
+    float32 values, or bfloat16 states in pairs (N even); else one load per state."""
+    if not VECTOR_STATES or not _unit_states(B, C) or B.dtype != C.dtype:
+        return VEC_NONE.value
+    N = B.shape[-2]
+    if B.dtype == torch.float32:
+        kind = VEC_VALUES.value
+    elif B.dtype == torch.bfloat16 and N % 2 == 0:
+        kind = VEC_WORDS.value
+    else:
+        return VEC_NONE.value
+    per = 16 // B.element_size()
+    for t in (B, C):
+        strides = [st for i, st in enumerate(t.stride()) if i != t.dim() - 2 and t.shape[i] > 1]
+        if t.data_ptr() % 16 or any(st % per for st in strides):
+            return VEC_NONE.value
+    return kind
+
+
 def _group(lanes: int) -> int:
     """Lanes summed in registers before an atomic add: the largest power of two that
     divides the lanes per line, at most BWD_GROUP and BWD_LANES."""
@@ -881,7 +985,7 @@ class _CrossScan(torch.autograd.Function):
         cb = FWD_CB[M - 1]
         grid = (triton.cdiv(NL * triton.cdiv(d, cb), FWD_LANES) * ns, b * K)
         consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, TB=FWD_UNROLL, CKB=FWD_UNROLL, PF=FWD_PREFETCH[M - 1],
-                      UNIT_N=_unit_states(B, C), num_warps=max(1, FWD_LANES // 32))  # fmt: skip
+                      UNIT_N=_unit_states(B, C), VEC=_state_loads(B, C), num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         sizes = (H, W, NL, ns, seg, 1, d)
         out = _new_like(u, f32, zero=True)
         strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *out.stride())
@@ -919,7 +1023,8 @@ class _CrossScan(torch.autograd.Function):
         grid = (triton.cdiv(NL * triton.cdiv(d, SWEEP_CB), FWD_LANES) * ns, b * K)
         _fwd_kernel[grid](*args, start, dts, gout, ck, local, *sizes, *in_strides, MODE=MODE_SWEEP, CKB=tb,
                           K=K, M=M, N=N, CB=SWEEP_CB, E=FWD_LANES, TB=math.gcd(FWD_UNROLL, tb), PF=False,
-                          UNIT_N=_unit_states(B, C), num_warps=max(1, FWD_LANES // 32))  # fmt: skip
+                          UNIT_N=_unit_states(B, C), VEC=_state_loads(B, C),
+                          num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         arriving = _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse=True)
         del local
         g_delta = _new_like(delta, delta.dtype, zero=False)
