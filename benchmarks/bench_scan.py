@@ -7,8 +7,9 @@ Run from the repository root on a CUDA machine::
     python benchmarks/bench_scan.py --proj --json proj.json   # the delta up-projection
 
 The inputs are made by the network's own blocks (``SS2D.project`` and
-``CMSABlock.scan_inputs`` on random activations), so their memory layout is the
-one the network passes: channels innermost. Cases: every scan of one fused
+``CMSABlock.scan_inputs`` on random activations; bfloat16 and float16 under autocast),
+so their memory layout is the one the network passes: u and delta with their channels
+innermost, B and C views of the projection's layout (``ops.projection_rows``). Cases: every scan of one fused
 481x649 pair (released topology: VSS blocks at the three scales, CMSA at the two
 coarser ones) and of the training batch (20 x 229x229). Each case is captured
 in a CUDA graph and timed with CUDA events: median of 20 replays after 3
@@ -77,7 +78,8 @@ def _block(scale: int, kind: str) -> SS2D | CMSABlock:
 def scan_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.dtype) -> tuple:
     """The scan arguments of one block of the default network at this map size."""
     block = _block(scale, kind)
-    with torch.no_grad():
+    low = dtype in (torch.bfloat16, torch.float16)  # made as the network makes them: under autocast
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=low):
         if kind == "vss":
             a = block.conv_act(torch.randn(batch, H, W, block.d_inner, device="cuda"))
             u = a.reshape(batch, 1, block.d_inner, H * W)
@@ -87,7 +89,8 @@ def scan_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.
             u, delta, B, C = block.scan_inputs(*a)
     A = -torch.exp(block.A_logs.detach())
     extra = (block.Ds.detach(), block.dt_projs_bias.detach().reshape(-1))
-    return tuple(t.to(dtype) for t in (u, delta)) + (A,) + tuple(t.to(dtype) for t in (B, C)) + extra
+    assert B.dtype == C.dtype == dtype, (B.dtype, dtype)  # (their layout is the projection's, as in the network)
+    return (u.to(dtype), delta.to(dtype), A, B, C) + extra
 
 
 def time_ms(fn: Callable[[], object]) -> float:
