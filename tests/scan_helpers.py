@@ -1,11 +1,13 @@
 """Helpers shared by the backend tests: test_scan_cpu and test_scan_state; the Triton
 LayerNorm's, up-projection's and bias + SiLU's (:func:`errors_against_float64`,
 :func:`assert_errors_within`); the up-projection's and bias + SiLU's
-(:func:`bf16_network_with_and_without`)."""
+(:func:`bf16_network_with_and_without`); the Triton scan's (:func:`projection_views`)."""
 
 from __future__ import annotations
 
 import torch
+
+from s4fusion.ops import projection_rows
 
 # relative error (Frobenius norm) allowed against the reference, by dtype
 FWD_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -70,3 +72,14 @@ def bf16_network_with_and_without(monkeypatch, kind: str, reference, device: str
             monkeypatch.setitem(ops._loaded, (backend, kind), reference)
             replaced = model(ir, vi).float()
     return exact, kernel, replaced
+
+
+def projection_views(B: torch.Tensor, C: torch.Tensor, dt_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B and C (b, M, K, N, L) copied into a token-major projection laid out as the
+    network's (``ops.projection_rows``), returned as its views."""
+    b, M, K, N, L = B.shape
+    rows, ob, oc, _ = projection_rows(dt_rank, N)
+    P = torch.zeros(b, M, L, K, rows, dtype=B.dtype, device=B.device)
+    P[..., ob : ob + N] = B.permute(0, 1, 4, 2, 3)
+    P[..., oc : oc + N] = C.permute(0, 1, 4, 2, 3)
+    return P[..., ob : ob + N].permute(0, 1, 3, 4, 2), P[..., oc : oc + N].permute(0, 1, 3, 4, 2)

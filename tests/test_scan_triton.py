@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from s4fusion import S4Fusion
-from s4fusion.ops import cross_scan_ref, projection_rows, set_backend
+from s4fusion.ops import cross_scan_ref, set_backend
+from scan_helpers import projection_views
 from triton_interpreter import worst_in_interpreter
 
 triton = pytest.importorskip("triton", reason="the triton scan backend needs the triton package")
@@ -63,17 +64,6 @@ def make_inputs(b, M, d, N, H, W, dtype, device, seed=0, K=4, layout="channels_f
     elif layout == "projection":
         B, C = projection_views(B, C, dt_rank=3)
     return [t.requires_grad_() for t in (u, delta, A.to(device), B, C, D.to(device), bias.to(device))]
-
-
-def projection_views(B: torch.Tensor, C: torch.Tensor, dt_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """B and C (b, M, K, N, L) copied into a token-major projection laid out as the
-    network's (``ops.projection_rows``), returned as its views."""
-    b, M, K, N, L = B.shape
-    rows, ob, oc, _ = projection_rows(dt_rank, N)
-    P = torch.zeros(b, M, L, K, rows, dtype=B.dtype, device=B.device)
-    P[..., ob : ob + N] = B.permute(0, 1, 4, 2, 3)
-    P[..., oc : oc + N] = C.permute(0, 1, 4, 2, 3)
-    return P[..., ob : ob + N].permute(0, 1, 3, 4, 2), P[..., oc : oc + N].permute(0, 1, 3, 4, 2)
 
 
 def reference_and_grads(inputs, gout, H, W):
@@ -287,7 +277,8 @@ def test_kernels_in_the_triton_interpreter_match_the_reference():
 
 VECTOR_CHECK = """
 import torch
-from s4fusion.ops import triton_scan as ts, projection_rows
+from scan_helpers import projection_views
+from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
 # B and C views of the network's projection layout: vector loads of float32 values (N = 6
@@ -301,11 +292,9 @@ for b, M, d, N, H, W, dtype, pf, kind in [
     ts.FWD_PREFETCH = (pf, pf)
     g = torch.Generator().manual_seed(H * W)
     L, K = H * W, 4
-    rows, ob, oc, _ = projection_rows(3, N)
-    P = torch.randn(b, M, L, K, rows, generator=g).to(dtype)
-    B, C = (P[..., o : o + N].permute(0, 1, 3, 4, 2) for o in (ob, oc))
+    B, C = projection_views(*(torch.randn(b, M, K, N, L, generator=g).to(dtype) for _ in range(2)), dt_rank=3)
     assert ts._state_loads(B, C) == kind, ts._state_loads(B, C)
-    shifted = P[..., ob + 1 : ob + 1 + N].permute(0, 1, 3, 4, 2)  # not 16-byte aligned
+    shifted = B.as_strided(B.shape, B.stride(), B.storage_offset() + 1)  # not 16-byte aligned
     assert ts._state_loads(shifted, C) == 0 and ts._state_loads(B.contiguous(), C) == 0
     x = [torch.randn(b, M, d, L, generator=g).to(dtype), (0.5 * torch.randn(b, M, K, d, L, generator=g)).to(dtype),
          -torch.exp(0.5 * torch.randn(K * d, N, generator=g)), B, C, torch.randn(K * d, generator=g),

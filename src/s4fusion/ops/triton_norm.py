@@ -17,7 +17,6 @@ sums of dL/dweight and dL/dbias, summed on the host by one reduction.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

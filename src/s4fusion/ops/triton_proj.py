@@ -24,7 +24,6 @@ slower (BENCHMARKS.md, session 13, H200); float64 keeps its precision.
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

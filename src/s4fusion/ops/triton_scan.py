@@ -317,6 +317,10 @@ def _fwd_loads(
     UNIT_N (state stride 1 in both) at constant offsets from one address, with VEC by
     vector loads (:func:`_vector_states`). AHEAD (the loads of the next iteration): i0
     may lie past hi, where B and C are not read (the values are never used)."""
+    if AHEAD:
+        bc = i0 < hi
+    else:
+        bc = None
     X = tl.tuple([])
     for s in tl.static_range(TB):
         v = lmask & (i0 + s < hi)
@@ -333,25 +337,22 @@ def _fwd_loads(
                     GY = GY + (tl.load(YP[e] + (m * sy_m + o * st_y), mask=ve, other=0.0),)
             pbs = pb + (m * sb_m + o * st_b)
             pcs = pc + (m * sc_m + o * st_c)
-            if AHEAD:
-                bc = i0 < hi
-            else:
-                bc = None
             BN = tl.tuple([])
             CN = tl.tuple([])
             if VEC != VEC_NONE:
                 BN = _vector_states(pbs, bc, N, VEC)
                 if MODE != MODE_END:
                     CN = _vector_states(pcs, bc, N, VEC)
-            for n in tl.static_range(N if VEC == VEC_NONE else 0):
-                if UNIT_N:
-                    BN = BN + (tl.load(pbs + n, mask=bc),)
-                    if MODE != MODE_END:
-                        CN = CN + (tl.load(pcs + n, mask=bc),)
-                else:
-                    BN = BN + (tl.load(pbs + n * sb_n, mask=bc),)
-                    if MODE != MODE_END:
-                        CN = CN + (tl.load(pcs + n * sc_n, mask=bc),)
+            else:
+                for n in tl.static_range(N):
+                    if UNIT_N:
+                        BN = BN + (tl.load(pbs + n, mask=bc),)
+                        if MODE != MODE_END:
+                            CN = CN + (tl.load(pcs + n, mask=bc),)
+                    else:
+                        BN = BN + (tl.load(pbs + n * sb_n, mask=bc),)
+                        if MODE != MODE_END:
+                            CN = CN + (tl.load(pcs + n * sc_n, mask=bc),)
             X = X + (tl.tuple([DL, UU, GY, BN, CN]),)
     return X
 
@@ -935,7 +936,7 @@ def _unit_states(B: torch.Tensor, C: torch.Tensor) -> bool:
 def _state_loads(B: torch.Tensor, C: torch.Tensor) -> int:
     """How the forward modes read B and C (``VEC``): by vector loads where both have
     state stride 1, one dtype, 16-byte aligned data and every other stride a multiple of
-    16 bytes (the layout of :func:`s4fusion.ops.projection_layout`'s projection):
+    16 bytes (the layout of :func:`s4fusion.ops.projection_rows`' projection):
     float32 values, or bfloat16 states in pairs (N even); else one load per state."""
     if not VECTOR_STATES or not _unit_states(B, C) or B.dtype != C.dtype:
         return VEC_NONE.value
@@ -984,8 +985,9 @@ class _CrossScan(torch.autograd.Function):
         seg, ns = _segments(H, W, b, K, d, M)
         cb = FWD_CB[M - 1]
         grid = (triton.cdiv(NL * triton.cdiv(d, cb), FWD_LANES) * ns, b * K)
+        unit, vec = _unit_states(B, C), _state_loads(B, C)  # (the backward's sweep reads them alike)
         consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, TB=FWD_UNROLL, CKB=FWD_UNROLL, PF=FWD_PREFETCH[M - 1],
-                      UNIT_N=_unit_states(B, C), VEC=_state_loads(B, C), num_warps=max(1, FWD_LANES // 32))  # fmt: skip
+                      UNIT_N=unit, VEC=vec, num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         sizes = (H, W, NL, ns, seg, 1, d)
         out = _new_like(u, f32, zero=True)
         strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *out.stride())
@@ -998,13 +1000,13 @@ class _CrossScan(torch.autograd.Function):
         _fwd_kernel[grid](*args, start, dts, out, start, start, *sizes, *strides, MODE=MODE_Y, **consts)
         if any(ctx.needs_input_grad[:7]):
             ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, start, dts)
-            ctx.plan = (H, W, seg, ns)
+            ctx.plan = (H, W, seg, ns, unit, vec)
         return out if u.dtype == f32 else out.to(u.dtype)
 
     @staticmethod
     def backward(ctx, gout):  # type: ignore[override]
         u, delta, A, B, C, D, delta_bias, start, dts = ctx.saved_tensors
-        H, W, seg, ns = ctx.plan
+        H, W, seg, ns, unit, vec = ctx.plan
         b, M, d, L = u.shape
         K, N = delta.shape[2], A.shape[1]
         dev, f32 = u.device, torch.float32
@@ -1023,8 +1025,7 @@ class _CrossScan(torch.autograd.Function):
         grid = (triton.cdiv(NL * triton.cdiv(d, SWEEP_CB), FWD_LANES) * ns, b * K)
         _fwd_kernel[grid](*args, start, dts, gout, ck, local, *sizes, *in_strides, MODE=MODE_SWEEP, CKB=tb,
                           K=K, M=M, N=N, CB=SWEEP_CB, E=FWD_LANES, TB=math.gcd(FWD_UNROLL, tb), PF=False,
-                          UNIT_N=_unit_states(B, C), VEC=_state_loads(B, C),
-                          num_warps=max(1, FWD_LANES // 32))  # fmt: skip
+                          UNIT_N=unit, VEC=vec, num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         arriving = _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse=True)
         del local
         g_delta = _new_like(delta, delta.dtype, zero=False)
