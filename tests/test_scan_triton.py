@@ -21,6 +21,18 @@ triton = pytest.importorskip("triton", reason="the triton scan backend needs the
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (no CUDA device here)")
 
+from s4fusion.ops import triton_scan as ts  # noqa: E402  (after the importorskip of triton)
+
+WHOLE_LINE_DEFAULT = ts.WHOLE_LINE_STEPS
+
+
+@pytest.fixture(autouse=True)
+def chunked_short_lines(monkeypatch):
+    """The test images are small: their lines are cut into chunks as a large image's
+    are (by default lines of up to WHOLE_LINE_STEPS steps stay whole), so that the
+    tests run the chunk combines too."""
+    monkeypatch.setattr(ts, "WHOLE_LINE_STEPS", 0)
+
 F32_GOLDEN_TOL = 1e-5  # golden README section 5
 # relative L2 error of (output, gradients) against a float64 reference on the same inputs
 TOLERANCES = {
@@ -230,10 +242,35 @@ def test_network_gradients_match_the_reference_backend(released_path, golden_inp
 
 # ------------------------------------------------------- on the CPU (interpreter)
 
+
+# (H, W, b, d, M) of every scan of a 481x649 and a 961x1297 fuse and of the training batch
+SCAN_SHAPES = [
+    (160, 216, 1, 72, 1), (80, 108, 1, 144, 1), (40, 54, 1, 288, 1), (80, 108, 1, 144, 2), (40, 54, 1, 288, 2),
+    (320, 432, 1, 72, 1), (160, 216, 1, 144, 1), (80, 108, 1, 288, 1), (160, 216, 1, 144, 2), (80, 108, 1, 288, 2),
+    (76, 76, 20, 72, 1), (38, 38, 20, 144, 1), (19, 19, 20, 288, 1), (38, 38, 20, 144, 2), (19, 19, 20, 288, 2),
+]
+
+
+def test_lines_are_cut_into_one_or_at_least_three_chunks(monkeypatch):
+    """The forward's chunking: chunks of whole backward blocks that cover each line;
+    short lines whole; never two chunks per line (BENCHMARKS.md, session 18)."""
+    monkeypatch.setattr(ts, "WHOLE_LINE_STEPS", WHOLE_LINE_DEFAULT)
+    for H, W, b, d, M in SCAN_SHAPES:
+        seg, ns = ts._segments(H, W, b, 4, d, M)
+        longest = max(H, W)
+        assert seg % ts._steps(ts.BWD_STEPS, M) == 0 and (ns - 1) * seg < longest <= ns * seg, (H, W, seg, ns)
+        assert ns != 2, (H, W, d, M)
+        if longest <= WHOLE_LINE_DEFAULT:
+            assert ns == 1, (H, W, d, M)
+    assert ts._segments(160, 216, 1, 4, 72, 1)[1] == 3  # the finest scan of a 481x649 fuse: few lanes
+    assert ts._segments(320, 432, 1, 4, 72, 1)[1] == 3  # of a 961x1297 fuse (about 2**17 lanes: two before)
+    assert ts._segments(76, 76, 20, 4, 72, 1)[1] == 1  # the training batch has lanes enough
+
 INTERPRETER_CHECK = """
 from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
+ts.WHOLE_LINE_STEPS = 0  # (tiny images: their lines cut into chunks too)
 # (segments of one block, combine blocks, several programs; channel groups of 1, 2, 4 and
 # 8 lanes (8: more lanes than a block's 4 sums for dL/dB and dL/dC); "whole": one segment
 # per line, of several blocks; forward and backward lanes of 1 or 2 channels, forward loads
@@ -281,6 +318,7 @@ from scan_helpers import projection_views
 from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
+ts.WHOLE_LINE_STEPS = 0  # (tiny images: their lines cut into chunks too)
 # B and C views of the network's projection layout: vector loads of float32 values (N = 6
 # and 5: chunks of 4, 2 and 1) and of bfloat16 pairs (N = 12, 18), forward loads one
 # iteration ahead or not; their results must equal those of one load per state

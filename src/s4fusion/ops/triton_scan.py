@@ -101,6 +101,9 @@ FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 # forward` on an H200 (BENCHMARKS.md).
 FWD_CB, FWD_LANES, FWD_UNROLL, FWD_PREFETCH = (1, 1), 128, 1, (True, False)
 TARGET_LANES = 1 << 17
+# Lines of at most this many steps stay one chunk (cutting them costs more than the
+# parallel work gains; `_segments`, BENCHMARKS.md session 18).
+WHOLE_LINE_STEPS = 64
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
 # an adjoint per state; its loads are not issued ahead, which measured no faster);
 # channels per lane of the backward kernel (its channel sums of dL/dB and dL/dC start
@@ -907,11 +910,18 @@ def _steps(steps: int, M: int) -> int:
 
 def _segments(H: int, W: int, b: int, K: int, d: int, M: int) -> tuple[int, int]:
     """(SEG, NS): steps per chunk (a multiple of the backward's block) and chunk slots
-    per line, so that a forward launch has about TARGET_LANES lanes."""
+    per line, so that a forward launch has about TARGET_LANES lanes; lines of at most
+    WHOLE_LINE_STEPS steps are not cut, and no line is cut in two: three chunks instead
+    (two measured slower than the better of one and three in 13 of the 15 fusing scans
+    of BENCHMARKS.md session 18, H200)."""
     longest = max(H, W)
     unit = _steps(BWD_STEPS, M)
     lanes = longest * b * K * triton.cdiv(d, FWD_CB[M - 1])
     splits = max(1, min(triton.cdiv(TARGET_LANES, lanes), triton.cdiv(longest, unit)))
+    if longest <= WHOLE_LINE_STEPS:
+        splits = 1
+    elif splits == 2:
+        splits = min(3, triton.cdiv(longest, unit))
     seg = triton.cdiv(triton.cdiv(longest, splits), unit) * unit
     return seg, triton.cdiv(longest, seg)
 
