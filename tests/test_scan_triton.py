@@ -266,6 +266,7 @@ def test_lines_are_cut_into_one_or_at_least_three_chunks(monkeypatch):
     assert ts._segments(320, 432, 1, 4, 72, 1)[1] == 3  # of a 961x1297 fuse (about 2**17 lanes: two before)
     assert ts._segments(76, 76, 20, 4, 72, 1)[1] == 1  # the training batch has lanes enough
 
+
 INTERPRETER_CHECK = """
 from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
