@@ -93,11 +93,9 @@ def reference_and_grads(inputs, gout, H, W):
 @pytest.mark.gpu
 @needs_cuda
 def test_matches_reference_forward_and_every_gradient(case, dtype, layout):
-    from s4fusion.ops.triton_scan import cross_scan_triton
-
     b, M, d, N, H, W = case
     inputs = make_inputs(b, M, d, N, H, W, dtype, "cuda", layout=layout)
-    out = cross_scan_triton(*inputs, H, W)
+    out = ts.cross_scan_triton(*inputs, H, W)
     assert out.dtype == dtype and out.shape == (b, M, d, H * W)
     gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
     if layout != "channels_first":  # dL/dy as the network hands it over; otherwise with the tokens innermost
@@ -120,8 +118,6 @@ def test_matches_reference_forward_and_every_gradient(case, dtype, layout):
 @needs_cuda
 def test_backward_lanes_of_one_channel_match_the_reference(case, steps, monkeypatch):
     """The backward kernel's other lane width (the default is two channels)."""
-    from s4fusion.ops import triton_scan as ts
-
     monkeypatch.setattr(ts, "BWD_CB", 1)
     monkeypatch.setattr(ts, "BWD_STEPS", steps)
     b, M, d, N, H, W = case
@@ -138,15 +134,13 @@ def test_backward_lanes_of_one_channel_match_the_reference(case, steps, monkeypa
 @needs_cuda
 def test_strided_inputs_give_the_contiguous_result():
     """Slices and transposed views (as the network passes them) are read in place."""
-    from s4fusion.ops.triton_scan import cross_scan_triton
-
     b, M, d, N, H, W = 2, 2, 6, 4, 9, 7
     u, delta, A, B, C, D, bias = (t.detach() for t in make_inputs(b, M, d, N, H, W, torch.float32, "cuda"))
-    out = cross_scan_triton(u, delta, A, B, C, D, bias, H, W)
+    out = ts.cross_scan_triton(u, delta, A, B, C, D, bias, H, W)
     wide = torch.randn(b, M, 4, 3 + 2 * N, H * W, device="cuda")
     wide[:, :, :, 3 : 3 + N], wide[:, :, :, 3 + N :] = B, C
     delta_t = delta.transpose(-1, -2).contiguous().transpose(-1, -2)  # channels innermost in memory
-    strided = cross_scan_triton(u, delta_t, A, wide[:, :, :, 3 : 3 + N], wide[:, :, :, 3 + N :], D, bias, H, W)
+    strided = ts.cross_scan_triton(u, delta_t, A, wide[:, :, :, 3 : 3 + N], wide[:, :, :, 3 + N :], D, bias, H, W)
     assert not wide[:, :, :, 3 : 3 + N].is_contiguous() and not delta_t.is_contiguous()
     assert rel(strided, out) < 1e-6
 
@@ -154,10 +148,8 @@ def test_strided_inputs_give_the_contiguous_result():
 @pytest.mark.gpu
 @needs_cuda
 def test_one_compiled_kernel_serves_every_image_size():
-    from s4fusion.ops import triton_scan
-
     def variants() -> int:
-        kernels = (triton_scan._fwd_kernel, triton_scan._chunk_combine_kernel, triton_scan._bwd_kernel)
+        kernels = (ts._fwd_kernel, ts._chunk_combine_kernel, ts._bwd_kernel)
         caches = [getattr(k, "device_caches", None) for k in kernels]
         if any(c is None for c in caches):
             pytest.skip("this triton version does not expose its kernel caches")
@@ -166,7 +158,7 @@ def test_one_compiled_kernel_serves_every_image_size():
     counts = []
     for H, W in ((11, 13), (23, 6), (5, 41)):
         inputs = make_inputs(1, 2, 8, 6, H, W, torch.float32, "cuda")
-        out = triton_scan.cross_scan_triton(*inputs, H, W)
+        out = ts.cross_scan_triton(*inputs, H, W)
         torch.autograd.grad(out.sum(), inputs)
         counts.append(variants())
     assert counts[0] == counts[1] == counts[2]
@@ -240,8 +232,7 @@ def test_network_gradients_match_the_reference_backend(released_path, golden_inp
     assert worst[0] < 1e-4, worst
 
 
-# ------------------------------------------------------- on the CPU (interpreter)
-
+# ---------------------------------------------------------- chunking (on the CPU)
 
 # (H, W, b, d, M) of every scan of a 481x649 and a 961x1297 fuse and of the training batch
 SCAN_SHAPES = [
@@ -266,6 +257,8 @@ def test_lines_are_cut_into_one_or_at_least_three_chunks(monkeypatch):
     assert ts._segments(320, 432, 1, 4, 72, 1)[1] == 3  # of a 961x1297 fuse (about 2**17 lanes: two before)
     assert ts._segments(76, 76, 20, 4, 72, 1)[1] == 1  # the training batch has lanes enough
 
+
+# ------------------------------------------------------- on the CPU (interpreter)
 
 INTERPRETER_CHECK = """
 from s4fusion.ops import triton_scan as ts
