@@ -132,7 +132,7 @@ SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_scan and the
     },
     "combine": {"COMBINE_ROWS": (16, 32, 64, 128), "COMBINE_STATES": (16, 32, 64), "COMBINE_WARPS": (1, 4)},
     "backward": {
-        "BWD_CB": (1, 2), "BWD_LANES": (32,), "BWD_STEPS": (4, 8), "BWD_GROUP": (8, 16), "BWD_UNROLL": (2, 3, 4),
+        "BWD_CB": (1, 2), "BWD_LANES": (32,), "BWD_STEPS": (4, 8), "BWD_GROUP": (4, 8), "BWD_PARTS": (2, 4, 8),
     },  # fmt: skip
 }
 

@@ -112,13 +112,15 @@ def test_matches_reference_forward_and_every_gradient(case, dtype, layout):
         assert [g.stride(i) for i in long] == [x.stride(i) for i in long]
 
 
-@pytest.mark.parametrize("steps", [2, 4])
+@pytest.mark.parametrize("cb,parts,steps", [(1, 4, 2), (1, 4, 4), (2, 2, 4), (2, 8, 4), (1, 1, 4)])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}M{}d{}N{}_{}x{}".format(*c))
 @pytest.mark.gpu
 @needs_cuda
-def test_backward_lanes_of_one_channel_match_the_reference(case, steps, monkeypatch):
-    """The backward kernel's other lane width (the default is two channels)."""
-    monkeypatch.setattr(ts, "BWD_CB", 1)
+def test_other_backward_launch_configurations_match_the_reference(case, cb, parts, steps, monkeypatch):
+    """The backward kernel with other lane widths, groups and blocks than the default
+    (two channels, four lanes per group, four steps)."""
+    monkeypatch.setattr(ts, "BWD_CB", cb)
+    monkeypatch.setattr(ts, "BWD_PARTS", parts)
     monkeypatch.setattr(ts, "BWD_STEPS", steps)
     b, M, d, N, H, W = case
     inputs = make_inputs(b, M, d, N, H, W, torch.float32, "cuda", layout="channels_last")
@@ -265,19 +267,22 @@ from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
 ts.WHOLE_LINE_STEPS = 0  # (tiny images: their lines cut into chunks too)
-# (segments of one block, combine blocks, several programs; channel groups of 1, 2, 4 and
-# 8 lanes (8: more lanes than a block's 4 sums for dL/dB and dL/dC); "whole": one segment
-# per line, of several blocks; forward and backward lanes of 1 or 2 channels, forward loads
-# one iteration ahead or not)
+# (segments of one block, combine blocks, several programs; "whole": one segment per line,
+# of several blocks; forward and backward lanes of 1 or 2 channels, forward loads one
+# iteration ahead or not; backward groups of 1, 2 or 4 lanes splitting the states, evenly
+# or not, whose channel sums of dL/dB and dL/dC go over 1 to 8 groups, fewer or more
+# than a lane's sums)
 worst = 0.0
-for b, M, d, N, H, W, last, whole, cb, pf in [
-    (1, 2, 5, 3, 4, 3, False, False, 2, True), (2, 1, 8, 2, 3, 5, False, False, 2, False),
-    (1, 2, 4, 3, 3, 4, True, False, 1, False), (2, 1, 6, 2, 3, 5, True, True, 1, True),
-    (1, 1, 16, 2, 3, 2, True, False, 2, False),
+for b, M, d, N, H, W, last, whole, cb, pf, parts in [
+    (1, 2, 5, 3, 4, 3, False, False, 2, True, 4), (2, 1, 8, 2, 3, 5, False, False, 2, False, 1),
+    (1, 2, 4, 3, 3, 4, True, False, 1, False, 2), (2, 1, 6, 2, 3, 5, True, True, 1, True, 4),
+    (1, 1, 16, 2, 3, 2, True, False, 2, False, 1), (1, 1, 6, 12, 3, 5, True, False, 2, False, 4),
+    (1, 2, 3, 5, 3, 4, True, True, 1, False, 2),
 ]:
     ts.TARGET_LANES = 1 if whole else 1 << 17
     ts.FWD_CB = (cb, cb)
     ts.BWD_CB = cb
+    ts.BWD_PARTS = parts
     ts.FWD_PREFETCH = (pf, pf)
     g = torch.Generator().manual_seed(H * W)
     L, K = H * W, 4
@@ -359,8 +364,9 @@ def test_vector_loads_of_the_projection_layout_in_the_interpreter():
 
 
 def test_halving_exchange_leaves_every_group_sum_on_one_lane_in_the_interpreter():
-    """The backward kernel's channel sums of dL/dB and dL/dC (1 to 16 values, groups of 1
-    to 32 lanes): float32 sums within a few roundings of float64."""
+    """The backward kernel's sums over lane groups (1 to 48 values, groups of 1 to 32
+    lanes, neighbours or 2 and 4 lanes apart): float32 sums within a few roundings of
+    float64."""
     check = "from triton_exchange import worst_error\nprint('WORST', worst_error('cpu'))\n"
     assert worst_in_interpreter(check) < 1e-6
 

@@ -28,10 +28,10 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
   adjoint the chunk passes to the state before it (from its own outputs);
   ``_chunk_combine_kernel`` (reversed) gives every chunk the adjoint arriving
   from the chunks after it; ``_bwd_kernel`` walks the blocks
-  of every chunk backwards and, per state index n, recomputes the block's states
-  from the stored one and runs the adjoint back through them. Gradients: u (over
-  directions), B and C (over channels) atomically; delta stored; A, D and
-  delta_bias as per-lane partial sums that torch reduces.
+  of every chunk backwards, recomputes each block's states from the stored ones
+  and runs the adjoint back through them. Gradients: u (over directions), B and
+  C (over channels) atomically; delta stored; A, D and delta_bias as per-lane
+  partial sums that torch reduces.
 
 Work layout: a program owns ``E`` lanes of one segment of one direction and
 batch element; a lane is one line and ``CB`` neighbouring channels (``CB`` is a
@@ -42,13 +42,16 @@ memory, the layout the network passes (the output and the gradients of u and
 delta have their input's layout; dL/dy is read the same way, and the network
 hands it over with its channels innermost). B and C are read once per line and
 step and shared by the line's lanes. The forward modes keep the
-``N`` states of each channel in registers (``N`` is a compile-time constant);
-the backward holds one state index at a time over a block of ``TB * M`` tokens.
-In ``_bwd_kernel`` the channel sums of dL/dB and dL/dC are first taken over a
-lane's ``CB`` channels and then over ``CT`` neighbouring lanes (``CT`` divides the
-lanes per line) by a halving exchange of warp shuffles that leaves each of the group's
-lanes with different sums (``_sum_scatter``), so that only ``d / (CB * CT)`` atomic
-adds reach each element, issued by all lanes at once. A launch's grid covers the
+``N`` states of each channel in registers (``N`` is a compile-time constant).
+In ``_bwd_kernel`` ``G`` neighbouring lanes (a group) share a line and ``CB``
+channels and split their states, ``N / G`` each (rounded up): a lane keeps its
+states' adjoints and dL/dA partials in registers for the whole chunk, and over a
+block of ``TB * M`` tokens their states and decays. Sums over the states (for the
+gradients of u and delta) go over the group, sums over the channels (dL/dB and
+dL/dC) over a lane's ``CB`` channels and then over ``CT`` groups of the line, both
+by a halving exchange of warp shuffles that leaves each lane with different sums
+(``_sum_scatter``), so that only ``d / (CB * CT)`` atomic adds reach each element
+of dL/dB and dL/dC, issued by all lanes at once. A launch's grid covers the
 lines of the longest image side for every direction; programs whose lanes all lie
 past their direction's last line return at once.
 
@@ -107,13 +110,12 @@ WHOLE_LINE_STEPS = 64
 # Backward: channels per lane of the sweep (a forward-kernel mode that also keeps
 # an adjoint per state; its loads are not issued ahead, which measured no faster);
 # channels per lane of the backward kernel (its channel sums of dL/dB and dL/dC start
-# in registers); lanes (one line x BWD_CB channels) per program; scan steps per block
-# for M = 1 (halved for M = 2); most lanes summed in registers before an atomic add.
-# Chosen by `bench_scan.py --sweep backward` on an H200 (BENCHMARKS.md).
-SWEEP_CB, BWD_CB, BWD_LANES, BWD_STEPS, BWD_GROUP = 1, 2, 32, 4, 8
-# State indices per iteration of the backward kernel's loop over n (independent work
-# that hides latency; more needs more registers).
-BWD_UNROLL = 2
+# in registers); lanes per program (one warp: the kernel's exchanges are warp
+# shuffles); scan steps per block for M = 1 (halved for M = 2); most lane groups
+# summed in registers before an atomic add; lanes per group (a power of two: the
+# lanes that share a line and channels and split their states).
+# Chosen on an H200 (BENCHMARKS.md session 19; `bench_scan.py --sweep backward`).
+SWEEP_CB, BWD_CB, BWD_LANES, BWD_STEPS, BWD_GROUP, BWD_PARTS = 1, 2, 32, 4, 8, 4
 # Whether the forward modes read B and C by vector loads where their layout allows
 # (``_state_loads``; off: one load per state, as for other layouts).
 VECTOR_STATES = True
@@ -200,11 +202,12 @@ def _geometry(k, H, W):
 
 
 @triton.jit
-def _lanes(d, H, W, NS, K: tl.constexpr, E: tl.constexpr, CB: tl.constexpr):
+def _lanes(d, H, W, NS, K: tl.constexpr, E: tl.constexpr, CB: tl.constexpr, G: tl.constexpr):
     """The work of this program: batch element bi, direction k, segment sg, lanes per
-    line nq, the E lanes' lines j and first channels c0, direction k's geometry (see
-    :func:`_geometry`), and whether every lane lies past its last line (the grid covers
-    the lines of the longest side for every direction)."""
+    line and state part (nq), the E lanes' lines j, first channels c0 and state parts q
+    (G neighbouring lanes share a line and channels and split their states), direction
+    k's geometry (see :func:`_geometry`), and whether every lane lies past its last line
+    (the grid covers the lines of the longest side for every direction)."""
     pid0 = tl.program_id(0)
     pid_bk = tl.program_id(1)
     bi = (pid_bk // K).to(tl.int64)
@@ -212,11 +215,12 @@ def _lanes(d, H, W, NS, K: tl.constexpr, E: tl.constexpr, CB: tl.constexpr):
     sg = pid0 % NS
     nq = (d + CB - 1) // CB
     f = (pid0 // NS) * E + tl.arange(0, E)
-    j = f // nq
-    c0 = (f % nq) * CB
+    q = f % G
+    j = f // G // nq
+    c0 = (f // G % nq) * CB
     nlines, llen, base, line_step, pos_step = _geometry(k, H, W)
-    idle = (pid0 // NS) * E >= nlines * nq
-    return bi, k, sg, nq, j, c0, nlines, llen, base, line_step, pos_step, idle
+    idle = (pid0 // NS) * E >= nlines * nq * G
+    return bi, k, sg, nq, j, c0, q, nlines, llen, base, line_step, pos_step, idle
 
 
 @triton.jit
@@ -380,7 +384,7 @@ def _fwd_kernel(
     """One chunk (a segment of SEG steps of a line) of E (line, channel group) lanes;
     lane = one line x CB neighbouring channels, the N states of each in registers;
     TB steps unrolled per iteration (TB divides CKB, and CKB divides SEG)."""
-    bi, k, sg, nq, j, c0, nlines, llen, base, line_step, pos_step, idle = _lanes(d, H, W, NS, K, E, CB)
+    bi, k, sg, nq, j, c0, _, nlines, llen, base, line_step, pos_step, idle = _lanes(d, H, W, NS, K, E, CB, 1)
     if idle:
         return
     pid_bk = tl.program_id(1)
@@ -595,22 +599,22 @@ def _chunk_combine_kernel(
 
 
 @triton.jit
-def _sum_scatter(X, lane, NX: tl.constexpr, CT: tl.constexpr):
-    """Sums over groups of CT neighbouring lanes (CT a power of two, at most 32) of the
-    NX values X (a tuple of lane vectors; NX a power of two), spread over the group:
-    every lane ends with max(1, NX / CT) of the sums, those of X's values that
-    :func:`_scatter_slots` gives.
+def _sum_scatter(X, lane, NX: tl.constexpr, CT: tl.constexpr, STRIDE: tl.constexpr):
+    """Sums over groups of CT lanes STRIDE apart (CT and STRIDE powers of two, CT * STRIDE
+    at most 32: lanes of one warp) of the NX values X (a tuple of lane vectors; NX a power
+    of two or a multiple of CT), spread over the group: every lane ends with
+    max(1, NX / CT) of the sums, those of X's values that :func:`_scatter_slots` gives.
 
     A halving exchange: at each level a lane keeps half of its values, sends the other
     half to the lane that keeps those, and adds what it receives (one warp shuffle per
     value sent). For NX >= CT that is NX - NX / CT shuffles, against NX log2(CT) for a
     butterfly per value. Once a lane holds one value (NX < CT), each remaining level is
     one butterfly shuffle."""
-    tl.static_assert((NX & (NX - 1)) == 0, "the number of values must be a power of two")
-    tl.static_assert(CT <= 32, "a group is at most a warp")
+    tl.static_assert((NX & (NX - 1)) == 0 or NX % CT == 0, "the values must be a power of two or fill the group")
+    tl.static_assert(CT * STRIDE <= 32, "a group is at most a warp")
     for level in tl.static_range(5):
         if (CT >> (level + 1)) > 0:
-            X = _scatter_level(X, lane, CT >> (level + 1), NX >> (level + 1))
+            X = _scatter_level(X, lane, (CT >> (level + 1)) * STRIDE, NX >> (level + 1))
     return X
 
 
@@ -631,7 +635,7 @@ def _scatter_level(X, lane, m: tl.constexpr, HALF: tl.constexpr):
 
 
 @triton.jit
-def _scatter_slots(lane, NX: tl.constexpr, CT: tl.constexpr):
+def _scatter_slots(lane, NX: tl.constexpr, CT: tl.constexpr, STRIDE: tl.constexpr):
     """For :func:`_sum_scatter`: the index in X of a lane's first sum (its i-th sum is
     X's value first + i), and whether the lane is the one of its group that holds them
     (where NX < CT, the butterfly levels leave a sum on several lanes)."""
@@ -639,7 +643,7 @@ def _scatter_slots(lane, NX: tl.constexpr, CT: tl.constexpr):
     own = lane == lane
     for level in tl.static_range(5):
         if (CT >> (level + 1)) > 0:
-            up = (lane & (CT >> (level + 1))) != 0
+            up = (lane & ((CT >> (level + 1)) * STRIDE)) != 0
             if (NX >> (level + 1)) > 0:
                 first += tl.where(up, NX >> (level + 1), 0)
             else:
@@ -650,12 +654,11 @@ def _scatter_slots(lane, NX: tl.constexpr, CT: tl.constexpr):
 @_scan_jit
 def _bwd_kernel(
     u_ptr, dl_ptr,
-    a2_ptr,  # (K, N, d) f32: A * log2(e), channels innermost (a line's lanes load a state index from neighbours)
+    a2_ptr,  # (K, N, d) f32: A * log2(e), channels innermost
     b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
     ck_ptr,  # (b*K, NL, NBLK, N, d) f32: state entering every block (MODE_SWEEP)
     q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end
-    qc_ptr,  # (b*K, NL, NS, N, d) f32: the adjoint carried from block to block (scratch)
-    part_ptr,  # (b, NL, NS, K, N + 2, d) f32, zeroed: every lane's partial dL/dA (rows n < N), dL/dD
+    part_ptr,  # (b, NL, NS, K, N + 2, d) f32: every channel's partial dL/dA (rows n < N), dL/dD
     # (row N) and dL/d(delta_bias) (row N + 1), summed over the leading dimensions by one reduction
     gdl_ptr,  # (b, M, K, d, L) out, delta's dtype, any strides
     gu_ptr,  # (b, M, d, L) f32, zeroed, any strides (atomic over the directions)
@@ -670,22 +673,35 @@ def _bwd_kernel(
     sgu_b, sgu_m, sgu_c, sgu_l,
     sgb_b, sgb_m, sgb_k, sgb_n, sgb_l,
     K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, TB: tl.constexpr, CT: tl.constexpr,
-    CB: tl.constexpr, NU: tl.constexpr,
+    CB: tl.constexpr, G: tl.constexpr,
 ):  # fmt: skip
-    """One chunk of E (line, channel group) lanes, walked backwards block by block; a
-    lane is one line x CB neighbouring channels. Per block, a loop over the state index
-    n recomputes the block's states from the stored one and runs the adjoint back
-    through them. dL/dB and dL/dC sum over channels: over a lane's CB channels and CT
-    neighbouring lanes (CT divides the lanes per line) in registers, then atomically."""
+    """One chunk of E lanes, walked backwards block by block. A lane is one line, CB
+    neighbouring channels and NQ = ceil(N / G) of their states: n = q * NQ + i for the
+    lane's place q among the G neighbouring lanes that share its line and channels (a
+    group). The adjoint and the dL/dA partial of the lane's states stay in registers for
+    the whole chunk; per block the lane recomputes its states from the stored ones and
+    runs the adjoint back through them.
+
+    A block's (token, channel) slots are split over the group: each lane reads delta, u
+    and dL/dy of its slots and computes dt, and the group shares them by warp shuffles;
+    after the walk the lane finishes the same slots (dL/du, dL/d(delta)) from their sums
+    over the states, gathered over the group by a halving exchange. The channel sums of
+    dL/dB and dL/dC go over the lane's CB channels, then by the same exchange over CT
+    groups (CT divides the groups per line), then atomically."""
     NT: tl.constexpr = TB * M
-    NX: tl.constexpr = 2 * NT  # per token, the sums for dL/dB and dL/dC
+    NQ: tl.constexpr = (N + G - 1) // G
+    NX: tl.constexpr = 2 * NT * NQ  # per token and state of the lane: the channel sums for dL/dB and dL/dC
     R: tl.constexpr = max(1, NX // CT)  # of which each lane adds R to memory
-    bi, k, sg, nq, j, c0, nlines, llen, base, line_step, pos_step, idle = _lanes(d, H, W, NS, K, E, CB)
+    NS1: tl.constexpr = NT * CB  # (token, channel) slots of a block (index t * CB + e)
+    R1: tl.constexpr = max(1, NS1 // G)  # of which each lane computes and finishes R1
+    SPREAD: tl.constexpr = max(1, G // NS1)  # (slot s is the lane's r-th when s = q // SPREAD * R1 + r)
+    bi, k, sg, nq, j, c0, q, nlines, llen, base, line_step, pos_step, idle = _lanes(d, H, W, NS, K, E, CB, G)
     if idle:
         return
     pid_bk = tl.program_id(1)
     lane = tl.arange(0, E)
-    first, own = _scatter_slots(lane, NX, CT)
+    first, own = _scatter_slots(lane, NX, CT, G)
+    first1, own1 = _scatter_slots(lane, NS1, G, 1)
     lmask = j < nlines
     line_off = (base + j * line_step).to(tl.int64)
     lo = sg * SEG
@@ -693,199 +709,224 @@ def _bwd_kernel(
     row = (pid_bk.to(tl.int64) * NL + j) * NS + sg
     prow = ((bi * NL + j) * NS + sg) * K + k
     ck_line = (pid_bk.to(tl.int64) * NL + j) * NBLK * N * d
-    # per channel e of the lane: mask, its slot of the per-chunk (d, N) tensors and of
-    # the (N, d) ones (coalesced over the lanes of a line), parameters, pointers
-    CM = tl.tuple([])
-    ST = tl.tuple([])
-    SN = tl.tuple([])
-    SP = tl.tuple([])
-    CK = tl.tuple([])
-    A2L = tl.tuple([])
-    BIAS = tl.tuple([])
-    DSK = tl.tuple([])
-    UB = tl.tuple([])
-    DLB = tl.tuple([])
-    GYB = tl.tuple([])
-    GDLB = tl.tuple([])
-    GUB = tl.tuple([])
-    GD = tl.tuple([])  # partial dL/dD
-    GBIAS = tl.tuple([])  # partial dL/d(delta_bias)
+    ps = pos_step.to(tl.int64)
+    # per (channel, state) (index e * NQ + i): mask, offset in the stored states, A * log2(e),
+    # the adjoint (from the chunk's arriving one), dL/dA partial
+    CS = tl.tuple([])
+    CKO = tl.tuple([])
+    A2 = tl.tuple([])
+    GN = tl.tuple([])
+    GAc = tl.tuple([])
     for e in tl.static_range(CB):
         c = c0 + e
+        for i in tl.static_range(NQ):
+            n = q * NQ + i
+            cs = lmask & (c < d) & (n < N)
+            CS = CS + (cs,)
+            CKO = CKO + (ck_line + n * d + c,)
+            A2 = A2 + (tl.load(a2_ptr + (k * N + n) * d + c, mask=cs, other=0.0),)
+            GN = GN + (tl.load(q_ptr + (row * d + c) * N + n, mask=cs, other=0.0),)
+            GAc = GAc + (tl.zeros([E], tl.float32),)
+    # per state i: B and C of the lane's line at step 0 (a block adds its scalar offsets)
+    BP = tl.tuple([])
+    CP = tl.tuple([])
+    SM = tl.tuple([])
+    for i in tl.static_range(NQ):
+        n = q * NQ + i
+        SM = SM + (lmask & (n < N),)
+        BP = BP + (b_ptr + bi * sb_b + k * sb_k + line_off * sb_l + n * sb_n,)
+        CP = CP + (c_ptr + bi * sc_b + k * sc_k + line_off * sc_l + n * sc_n,)
+    # per slot r of this lane: its channel, its step in a block, its mask, bias, skip, and
+    # pointers at block step 0; partial dL/dD and dL/d(delta_bias) (summed over the group
+    # at the end)
+    CH = tl.tuple([])
+    STEP = tl.tuple([])
+    OK1 = tl.tuple([])
+    BIAS = tl.tuple([])
+    DSK = tl.tuple([])
+    PDL = tl.tuple([])
+    PU = tl.tuple([])
+    PGY = tl.tuple([])
+    PGU = tl.tuple([])
+    PGDL = tl.tuple([])
+    GD = tl.tuple([])
+    GBIAS = tl.tuple([])
+    for r in tl.static_range(R1):
+        slot = first1 + r
+        ch = slot % CB
+        c = c0 + ch
+        mt = slot // CB % M
+        step = slot // CB // M
         cm = lmask & (c < d)
-        CM = CM + (cm,)
-        ST = ST + ((row * d + c) * N,)
-        SN = SN + (row * N * d + c,)
-        SP = SP + (prow * (N + 2) * d + c,)
-        CK = CK + (ck_line + c,)
-        A2L = A2L + (a2_ptr + k * N * d + c,)
+        CH = CH + (ch,)
+        STEP = STEP + (step,)
+        OK1 = OK1 + (cm,)
         BIAS = BIAS + (tl.load(bias_ptr + k * d + c, mask=cm, other=0.0),)
         DSK = DSK + (tl.load(dsk_ptr + k * d + c, mask=cm, other=0.0),)
-        UB = UB + (u_ptr + bi * su_b + c * su_c,)
-        DLB = DLB + (dl_ptr + bi * sd_b + k * sd_k + c * sd_c,)
-        GYB = GYB + (g_ptr + bi * sg_b + c * sg_c,)
-        GDLB = GDLB + (gdl_ptr + bi * sgd_b + k * sgd_k + c * sgd_c,)
-        GUB = GUB + (gu_ptr + bi * sgu_b + c * sgu_c,)
+        p = line_off + step * ps
+        PDL = PDL + (dl_ptr + bi * sd_b + mt * sd_m + k * sd_k + c * sd_c + p * sd_l,)
+        PU = PU + (u_ptr + bi * su_b + mt * su_m + c * su_c + p * su_l,)
+        PGY = PGY + (g_ptr + bi * sg_b + mt * sg_m + c * sg_c + p * sg_l,)
+        PGU = PGU + (gu_ptr + bi * sgu_b + mt * sgu_m + c * sgu_c + p * sgu_l,)
+        PGDL = PGDL + (gdl_ptr + bi * sgd_b + mt * sgd_m + k * sgd_k + c * sgd_c + p * sgd_l,)
         GD = GD + (tl.zeros([E], tl.float32),)
         GBIAS = GBIAS + (tl.zeros([E], tl.float32),)
-    b_base = b_ptr + bi * sb_b + k * sb_k
-    c_base = c_ptr + bi * sc_b + k * sc_k
-    gbc_off = bi * sgb_b + k * sgb_k
+    # per sum r of the channel sums this lane adds: pointer at block step 0, step in a block, mask
+    PBC = tl.tuple([])
+    STEP2 = tl.tuple([])
+    OK2 = tl.tuple([])
+    for r in tl.static_range(R):
+        slot = first + r
+        tok = slot // (2 * NQ)
+        n = q * NQ + (slot // 2) % NQ
+        target = tl.where(slot % 2 == 0, gb_ptr, gc_ptr)
+        p = line_off + (tok // M) * ps
+        PBC = PBC + (target + bi * sgb_b + k * sgb_k + (tok % M) * sgb_m + p * sgb_l + n * sgb_n,)
+        STEP2 = STEP2 + (tok // M,)
+        OK2 = OK2 + (own & lmask & (n < N),)
+    src = lane - q  # the group's first lane
+    st_b = ps * sb_l  # B's and C's offsets from one step to the next
+    st_c = ps * sc_l
     nb = (hi - lo + TB - 1) // TB
     for ib in range(0, nb):
         i0 = lo + (nb - 1 - ib) * TB
         blk = i0 // TB
-        # the block's tokens t = step * M + modality; per token and channel (index t * CB + e)
-        P = tl.tuple([])
-        V = tl.tuple([])
-        GY = tl.tuple([])
+        o = i0.to(tl.int64) * ps  # the block's first position along the line
+        o_b = i0.to(tl.int64) * st_b
+        o_c = i0.to(tl.int64) * st_c
+        # this lane's slots: dt, dt u, dL/dy (0 past the segment's end), z = delta + bias
+        Z = tl.tuple([])
+        DTR = tl.tuple([])
+        UR = tl.tuple([])
+        GYR = tl.tuple([])
+        OKB = tl.tuple([])
+        for r in tl.static_range(R1):
+            ok = OK1[r] & (i0 + STEP[r] < hi)
+            dl = tl.load(PDL[r] + o * sd_l, mask=ok, other=0.0).to(tl.float32)
+            uu = tl.load(PU[r] + o * su_l, mask=ok, other=0.0).to(tl.float32)
+            gy = tl.load(PGY[r] + o * sg_l, mask=ok, other=0.0).to(tl.float32)
+            z = dl + BIAS[r]
+            Z = Z + (z,)
+            DTR = DTR + (tl.where(ok, _softplus(z), 0.0),)
+            UR = UR + (uu,)
+            GYR = GYR + (gy,)
+            OKB = OKB + (ok,)
+        # every slot's, from the lane that read it (index t * CB + e)
         DT = tl.tuple([])
         DTU = tl.tuple([])
-        GA = tl.tuple([])  # sum over n of A g (h - x)
-        GB = tl.tuple([])  # sum over n of g B
-        for s in tl.static_range(TB):
-            for m in tl.static_range(M):
-                p = line_off + (i0 + s) * pos_step
-                v = lmask & (i0 + s < hi)
-                P = P + (p,)
-                V = V + (v,)
-                GD2 = tl.tuple([])
-                for e in tl.static_range(CB):
-                    ve = v & CM[e]
-                    dl = tl.load(DLB[e] + m * sd_m + p * sd_l, mask=ve, other=0.0).to(tl.float32)
-                    uu = tl.load(UB[e] + m * su_m + p * su_l, mask=ve, other=0.0).to(tl.float32)
-                    gy = tl.load(GYB[e] + m * sg_m + p * sg_l, mask=ve, other=0.0).to(tl.float32)
-                    dt = tl.where(ve, _softplus(dl + BIAS[e]), 0.0)
-                    GY = GY + (gy,)
-                    DT = DT + (dt,)
-                    DTU = DTU + (dt * uu,)
-                    GA = GA + (tl.zeros([E], tl.float32),)
-                    GB = GB + (tl.zeros([E], tl.float32),)
-                    GD2 = GD2 + (GD[e] + gy * uu,)
-                GD = GD2
-        # n = 0, then in iteration n the loads of n + 1
-        # the chunk's last block starts from the arriving adjoint, the others from the carry
-        QB = tl.tuple([])
-        A2 = tl.tuple([])
-        Hs = tl.tuple([])
-        GN = tl.tuple([])  # the adjoint arriving from the step after
-        GAc = tl.tuple([])  # this lane's partial dL/dA
-        q_n = tl.where(ib == 0, 1, d)
-        for e in tl.static_range(CB):
-            q_blk = tl.where(ib == 0, q_ptr + ST[e], qc_ptr + SN[e])
-            QB = QB + (q_blk,)
-            A2 = A2 + (tl.load(A2L[e], mask=CM[e], other=0.0),)
-            # the stored states are read once and are far larger than L2 (about 400 MB for a
-            # training step's finest scan): evict-first leaves L2 to the carried adjoint and
-            # dL/dA partial, which every block reads and writes
-            Hs = Hs + (tl.load(ck_ptr + CK[e] + blk * N * d, mask=CM[e], other=0.0, eviction_policy="evict_first"),)
-            GN = GN + (tl.load(q_blk, mask=CM[e], other=0.0),)
-            GAc = GAc + (tl.load(part_ptr + SP[e], mask=CM[e], other=0.0),)
-        # where this lane adds its sums for dL/dB and dL/dC (at state index 0): sum r is
-        # token NT - 1 - r // 2, of B for even r, of C for odd r (the order the token loop
-        # below makes them in)
-        GBC = tl.tuple([])
-        GBM = tl.tuple([])
-        for i in tl.static_range(R):
-            r = first + i
-            t = NT - 1 - r // 2
-            p = line_off + (i0 + t // M) * pos_step
-            target = tl.where(r % 2 == 0, gb_ptr, gc_ptr)
-            GBC = GBC + (target + gbc_off + (t % M) * sgb_m + p * sgb_l,)
-            GBM = GBM + (own & lmask & (i0 + t // M < hi),)
+        GY = tl.tuple([])
+        for s in tl.static_range(NS1):
+            holder = src + s // R1 * SPREAD
+            DT = DT + (tl.gather(DTR[s % R1], holder, 0),)
+            DTU = DTU + (tl.gather(DTR[s % R1] * UR[s % R1], holder, 0),)
+            GY = GY + (tl.gather(GYR[s % R1], holder, 0),)
+        # per (token, state) (index t * NQ + i): B and C
         BV = tl.tuple([])
         CV = tl.tuple([])
+        for s in tl.static_range(TB):
+            v = i0 + s < hi
+            for m in tl.static_range(M):
+                ob = o_b + (s * st_b + m * sb_m)
+                oc = o_c + (s * st_c + m * sc_m)
+                for i in tl.static_range(NQ):
+                    vn = SM[i] & v
+                    BV = BV + (tl.load(BP[i] + ob, mask=vn, other=0.0).to(tl.float32),)
+                    CV = CV + (tl.load(CP[i] + oc, mask=vn, other=0.0).to(tl.float32),)
+        # the states entering the block (read once and far larger than L2, about 400 MB for
+        # a training step's finest scan: evict-first), then the block's states and decays
+        # per (token, channel, state) (index (t * CB + e) * NQ + i)
+        H0 = tl.tuple([])
+        for ei in tl.static_range(CB * NQ):
+            H0 = H0 + (tl.load(ck_ptr + CKO[ei] + blk * N * d, mask=CS[ei], other=0.0, eviction_policy="evict_first"),)
+        HS = tl.tuple([])
+        AS = tl.tuple([])
+        Hs = H0
         for t in tl.static_range(NT):
-            BV = BV + (tl.load(b_base + (t % M) * sb_m + P[t] * sb_l, mask=V[t], other=0.0).to(tl.float32),)
-            CV = CV + (tl.load(c_base + (t % M) * sc_m + P[t] * sc_l, mask=V[t], other=0.0).to(tl.float32),)
-        for n in tl.range(0, N, loop_unroll_factor=NU):
-            A2_nx = tl.tuple([])
-            H_nx = tl.tuple([])
-            GN_nx = tl.tuple([])
-            GAc_nx = tl.tuple([])
+            H2 = tl.tuple([])
             for e in tl.static_range(CB):
-                nx = CM[e] & (n + 1 < N)
-                A2_nx = A2_nx + (tl.load(A2L[e] + (n + 1) * d, mask=nx, other=0.0),)
-                ck_nx = ck_ptr + CK[e] + (blk * N + n + 1) * d
-                H_nx = H_nx + (tl.load(ck_nx, mask=nx, other=0.0, eviction_policy="evict_first"),)
-                GN_nx = GN_nx + (tl.load(QB[e] + (n + 1) * q_n, mask=nx, other=0.0),)
-                GAc_nx = GAc_nx + (tl.load(part_ptr + SP[e] + (n + 1) * d, mask=nx, other=0.0),)
-            BV_nx = tl.tuple([])
-            CV_nx = tl.tuple([])
-            for t in tl.static_range(NT):
-                vn = V[t] & (n + 1 < N)
-                off_b = (t % M) * sb_m + P[t] * sb_l + (n + 1) * sb_n
-                off_c = (t % M) * sc_m + P[t] * sc_l + (n + 1) * sc_n
-                BV_nx = BV_nx + (tl.load(b_base + off_b, mask=vn, other=0.0).to(tl.float32),)
-                CV_nx = CV_nx + (tl.load(c_base + off_c, mask=vn, other=0.0).to(tl.float32),)
-            HS = tl.tuple([])
-            AS = tl.tuple([])
-            for t in tl.static_range(NT):
-                H2 = tl.tuple([])
-                for e in tl.static_range(CB):
-                    a = _exp2(DT[t * CB + e] * A2[e])
-                    h = a * Hs[e] + DTU[t * CB + e] * BV[t]
+                for i in tl.static_range(NQ):
+                    a = _exp2(DT[t * CB + e] * A2[e * NQ + i])
+                    h = a * Hs[e * NQ + i] + DTU[t * CB + e] * BV[t * NQ + i]
                     H2 = H2 + (h,)
-                    HS = HS + (h,)
                     AS = AS + (a,)
-                Hs = H2
-            # last token first: dL/dh_t = gy_t C_t + a_{t+1} dL/dh_{t+1}
-            GA2 = tl.tuple([])
-            GB2 = tl.tuple([])
-            X = tl.tuple([])  # per token, last first: the channel sums for dL/dB and dL/dC
-            for t in tl.static_range(NT - 1, -1, -1):
-                sum_b = tl.zeros([E], tl.float32)
-                sum_c = tl.zeros([E], tl.float32)
-                GN2 = tl.tuple([])
-                GAc2 = tl.tuple([])
-                for e in tl.static_range(CB):
-                    g = GY[t * CB + e] * CV[t] + GN[e]
-                    gr = g * (HS[t * CB + e] - DTU[t * CB + e] * BV[t])  # g a_t h_{t-1}
-                    GA2 = GA2 + (GA[t * CB + e] + gr * (A2[e] * LN2),)
-                    GB2 = GB2 + (GB[t * CB + e] + g * BV[t],)
-                    GAc2 = GAc2 + (GAc[e] + gr * DT[t * CB + e],)
-                    sum_b += g * DTU[t * CB + e]
-                    sum_c += GY[t * CB + e] * HS[t * CB + e]
-                    GN2 = GN2 + (AS[t * CB + e] * g,)
-                GN = GN2
-                GAc = GAc2
-                X = X + (sum_b, sum_c)
-            S = _sum_scatter(X, lane, NX, CT)
-            for i in tl.static_range(R):
-                tl.atomic_add(GBC[i] + n * sgb_n, S[i], mask=GBM[i], sem="relaxed")
-            # GA2, GB2 were built last token first, channel by channel
-            GA = tl.tuple([])
-            GB = tl.tuple([])
-            for t in tl.static_range(NT):
-                for e in tl.static_range(CB):
-                    GA = GA + (GA2[(NT - 1 - t) * CB + e],)
-                    GB = GB + (GB2[(NT - 1 - t) * CB + e],)
+            HS = HS + H2
+            Hs = H2
+        # last token first: dL/dh_t = gy_t C_t + a_{t+1} dL/dh_{t+1}; per slot the lane's
+        # part of the sums over states (of A g a_t h_{t-1} and g B), per (token, state) its
+        # part of the channel sums (of g dt u and gy h)
+        HP = H0 + HS[: (NT - 1) * CB * NQ]  # the states before each token
+        GA = tl.tuple([])
+        GB = tl.tuple([])
+        X = tl.tuple([])
+        for t in tl.static_range(NT - 1, -1, -1):
+            SBC = tl.tuple([])
+            for i in tl.static_range(NQ):
+                SBC = SBC + (tl.zeros([E], tl.float32), tl.zeros([E], tl.float32))
+            GN2 = tl.tuple([])
+            GAc2 = tl.tuple([])
+            GAt = tl.tuple([])
+            GBt = tl.tuple([])
             for e in tl.static_range(CB):
-                tl.store(qc_ptr + SN[e] + n * d, GN[e], mask=CM[e])
-                tl.store(part_ptr + SP[e] + n * d, GAc[e], mask=CM[e])
-            A2 = A2_nx
-            Hs = H_nx
-            GN = GN_nx
-            GAc = GAc_nx
-            BV = BV_nx
-            CV = CV_nx
-        GBIAS2 = GBIAS
-        for t in tl.static_range(NT):
-            GBIAS3 = tl.tuple([])
-            for e in tl.static_range(CB):
-                ve = V[t] & CM[e]
-                gu = DT[t * CB + e] * GB[t * CB + e] + DSK[e] * GY[t * CB + e]
-                tl.atomic_add(GUB[e] + (t % M) * sgu_m + P[t] * sgu_l, gu, mask=ve, sem="relaxed")
-                dl = tl.load(DLB[e] + (t % M) * sd_m + P[t] * sd_l, mask=ve, other=0.0).to(tl.float32)
-                uu = tl.load(UB[e] + (t % M) * su_m + P[t] * su_l, mask=ve, other=0.0).to(tl.float32)
-                gdl = tl.where(ve, (uu * GB[t * CB + e] + GA[t * CB + e]) * _sigmoid(dl + BIAS[e]), 0.0)
-                tl.store(GDLB[e] + (t % M) * sgd_m + P[t] * sgd_l, gdl.to(gdl_ptr.dtype.element_ty), mask=ve)
-                GBIAS3 = GBIAS3 + (GBIAS2[e] + gdl,)
-            GBIAS2 = GBIAS3
+                ga = tl.zeros([E], tl.float32)
+                gb = tl.zeros([E], tl.float32)
+                SBC2 = tl.tuple([])
+                for i in tl.static_range(NQ):
+                    g = GY[t * CB + e] * CV[t * NQ + i] + GN[e * NQ + i]
+                    an = AS[(t * CB + e) * NQ + i] * g
+                    gr = an * HP[(t * CB + e) * NQ + i]  # g a_t h_{t-1}
+                    ga += gr * A2[e * NQ + i]
+                    gb += g * BV[t * NQ + i]
+                    GAc2 = GAc2 + (GAc[e * NQ + i] + gr * DT[t * CB + e],)
+                    GN2 = GN2 + (an,)
+                    sb = SBC[2 * i] + g * DTU[t * CB + e]
+                    sc = SBC[2 * i + 1] + GY[t * CB + e] * HS[(t * CB + e) * NQ + i]
+                    SBC2 = SBC2 + (sb, sc)
+                SBC = SBC2
+                GAt = GAt + (ga,)
+                GBt = GBt + (gb,)
+            GA = GAt + GA
+            GB = GBt + GB
+            GN = GN2
+            GAc = GAc2
+            X = SBC + X
+        # dL/dB, dL/dC: sum r of X is token r // (2 NQ), state q * NQ + (r // 2) % NQ, of B
+        # for even r, of C for odd r
+        S = _sum_scatter(X, lane, NX, CT, G)
+        for r in tl.static_range(R):
+            ok = OK2[r] & (i0 + STEP2[r] < hi)
+            tl.atomic_add(PBC[r] + o * sgb_l, S[r], mask=ok, sem="relaxed")
+        # this lane's slots: dL/du (atomic over directions), dL/d(delta)
+        SA = _sum_scatter(GA, lane, NS1, G, 1)
+        SB = _sum_scatter(GB, lane, NS1, G, 1)
+        GD2 = tl.tuple([])
+        GBIAS2 = tl.tuple([])
+        for r in tl.static_range(R1):
+            ok = OKB[r] & own1
+            tl.atomic_add(PGU[r] + o * sgu_l, DTR[r] * SB[r] + DSK[r] * GYR[r], mask=ok, sem="relaxed")
+            gdl = tl.where(ok, (UR[r] * SB[r] + SA[r] * LN2) * _sigmoid(Z[r]), 0.0)
+            tl.store(PGDL[r] + o * sgd_l, gdl.to(gdl_ptr.dtype.element_ty), mask=ok)
+            GD2 = GD2 + (GD[r] + tl.where(ok, GYR[r] * UR[r], 0.0),)
+            GBIAS2 = GBIAS2 + (GBIAS[r] + gdl,)
+        GD = GD2
         GBIAS = GBIAS2
+    # the lane's dL/dA partials; dL/dD and dL/d(delta_bias) per channel, summed over the
+    # lane's slots and the group, by the group's first lane
     for e in tl.static_range(CB):
-        tl.store(part_ptr + SP[e] + N * d, GD[e], mask=CM[e])
-        tl.store(part_ptr + SP[e] + (N + 1) * d, GBIAS[e], mask=CM[e])
+        c = c0 + e
+        for i in tl.static_range(NQ):
+            tl.store(part_ptr + prow * (N + 2) * d + (q * NQ + i) * d + c, GAc[e * NQ + i], mask=CS[e * NQ + i])
+        gd = tl.zeros([E], tl.float32)
+        gbias = tl.zeros([E], tl.float32)
+        for r in tl.static_range(R1):
+            gd += tl.where(CH[r] == e, GD[r], 0.0)
+            gbias += tl.where(CH[r] == e, GBIAS[r], 0.0)
+        for level in tl.static_range(5):
+            if (G >> level) > 1:
+                gd += tl.gather(gd, lane ^ (1 << level), 0)
+                gbias += tl.gather(gbias, lane ^ (1 << level), 0)
+        head = lmask & (c < d) & (q == 0)
+        tl.store(part_ptr + prow * (N + 2) * d + N * d + c, gd, mask=head)
+        tl.store(part_ptr + prow * (N + 2) * d + (N + 1) * d + c, gbias, mask=head)
 
 
 # ------------------------------------------------------------------------- host
@@ -965,10 +1006,15 @@ def _state_loads(B: torch.Tensor, C: torch.Tensor) -> int:
     return kind
 
 
-def _group(lanes: int) -> int:
-    """Lanes summed in registers before an atomic add: the largest power of two that
-    divides the lanes per line, at most BWD_GROUP and BWD_LANES."""
-    return min(lanes & -lanes, BWD_GROUP, BWD_LANES)
+def _group(groups: int, sums: int) -> int:
+    """Lane groups whose channel sums of dL/dB and dL/dC (``sums`` per lane and block)
+    are added in registers before an atomic add: the largest power of two that divides
+    the groups per line, at most BWD_GROUP, within a warp, and dividing ``sums`` unless
+    that is a power of two (see :func:`_sum_scatter`)."""
+    ct = min(groups & -groups, BWD_GROUP, BWD_LANES // BWD_PARTS, 32 // BWD_PARTS)
+    if sums & (sums - 1):
+        ct = min(ct, sums & -sums)
+    return ct
 
 
 def _new_like(x: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
@@ -1043,15 +1089,14 @@ class _CrossScan(torch.autograd.Function):
         g_B = _new_like(B, f32, zero=True)
         g_C = torch.zeros_like(g_B)
         parts = torch.zeros(b, NL, ns, K, N + 2, d, device=dev, dtype=f32)
-        carry = torch.empty(b * K, NL, ns, N, d, device=dev, dtype=f32)
         out_strides = (*g_delta.stride(), *g_u.stride(), *g_B.stride())
-        nq = triton.cdiv(d, BWD_CB)  # lanes per line
+        nq = triton.cdiv(d, BWD_CB)  # lane groups per line
         a2_nd = a2.view(K, d, N).transpose(1, 2).contiguous()  # (K, N, d)
-        _bwd_kernel[(triton.cdiv(NL * nq, BWD_LANES) * ns, b * K)](
-            u, delta, a2_nd, B, C, dsk, bias, gout, ck, arriving, carry, parts, g_delta, g_u, g_B, g_C,
+        _bwd_kernel[(triton.cdiv(NL * nq * BWD_PARTS, BWD_LANES) * ns, b * K)](
+            u, delta, a2_nd, B, C, dsk, bias, gout, ck, arriving, parts, g_delta, g_u, g_B, g_C,
             *sizes, *in_strides, *out_strides,
-            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq), CB=BWD_CB, NU=BWD_UNROLL,
-            num_warps=max(1, BWD_LANES // 32),
+            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq, 2 * tb * M * triton.cdiv(N, BWD_PARTS)), CB=BWD_CB,
+            G=BWD_PARTS, num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
         sums = parts.view(-1, K, N + 2, d).sum(0)  # (K, N + 2, d)
         return (
