@@ -270,13 +270,13 @@ ts.WHOLE_LINE_STEPS = 0  # (tiny images: their lines cut into chunks too)
 # (segments of one block, combine blocks, several programs; "whole": one segment per line,
 # of several blocks; forward and backward lanes of 1 or 2 channels, forward loads one
 # iteration ahead or not; backward groups of 1, 2 or 4 lanes splitting the states, evenly
-# or not, whose channel sums of dL/dB and dL/dC go over 1 to 8 groups, fewer or more
-# than a lane's sums)
+# or not, and fewer (token, channel) slots than lanes in a group; channel sums of dL/dB
+# and dL/dC over 1 to 8 groups: more than a lane's sums (N = 1), and 12 sums over 2 groups)
 worst = 0.0
 for b, M, d, N, H, W, last, whole, cb, pf, parts in [
     (1, 2, 5, 3, 4, 3, False, False, 2, True, 4), (2, 1, 8, 2, 3, 5, False, False, 2, False, 1),
     (1, 2, 4, 3, 3, 4, True, False, 1, False, 2), (2, 1, 6, 2, 3, 5, True, True, 1, True, 4),
-    (1, 1, 16, 2, 3, 2, True, False, 2, False, 1), (1, 1, 6, 12, 3, 5, True, False, 2, False, 4),
+    (1, 1, 16, 1, 3, 2, True, False, 2, False, 1), (1, 1, 8, 12, 3, 5, True, False, 2, False, 4),
     (1, 2, 3, 5, 3, 4, True, True, 1, False, 2),
 ]:
     ts.TARGET_LANES = 1 if whole else 1 << 17

@@ -794,7 +794,7 @@ def _bwd_kernel(
         o = i0.to(tl.int64) * ps  # the block's first position along the line
         o_b = i0.to(tl.int64) * st_b
         o_c = i0.to(tl.int64) * st_c
-        # this lane's slots: dt, dt u, dL/dy (0 past the segment's end), z = delta + bias
+        # this lane's slots: z = delta + bias, dt, u, dL/dy (dt and dL/dy 0 past the segment's end)
         Z = tl.tuple([])
         DTR = tl.tuple([])
         UR = tl.tuple([])
