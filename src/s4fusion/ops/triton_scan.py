@@ -658,8 +658,9 @@ def _bwd_kernel(
     b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
     ck_ptr,  # (b*K, NL, NBLK, N, d) f32: state entering every block (MODE_SWEEP)
     q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end
-    part_ptr,  # (b, NL, NS, K, N + 2, d) f32: every channel's partial dL/dA (rows n < N), dL/dD
-    # (row N) and dL/d(delta_bias) (row N + 1), summed over the leading dimensions by one reduction
+    part_ptr,  # (b, NL, NS, K, N + 2, d) f32, zeroed (lines past a direction's last one stay 0): every
+    # chunk's and channel's partial dL/dA (rows n < N), dL/dD (row N) and dL/d(delta_bias) (row N + 1),
+    # summed over the leading dimensions by one reduction
     gdl_ptr,  # (b, M, K, d, L) out, delta's dtype, any strides
     gu_ptr,  # (b, M, d, L) f32, zeroed, any strides (atomic over the directions)
     gb_ptr, gc_ptr,  # (b, M, K, N, L) f32, zeroed, the same strides (atomic over channel groups)
@@ -909,8 +910,9 @@ def _bwd_kernel(
             GBIAS2 = GBIAS2 + (GBIAS[r] + gdl,)
         GD = GD2
         GBIAS = GBIAS2
-    # the lane's dL/dA partials; dL/dD and dL/d(delta_bias) per channel, summed over the
-    # lane's slots and the group, by the group's first lane
+    # the lane's dL/dA partials; dL/dD and dL/d(delta_bias) per channel (rows N, N + 1),
+    # summed over the lane's slots and then over the group by the exchange
+    first3, own3 = _scatter_slots(lane, 2, G, 1)
     for e in tl.static_range(CB):
         c = c0 + e
         for i in tl.static_range(NQ):
@@ -920,13 +922,9 @@ def _bwd_kernel(
         for r in tl.static_range(R1):
             gd += tl.where(CH[r] == e, GD[r], 0.0)
             gbias += tl.where(CH[r] == e, GBIAS[r], 0.0)
-        for level in tl.static_range(5):
-            if (G >> level) > 1:
-                gd += tl.gather(gd, lane ^ (1 << level), 0)
-                gbias += tl.gather(gbias, lane ^ (1 << level), 0)
-        head = lmask & (c < d) & (q == 0)
-        tl.store(part_ptr + prow * (N + 2) * d + N * d + c, gd, mask=head)
-        tl.store(part_ptr + prow * (N + 2) * d + (N + 1) * d + c, gbias, mask=head)
+        S = _sum_scatter((gd, gbias), lane, 2, G, 1)
+        for r in tl.static_range(max(1, 2 // G)):
+            tl.store(part_ptr + prow * (N + 2) * d + (N + first3 + r) * d + c, S[r], mask=own3 & lmask & (c < d))
 
 
 # ------------------------------------------------------------------------- host
