@@ -262,11 +262,17 @@ def test_lines_are_cut_into_one_or_at_least_three_chunks(monkeypatch):
 
 # ------------------------------------------------------- on the CPU (interpreter)
 
-INTERPRETER_CHECK = """
+# what the interpreter checks start with: small launches, so that tiny images still have
+# several programs, blocks and chunks per line
+TINY_LAUNCHES = """
+import torch
 from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
 ts.WHOLE_LINE_STEPS = 0  # (tiny images: their lines cut into chunks too)
+"""
+
+INTERPRETER_CHECK = TINY_LAUNCHES + """
 # (segments of one block, combine blocks, several programs; "whole": one segment per line,
 # of several blocks; forward and backward lanes of 1 or 2 channels, forward loads one
 # iteration ahead or not; backward groups of 1, 2 or 4 lanes splitting the states, evenly
@@ -311,13 +317,8 @@ def test_kernels_in_the_triton_interpreter_match_the_reference():
     assert worst_in_interpreter(INTERPRETER_CHECK) < 1e-5
 
 
-VECTOR_CHECK = """
-import torch
+VECTOR_CHECK = TINY_LAUNCHES + """
 from scan_helpers import projection_views
-from s4fusion.ops import triton_scan as ts
-from s4fusion.ops.reference import cross_scan_ref
-ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
-ts.WHOLE_LINE_STEPS = 0  # (tiny images: their lines cut into chunks too)
 # B and C views of the network's projection layout: vector loads of float32 values (N = 6
 # and 5: chunks of 4, 2 and 1) and of bfloat16 pairs (N = 12, 18), forward loads one
 # iteration ahead or not; their results must equal those of one load per state
