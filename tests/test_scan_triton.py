@@ -110,18 +110,27 @@ def test_matches_reference_forward_and_every_gradient(case, dtype, layout):
     for x, g in zip(inputs[:2], grads[:2]):  # u and delta: their gradients have their layout
         long = [i for i, n in enumerate(x.shape) if n > 1]
         assert [g.stride(i) for i in long] == [x.stride(i) for i in long]
+    for x, g in zip(inputs[3:5], grads[3:5]):  # B and C: their dimensions in their order in memory
+        long = [i for i, n in enumerate(x.shape) if n > 1]
+        assert sorted(long, key=g.stride) == sorted(long, key=x.stride)
 
 
-@pytest.mark.parametrize("cb,parts,steps", [(1, 4, 2), (1, 4, 4), (2, 2, 4), (2, 8, 4), (1, 1, 4)])
+@pytest.mark.parametrize(
+    "cb,parts,steps,vector", [(1, 4, 2, True), (1, 4, 4, True), (2, 2, 4, True), (2, 8, 4, True), (1, 1, 4, True),
+                              (2, 4, 4, False)]
+)  # fmt: skip
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}M{}d{}N{}_{}x{}".format(*c))
 @pytest.mark.gpu
 @needs_cuda
-def test_other_backward_launch_configurations_match_the_reference(case, cb, parts, steps, monkeypatch):
+def test_other_backward_launch_configurations_match_the_reference(case, cb, parts, steps, vector, monkeypatch):
     """The backward kernel with other lane widths, groups and blocks than the default
-    (two channels, four lanes per group, four steps)."""
+    (two channels, four lanes per group, four steps), and without the vector reductions
+    of dL/dB and dL/dC (as on GPUs before compute capability 9.0)."""
     monkeypatch.setattr(ts, "BWD_CB", cb)
     monkeypatch.setattr(ts, "BWD_PARTS", parts)
     monkeypatch.setattr(ts, "BWD_STEPS", steps)
+    if not vector:
+        monkeypatch.setattr(ts, "_vector_reductions", lambda device: False)
     b, M, d, N, H, W = case
     inputs = make_inputs(b, M, d, N, H, W, torch.float32, "cuda", layout="channels_last")
     out = ts.cross_scan_triton(*inputs, H, W)
@@ -258,6 +267,33 @@ def test_lines_are_cut_into_one_or_at_least_three_chunks(monkeypatch):
     assert ts._segments(160, 216, 1, 4, 72, 1)[1] == 3  # the finest scan of a 481x649 fuse: few lanes
     assert ts._segments(320, 432, 1, 4, 72, 1)[1] == 3  # of a 961x1297 fuse (about 2**17 lanes: two before)
     assert ts._segments(76, 76, 20, 4, 72, 1)[1] == 1  # the training batch has lanes enough
+
+
+def test_channel_sums_of_the_backward_end_in_whole_pairs_on_every_lane():
+    """The backward's exchange of dL/dB and dL/dC sums leaves every lane whole (B, C)
+    pairs (it adds a pair at once): CT is a power of two that divides the lane groups of
+    a line and the pairs, within a warp; 4 for the network's scans."""
+    for groups in (1, 3, 4, 6, 36, 72, 144):
+        for pairs in (1, 2, 3, 4, 12, 20, 24):
+            ct = ts._group(groups, pairs)
+            assert ct & (ct - 1) == 0 and groups % ct == 0 and pairs % ct == 0, (groups, pairs, ct)
+            assert ct <= ts.BWD_GROUP and ct * ts.BWD_PARTS <= 32
+    for H, W, b, d, M in SCAN_SHAPES:
+        for N in (12, 18):
+            pairs = ts._steps(ts.BWD_STEPS, M) * M * -(-N // ts.BWD_PARTS)
+            assert ts._group(-(-d // ts.BWD_CB), pairs) == 4, (d, M, N)
+
+
+def test_gradients_of_B_and_C_are_interleaved_in_one_buffer_with_Bs_layout():
+    """_pair_like: two zero float32 tensors of x's shape and dimension order whose
+    elements are neighbours in memory (dL/dB and dL/dC of one token and state)."""
+    x = torch.randn(2, 1, 4, 12, 35).permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3)[..., :30]
+    gb, gc = ts._pair_like(x)
+    assert gb.shape == gc.shape == x.shape and gb.dtype == gc.dtype == torch.float32
+    assert gb.stride() == gc.stride() and gc.data_ptr() == gb.data_ptr() + 4
+    assert gb.stride(3) == 2 and sorted(range(5), key=gb.stride) == sorted(range(5), key=x.stride)
+    gb.fill_(1.0)
+    assert gc.abs().sum() == 0 and gb.sum() == x.numel()
 
 
 # ------------------------------------------------------- on the CPU (interpreter)

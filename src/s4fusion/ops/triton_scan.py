@@ -44,16 +44,18 @@ hands it over with its channels innermost). B and C are read once per line and
 step and shared by the line's lanes. The forward modes keep the
 ``N`` states of each channel in registers (``N`` is a compile-time constant).
 In ``_bwd_kernel`` ``G`` neighbouring lanes (a group) share a line and ``CB``
-channels and split their states, ``N / G`` each (rounded up): a lane keeps its
-states' adjoints and dL/dA partials in registers for the whole chunk, and over a
-block of ``TB * M`` tokens their states and decays. Sums over the states (for the
-gradients of u and delta) go over the group, sums over the channels (dL/dB and
+channels and split their states, every G-th (``N / G`` each, rounded up): a lane
+keeps its states' adjoints and dL/dA partials in registers for the whole chunk, and
+over a block of ``TB * M`` tokens their states and decays. Sums over the states (for
+the gradients of u and delta) go over the group, sums over the channels (dL/dB and
 dL/dC) over a lane's ``CB`` channels and then over ``CT`` groups of the line, both
 by a halving exchange of warp shuffles that leaves each lane with different sums
 (``_sum_scatter``), so that only ``d / (CB * CT)`` atomic adds reach each element
-of dL/dB and dL/dC, issued by all lanes at once. A launch's grid covers the
-lines of the longest image side for every direction; programs whose lanes all lie
-past their direction's last line return at once.
+of dL/dB and dL/dC, issued by all lanes at once. dL/dB and dL/dC of one token and
+state are neighbours in one buffer and added together, by one vector reduction on
+GPUs that have them (these adds cost by their number: BENCHMARKS.md session 20). A
+launch's grid covers the lines of the longest image side for every direction;
+programs whose lanes all lie past their direction's last line return at once.
 
 Every load stays inside its tensor: loads are masked, except the forward modes'
 loads of B and C. There a lane past the last line reads the last line, and a step
@@ -161,6 +163,21 @@ def _rcp(x):
         )
     else:
         return 1.0 / x
+
+
+@triton.jit
+def _add_pair(p, x, y, mask, VEC: tl.constexpr):
+    """Atomically adds x to p[0] and y to p[1] (float32) where mask holds; VEC: by one
+    vector reduction (PTX red.global.add.v2.f32: compute capability 9.0 and later, p
+    8-byte aligned), where Triton issues one reduction per value, also for neighbours."""
+    if VEC:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred q; setp.ne.b32 q, $4, 0; @q red.global.add.v2.f32 [$1], {$2, $3}; mov.b32 $0, 0; }",
+            "=r,l,f,f,r", [p.to(tl.int64), x, y, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    else:
+        tl.atomic_add(p, x, mask=mask, sem="relaxed")
+        tl.atomic_add(p + 1, y, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -663,7 +680,8 @@ def _bwd_kernel(
     # summed over the leading dimensions by one reduction
     gdl_ptr,  # (b, M, K, d, L) out, delta's dtype, any strides
     gu_ptr,  # (b, M, d, L) f32, zeroed, any strides (atomic over the directions)
-    gb_ptr, gc_ptr,  # (b, M, K, N, L) f32, zeroed, the same strides (atomic over channel groups)
+    gbc_ptr,  # (b, M, K, N, L, 2) f32, zeroed, any strides but 1 for the last dimension: dL/dB, dL/dC
+    # (atomic over channel groups; sgb_* are the strides of the first five dimensions)
     H, W, NL, NS, SEG, NBLK, d,
     su_b, su_m, su_c, su_l,
     sd_b, sd_m, sd_k, sd_c, sd_l,
@@ -674,25 +692,28 @@ def _bwd_kernel(
     sgu_b, sgu_m, sgu_c, sgu_l,
     sgb_b, sgb_m, sgb_k, sgb_n, sgb_l,
     K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, TB: tl.constexpr, CT: tl.constexpr,
-    CB: tl.constexpr, G: tl.constexpr,
+    CB: tl.constexpr, G: tl.constexpr, RED2: tl.constexpr,
 ):  # fmt: skip
     """One chunk of E lanes, walked backwards block by block. A lane is one line, CB
-    neighbouring channels and NQ = ceil(N / G) of their states: n = q * NQ + i for the
+    neighbouring channels and NQ = ceil(N / G) of their states, n = i * G + q for the
     lane's place q among the G neighbouring lanes that share its line and channels (a
-    group). The adjoint and the dL/dA partial of the lane's states stay in registers for
-    the whole chunk; per block the lane recomputes its states from the stored ones and
-    runs the adjoint back through them.
+    group; its lanes' loads of B and C read neighbouring states). The adjoint and the
+    dL/dA partial of the lane's states stay in registers for the whole chunk; per block
+    the lane recomputes its states from the stored ones and runs the adjoint back
+    through them.
 
     A block's (token, channel) slots are split over the group: each lane reads delta, u
     and dL/dy of its slots and computes dt, and the group shares them by warp shuffles;
     after the walk the lane finishes the same slots (dL/du, dL/d(delta)) from their sums
     over the states, gathered over the group by a halving exchange. The channel sums of
     dL/dB and dL/dC go over the lane's CB channels, then by the same exchange over CT
-    groups (CT divides the groups per line), then atomically."""
+    groups (CT divides the groups per line), then atomically: those of B and C of one
+    token and state together (neighbours in gbc), by one vector reduction where RED2."""
     NT: tl.constexpr = TB * M
     NQ: tl.constexpr = (N + G - 1) // G
     NX: tl.constexpr = 2 * NT * NQ  # per token and state of the lane: the channel sums for dL/dB and dL/dC
-    R: tl.constexpr = max(1, NX // CT)  # of which each lane adds R to memory
+    R: tl.constexpr = NX // CT  # of which each lane adds R to memory, in R / 2 pairs (B, C)
+    tl.static_assert(R % 2 == 0, "CT must divide the (token, state) pairs of a lane")
     NS1: tl.constexpr = NT * CB  # (token, channel) slots of a block (index t * CB + e)
     R1: tl.constexpr = max(1, NS1 // G)  # of which each lane computes and finishes R1
     SPREAD: tl.constexpr = max(1, G // NS1)  # (slot s is the lane's r-th when s = q // SPREAD * R1 + r)
@@ -701,7 +722,7 @@ def _bwd_kernel(
         return
     pid_bk = tl.program_id(1)
     lane = tl.arange(0, E)
-    first, own = _scatter_slots(lane, NX, CT, G)
+    first = _scatter_slots(lane, NX, CT, G)[0]  # (NX >= 2 CT: every lane holds sums of its own)
     first1, own1 = _scatter_slots(lane, NS1, G, 1)
     lmask = j < nlines
     line_off = (base + j * line_step).to(tl.int64)
@@ -721,7 +742,7 @@ def _bwd_kernel(
     for e in tl.static_range(CB):
         c = c0 + e
         for i in tl.static_range(NQ):
-            n = q * NQ + i
+            n = i * G + q
             cs = lmask & (c < d) & (n < N)
             CS = CS + (cs,)
             CKO = CKO + (ck_line + n * d + c,)
@@ -733,7 +754,7 @@ def _bwd_kernel(
     CP = tl.tuple([])
     SM = tl.tuple([])
     for i in tl.static_range(NQ):
-        n = q * NQ + i
+        n = i * G + q
         SM = SM + (lmask & (n < N),)
         BP = BP + (b_ptr + bi * sb_b + k * sb_k + line_off * sb_l + n * sb_n,)
         CP = CP + (c_ptr + bi * sc_b + k * sc_k + line_off * sc_l + n * sc_n,)
@@ -772,19 +793,19 @@ def _bwd_kernel(
         PGDL = PGDL + (gdl_ptr + bi * sgd_b + mt * sgd_m + k * sgd_k + c * sgd_c + p * sgd_l,)
         GD = GD + (tl.zeros([E], tl.float32),)
         GBIAS = GBIAS + (tl.zeros([E], tl.float32),)
-    # per sum r of the channel sums this lane adds: pointer at block step 0, step in a block, mask
+    # per pair r of the channel sums this lane adds (those of B and C of one token and state):
+    # pointer at block step 0 to dL/dB (dL/dC follows), step in a block, mask
     PBC = tl.tuple([])
     STEP2 = tl.tuple([])
     OK2 = tl.tuple([])
-    for r in tl.static_range(R):
-        slot = first + r
-        tok = slot // (2 * NQ)
-        n = q * NQ + (slot // 2) % NQ
-        target = tl.where(slot % 2 == 0, gb_ptr, gc_ptr)
+    for r in tl.static_range(R // 2):
+        pair = first // 2 + r
+        tok = pair // NQ
+        n = pair % NQ * G + q
         p = line_off + (tok // M) * ps
-        PBC = PBC + (target + bi * sgb_b + k * sgb_k + (tok % M) * sgb_m + p * sgb_l + n * sgb_n,)
+        PBC = PBC + (gbc_ptr + bi * sgb_b + k * sgb_k + (tok % M) * sgb_m + p * sgb_l + n * sgb_n,)
         STEP2 = STEP2 + (tok // M,)
-        OK2 = OK2 + (own & lmask & (n < N),)
+        OK2 = OK2 + (lmask & (n < N),)
     src = lane - q  # the group's first lane
     st_b = ps * sb_l  # B's and C's offsets from one step to the next
     st_c = ps * sc_l
@@ -890,12 +911,11 @@ def _bwd_kernel(
             GN = GN2
             GAc = GAc2
             X = SBC + X
-        # dL/dB, dL/dC: sum r of X is token r // (2 NQ), state q * NQ + (r // 2) % NQ, of B
+        # dL/dB, dL/dC: sum r of X is token r // (2 NQ), state ((r // 2) % NQ) * G + q, of B
         # for even r, of C for odd r
         S = _sum_scatter(X, lane, NX, CT, G)
-        for r in tl.static_range(R):
-            ok = OK2[r] & (i0 + STEP2[r] < hi)
-            tl.atomic_add(PBC[r] + o * sgb_l, S[r], mask=ok, sem="relaxed")
+        for r in tl.static_range(R // 2):
+            _add_pair(PBC[r] + o * sgb_l, S[2 * r], S[2 * r + 1], OK2[r] & (i0 + STEP2[r] < hi), RED2)
         # this lane's slots: dL/du (atomic over directions), dL/d(delta)
         SA = _sum_scatter(GA, lane, NS1, G, 1)
         SB = _sum_scatter(GB, lane, NS1, G, 1)
@@ -916,7 +936,8 @@ def _bwd_kernel(
     for e in tl.static_range(CB):
         c = c0 + e
         for i in tl.static_range(NQ):
-            tl.store(part_ptr + prow * (N + 2) * d + (q * NQ + i) * d + c, GAc[e * NQ + i], mask=CS[e * NQ + i])
+            n = i * G + q
+            tl.store(part_ptr + prow * (N + 2) * d + n * d + c, GAc[e * NQ + i], mask=CS[e * NQ + i])
         gd = tl.zeros([E], tl.float32)
         gbias = tl.zeros([E], tl.float32)
         for r in tl.static_range(R1):
@@ -1004,15 +1025,27 @@ def _state_loads(B: torch.Tensor, C: torch.Tensor) -> int:
     return kind
 
 
-def _group(groups: int, sums: int) -> int:
-    """Lane groups whose channel sums of dL/dB and dL/dC (``sums`` per lane and block)
-    are added in registers before an atomic add: the largest power of two that divides
-    the groups per line, at most BWD_GROUP, within a warp, and dividing ``sums`` unless
-    that is a power of two (see :func:`_sum_scatter`)."""
-    ct = min(groups & -groups, BWD_GROUP, BWD_LANES // BWD_PARTS, 32 // BWD_PARTS)
-    if sums & (sums - 1):
-        ct = min(ct, sums & -sums)
-    return ct
+def _group(groups: int, pairs: int) -> int:
+    """Lane groups whose channel sums of dL/dB and dL/dC (``pairs`` (B, C) pairs per lane
+    and block) are added in registers before an atomic add: the largest power of two that
+    divides the groups per line and the pairs (so that every lane ends with whole pairs;
+    see :func:`_sum_scatter`), at most BWD_GROUP and within a warp."""
+    return min(groups & -groups, pairs & -pairs, BWD_GROUP, BWD_LANES // BWD_PARTS, 32 // BWD_PARTS)
+
+
+def _vector_reductions(device: torch.device) -> bool:
+    """Whether the backward kernel adds dL/dB and dL/dC by vector reductions (``RED2``):
+    on GPUs of compute capability 9.0 and later, not in Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _pair_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two float32 zero tensors of x's shape and layout (as :func:`_new_like`) in one
+    buffer, interleaved: each element of the second follows the first's in memory."""
+    order = sorted(range(x.dim()), key=x.stride, reverse=True)
+    t = torch.zeros([x.shape[i] for i in order] + [2], device=x.device, dtype=torch.float32)
+    perm = [order.index(i) for i in range(x.dim())]
+    return t[..., 0].permute(perm), t[..., 1].permute(perm)
 
 
 def _new_like(x: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
@@ -1084,25 +1117,24 @@ class _CrossScan(torch.autograd.Function):
         del local
         g_delta = _new_like(delta, delta.dtype, zero=False)
         g_u = _new_like(u, f32, zero=True)
-        g_B = _new_like(B, f32, zero=True)
-        g_C = torch.zeros_like(g_B)
+        g_B, g_C = _pair_like(B)  # (the kernel adds a token's and state's two sums by one vector reduction)
         parts = torch.zeros(b, NL, ns, K, N + 2, d, device=dev, dtype=f32)
         out_strides = (*g_delta.stride(), *g_u.stride(), *g_B.stride())
         nq = triton.cdiv(d, BWD_CB)  # lane groups per line
         a2_nd = a2.view(K, d, N).transpose(1, 2).contiguous()  # (K, N, d)
         _bwd_kernel[(triton.cdiv(NL * nq * BWD_PARTS, BWD_LANES) * ns, b * K)](
-            u, delta, a2_nd, B, C, dsk, bias, gout, ck, arriving, parts, g_delta, g_u, g_B, g_C,
+            u, delta, a2_nd, B, C, dsk, bias, gout, ck, arriving, parts, g_delta, g_u, g_B,
             *sizes, *in_strides, *out_strides,
-            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq, 2 * tb * M * triton.cdiv(N, BWD_PARTS)), CB=BWD_CB,
-            G=BWD_PARTS, num_warps=max(1, BWD_LANES // 32),
+            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq, tb * M * triton.cdiv(N, BWD_PARTS)), CB=BWD_CB,
+            G=BWD_PARTS, RED2=_vector_reductions(dev), num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
         sums = parts.view(-1, K, N + 2, d).sum(0)  # (K, N + 2, d)
         return (
             g_u.to(u.dtype),
             g_delta,
             sums[:, :N].transpose(1, 2).reshape(K * d, N).to(A.dtype),
-            g_B.to(B.dtype),
-            g_C.to(C.dtype),
+            _new_like(B, B.dtype, zero=False).copy_(g_B) if B.dtype != f32 else g_B,
+            _new_like(C, C.dtype, zero=False).copy_(g_C) if C.dtype != f32 else g_C,
             sums[:, N].reshape(K * d).to(D.dtype),
             sums[:, N + 1].reshape(K * d).to(delta_bias.dtype),
             None,
