@@ -269,19 +269,17 @@ def test_lines_are_cut_into_one_or_at_least_three_chunks(monkeypatch):
     assert ts._segments(76, 76, 20, 4, 72, 1)[1] == 1  # the training batch has lanes enough
 
 
-def test_channel_sums_of_the_backward_end_in_whole_pairs_on_every_lane():
-    """The backward's exchange of dL/dB and dL/dC sums leaves every lane whole (B, C)
-    pairs (it adds a pair at once): CT is a power of two that divides the lane groups of
-    a line and the pairs, within a warp; 4 for the network's scans."""
+def test_channel_sums_of_the_backward_end_in_whole_tokens_on_every_lane():
+    """The backward's exchange of dL/dB and dL/dC sums leaves every lane the (B, C) pairs
+    of whole tokens (it adds a pair at once): CT is a power of two that divides the lane
+    groups of a line and the tokens of a block, within a warp; 4 for the network's scans."""
     for groups in (1, 3, 4, 6, 36, 72, 144):
-        for pairs in (1, 2, 3, 4, 12, 20, 24):
-            ct = ts._group(groups, pairs)
-            assert ct & (ct - 1) == 0 and groups % ct == 0 and pairs % ct == 0, (groups, pairs, ct)
+        for tokens in (1, 2, 4, 8):
+            ct = ts._group(groups, tokens)
+            assert ct & (ct - 1) == 0 and groups % ct == 0 and tokens % ct == 0, (groups, tokens, ct)
             assert ct <= ts.BWD_GROUP and ct * ts.BWD_PARTS <= 32
     for H, W, b, d, M in SCAN_SHAPES:
-        for N in (12, 18):
-            pairs = ts._steps(ts.BWD_STEPS, M) * M * -(-N // ts.BWD_PARTS)
-            assert ts._group(-(-d // ts.BWD_CB), pairs) == 4, (d, M, N)
+        assert ts._group(-(-d // ts.BWD_CB), ts._steps(ts.BWD_STEPS, M) * M) == 4, (d, M)
 
 
 def test_gradients_of_B_and_C_are_interleaved_in_one_buffer_with_Bs_layout():

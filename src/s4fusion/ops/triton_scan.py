@@ -707,13 +707,14 @@ def _bwd_kernel(
     after the walk the lane finishes the same slots (dL/du, dL/d(delta)) from their sums
     over the states, gathered over the group by a halving exchange. The channel sums of
     dL/dB and dL/dC go over the lane's CB channels, then by the same exchange over CT
-    groups (CT divides the groups per line), then atomically: those of B and C of one
-    token and state together (neighbours in gbc), by one vector reduction where RED2."""
+    groups (CT divides the groups per line and the block's tokens), then atomically, each
+    lane those of TL = NT / CT whole tokens: B's and C's of one token and state together
+    (neighbours in gbc), by one vector reduction where RED2."""
     NT: tl.constexpr = TB * M
     NQ: tl.constexpr = (N + G - 1) // G
     NX: tl.constexpr = 2 * NT * NQ  # per token and state of the lane: the channel sums for dL/dB and dL/dC
-    R: tl.constexpr = NX // CT  # of which each lane adds R to memory, in R / 2 pairs (B, C)
-    tl.static_assert(R % 2 == 0, "CT must divide the (token, state) pairs of a lane")
+    TL: tl.constexpr = NT // CT  # of which each lane adds those of TL tokens to memory
+    tl.static_assert(NT % CT == 0, "CT must divide the tokens of a block")
     NS1: tl.constexpr = NT * CB  # (token, channel) slots of a block (index t * CB + e)
     R1: tl.constexpr = max(1, NS1 // G)  # of which each lane computes and finishes R1
     SPREAD: tl.constexpr = max(1, G // NS1)  # (slot s is the lane's r-th when s = q // SPREAD * R1 + r)
@@ -722,7 +723,7 @@ def _bwd_kernel(
         return
     pid_bk = tl.program_id(1)
     lane = tl.arange(0, E)
-    first = _scatter_slots(lane, NX, CT, G)[0]  # (NX >= 2 CT: every lane holds sums of its own)
+    first = _scatter_slots(lane, NX, CT, G)[0]  # (NX > CT: every lane holds sums of its own)
     first1, own1 = _scatter_slots(lane, NS1, G, 1)
     lmask = j < nlines
     line_off = (base + j * line_step).to(tl.int64)
@@ -793,19 +794,19 @@ def _bwd_kernel(
         PGDL = PGDL + (gdl_ptr + bi * sgd_b + mt * sgd_m + k * sgd_k + c * sgd_c + p * sgd_l,)
         GD = GD + (tl.zeros([E], tl.float32),)
         GBIAS = GBIAS + (tl.zeros([E], tl.float32),)
-    # per pair r of the channel sums this lane adds (those of B and C of one token and state):
-    # pointer at block step 0 to dL/dB (dL/dC follows), step in a block, mask
+    # per token t of the TL whose channel sums this lane adds: its step in a block; per
+    # (token, state) (index t * NQ + i): pointer at block step 0 to dL/dB (dL/dC follows), mask
     PBC = tl.tuple([])
     STEP2 = tl.tuple([])
     OK2 = tl.tuple([])
-    for r in tl.static_range(R // 2):
-        pair = first // 2 + r
-        tok = pair // NQ
-        n = pair % NQ * G + q
+    for t in tl.static_range(TL):
+        tok = first // (2 * NQ) + t
         p = line_off + (tok // M) * ps
-        PBC = PBC + (gbc_ptr + bi * sgb_b + k * sgb_k + (tok % M) * sgb_m + p * sgb_l + n * sgb_n,)
         STEP2 = STEP2 + (tok // M,)
-        OK2 = OK2 + (lmask & (n < N),)
+        for i in tl.static_range(NQ):
+            n = i * G + q
+            PBC = PBC + (gbc_ptr + bi * sgb_b + k * sgb_k + (tok % M) * sgb_m + p * sgb_l + n * sgb_n,)
+            OK2 = OK2 + (lmask & (n < N),)
     src = lane - q  # the group's first lane
     st_b = ps * sb_l  # B's and C's offsets from one step to the next
     st_c = ps * sc_l
@@ -912,10 +913,13 @@ def _bwd_kernel(
             GAc = GAc2
             X = SBC + X
         # dL/dB, dL/dC: sum r of X is token r // (2 NQ), state ((r // 2) % NQ) * G + q, of B
-        # for even r, of C for odd r
+        # for even r, of C for odd r; a lane holds those of its TL tokens
         S = _sum_scatter(X, lane, NX, CT, G)
-        for r in tl.static_range(R // 2):
-            _add_pair(PBC[r] + o * sgb_l, S[2 * r], S[2 * r + 1], OK2[r] & (i0 + STEP2[r] < hi), RED2)
+        for t in tl.static_range(TL):
+            in_seg = i0 + STEP2[t] < hi
+            for i in tl.static_range(NQ):
+                _add_pair(PBC[t * NQ + i] + o * sgb_l, S[2 * (t * NQ + i)], S[2 * (t * NQ + i) + 1],
+                          OK2[t * NQ + i] & in_seg, RED2)
         # this lane's slots: dL/du (atomic over directions), dL/d(delta)
         SA = _sum_scatter(GA, lane, NS1, G, 1)
         SB = _sum_scatter(GB, lane, NS1, G, 1)
@@ -1025,12 +1029,12 @@ def _state_loads(B: torch.Tensor, C: torch.Tensor) -> int:
     return kind
 
 
-def _group(groups: int, pairs: int) -> int:
-    """Lane groups whose channel sums of dL/dB and dL/dC (``pairs`` (B, C) pairs per lane
-    and block) are added in registers before an atomic add: the largest power of two that
-    divides the groups per line and the pairs (so that every lane ends with whole pairs;
-    see :func:`_sum_scatter`), at most BWD_GROUP and within a warp."""
-    return min(groups & -groups, pairs & -pairs, BWD_GROUP, BWD_LANES // BWD_PARTS, 32 // BWD_PARTS)
+def _group(groups: int, tokens: int) -> int:
+    """Lane groups whose channel sums of dL/dB and dL/dC are added in registers before an
+    atomic add: the largest power of two that divides the groups per line and the
+    ``tokens`` of a block (so that every lane ends with the sums of whole tokens; see
+    :func:`_sum_scatter`), at most BWD_GROUP and within a warp."""
+    return min(groups & -groups, tokens & -tokens, BWD_GROUP, BWD_LANES // BWD_PARTS, 32 // BWD_PARTS)
 
 
 def _vector_reductions(device: torch.device) -> bool:
@@ -1125,7 +1129,7 @@ class _CrossScan(torch.autograd.Function):
         _bwd_kernel[(triton.cdiv(NL * nq * BWD_PARTS, BWD_LANES) * ns, b * K)](
             u, delta, a2_nd, B, C, dsk, bias, gout, ck, arriving, parts, g_delta, g_u, g_B,
             *sizes, *in_strides, *out_strides,
-            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq, tb * M * triton.cdiv(N, BWD_PARTS)), CB=BWD_CB,
+            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq, tb * M), CB=BWD_CB,
             G=BWD_PARTS, RED2=_vector_reductions(dev), num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
         sums = parts.view(-1, K, N + 2, d).sum(0)  # (K, N + 2, d)
