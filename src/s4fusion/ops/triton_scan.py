@@ -169,7 +169,7 @@ def _rcp(x):
 def _add_pair(p, x, y, mask, VEC: tl.constexpr):
     """Atomically adds x to p[0] and y to p[1] (float32) where mask holds; VEC: by one
     vector reduction (PTX red.global.add.v2.f32: compute capability 9.0 and later, p
-    8-byte aligned), where Triton issues one reduction per value, also for neighbours."""
+    8-byte aligned; tl.atomic_add issues one reduction per value, also for neighbours)."""
     if VEC:
         tl.inline_asm_elementwise(
             "{ .reg .pred q; setp.ne.b32 q, $4, 0; @q red.global.add.v2.f32 [$1], {$2, $3}; mov.b32 $0, 0; }",
@@ -1039,8 +1039,9 @@ def _group(groups: int, tokens: int) -> int:
 
 def _vector_reductions(device: torch.device) -> bool:
     """Whether the backward kernel adds dL/dB and dL/dC by vector reductions (``RED2``):
-    on GPUs of compute capability 9.0 and later, not in Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") != "1" and torch.cuda.get_device_capability(device)[0] >= 9
+    on GPUs of compute capability 9.0 and later, not in Triton's interpreter (no inline PTX:
+    FAST_MATH)."""
+    return bool(FAST_MATH.value) and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _pair_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
