@@ -116,21 +116,22 @@ def test_matches_reference_forward_and_every_gradient(case, dtype, layout):
 
 
 @pytest.mark.parametrize(
-    "cb,parts,steps,vector", [(1, 4, 2, True), (1, 4, 4, True), (2, 2, 4, True), (2, 8, 4, True), (1, 1, 4, True),
-                              (2, 4, 4, False)]
+    "cb,parts,steps,red", [(1, 4, 2, None), (1, 4, 4, None), (2, 2, 4, None), (2, 8, 4, None), (1, 1, 4, None),
+                           (2, 4, 4, "RED_VALUES"), (2, 4, 4, "RED_PAIRS")]
 )  # fmt: skip
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}M{}d{}N{}_{}x{}".format(*c))
 @pytest.mark.gpu
 @needs_cuda
-def test_other_backward_launch_configurations_match_the_reference(case, cb, parts, steps, vector, monkeypatch):
+def test_other_backward_launch_configurations_match_the_reference(case, cb, parts, steps, red, monkeypatch):
     """The backward kernel with other lane widths, groups and blocks than the default
-    (two channels, four lanes per group, four steps), and without the vector reductions
-    of dL/dB and dL/dC (as on GPUs before compute capability 9.0)."""
+    (two channels, four lanes per group, four steps), and with the other ways of adding
+    dL/dB and dL/dC than the device's (one value at a time, as on GPUs before compute
+    capability 9.0; pairs by two atomic adds)."""
     monkeypatch.setattr(ts, "BWD_CB", cb)
     monkeypatch.setattr(ts, "BWD_PARTS", parts)
     monkeypatch.setattr(ts, "BWD_STEPS", steps)
-    if not vector:
-        monkeypatch.setattr(ts, "_vector_reductions", lambda device: False)
+    if red is not None:
+        monkeypatch.setattr(ts, "_reductions", lambda device: getattr(ts, red).value)
     b, M, d, N, H, W = case
     inputs = make_inputs(b, M, d, N, H, W, torch.float32, "cuda", layout="channels_last")
     out = ts.cross_scan_triton(*inputs, H, W)
@@ -269,17 +270,29 @@ def test_lines_are_cut_into_one_or_at_least_three_chunks(monkeypatch):
     assert ts._segments(76, 76, 20, 4, 72, 1)[1] == 1  # the training batch has lanes enough
 
 
-def test_channel_sums_of_the_backward_end_in_whole_tokens_on_every_lane():
-    """The backward's exchange of dL/dB and dL/dC sums leaves every lane the (B, C) pairs
-    of whole tokens (it adds a pair at once): CT is a power of two that divides the lane
-    groups of a line and the tokens of a block, within a warp; 4 for the network's scans."""
+def test_channel_sums_of_the_backward_are_split_as_the_reductions_need():
+    """The backward's exchange of dL/dB and dL/dC sums over CT lane groups (a power of
+    two dividing the groups of a line, within a warp): adding pairs, CT divides a block's
+    tokens, so that every lane holds the (B, C) pairs of whole tokens (4 for the network's
+    scans); adding single values, CT divides the sums unless they are a power of two (the
+    halving exchange), 8 where the groups of a line allow."""
     for groups in (1, 3, 4, 6, 36, 72, 144):
-        for tokens in (1, 2, 4, 8):
-            ct = ts._group(groups, tokens)
-            assert ct & (ct - 1) == 0 and groups % ct == 0 and tokens % ct == 0, (groups, tokens, ct)
-            assert ct <= ts.BWD_GROUP and ct * ts.BWD_PARTS <= 32
+        for tokens, nq in ((1, 3), (2, 5), (4, 3), (8, 1), (4, 2)):
+            sums = 2 * tokens * nq
+            for red in (ts.RED_PAIRS.value, ts.RED_VECTOR.value, ts.RED_VALUES.value):
+                ct = ts._group(groups, tokens, sums, red)
+                assert ct & (ct - 1) == 0 and groups % ct == 0 and ct <= ts.BWD_GROUP and ct * ts.BWD_PARTS <= 32
+                if red == ts.RED_VALUES.value:
+                    assert sums & (sums - 1) == 0 or sums % ct == 0, (groups, sums, ct)
+                else:
+                    assert tokens % ct == 0, (groups, tokens, ct)
     for H, W, b, d, M in SCAN_SHAPES:
-        assert ts._group(-(-d // ts.BWD_CB), ts._steps(ts.BWD_STEPS, M) * M) == 4, (d, M)
+        tokens = ts._steps(ts.BWD_STEPS, M) * M
+        for N in (12, 18):
+            sums = 2 * tokens * -(-N // ts.BWD_PARTS)
+            groups = -(-d // ts.BWD_CB)
+            assert ts._group(groups, tokens, sums, ts.RED_VECTOR.value) == 4, (d, M, N)
+            assert ts._group(groups, tokens, sums, ts.RED_VALUES.value) == (4 if d == 72 else 8), (d, M, N)
 
 
 def test_gradients_of_B_and_C_are_interleaved_in_one_buffer_with_Bs_layout():
@@ -311,14 +324,17 @@ INTERPRETER_CHECK = TINY_LAUNCHES + """
 # of several blocks; forward and backward lanes of 1 or 2 channels, forward loads one
 # iteration ahead or not; backward groups of 1, 2 or 4 lanes splitting the states, evenly
 # or not, and fewer (token, channel) slots than lanes in a group; channel sums of dL/dB
-# and dL/dC over 1 to 8 groups: more than a lane's sums (N = 1), and 12 sums over 2 groups)
+# and dL/dC over 1 to 8 groups, added one at a time (0: more sums than a lane's, N = 1,
+# and 12 sums over 2 groups) or in (B, C) pairs of whole tokens (1))
 worst = 0.0
-for b, M, d, N, H, W, last, whole, cb, pf, parts in [
-    (1, 2, 5, 3, 4, 3, False, False, 2, True, 4), (2, 1, 8, 2, 3, 5, False, False, 2, False, 1),
-    (1, 2, 4, 3, 3, 4, True, False, 1, False, 2), (2, 1, 6, 2, 3, 5, True, True, 1, True, 4),
-    (1, 1, 16, 1, 3, 2, True, False, 2, False, 1), (1, 1, 8, 12, 3, 5, True, False, 2, False, 4),
-    (1, 2, 3, 5, 3, 4, True, True, 1, False, 2),
+for b, M, d, N, H, W, last, whole, cb, pf, parts, red in [
+    (1, 2, 5, 3, 4, 3, False, False, 2, True, 4, 1), (2, 1, 8, 2, 3, 5, False, False, 2, False, 1, 0),
+    (1, 2, 4, 3, 3, 4, True, False, 1, False, 2, 1), (2, 1, 6, 2, 3, 5, True, True, 1, True, 4, 0),
+    (1, 1, 16, 1, 3, 2, True, False, 2, False, 1, 0), (1, 1, 8, 12, 3, 5, True, False, 2, False, 4, 0),
+    (1, 2, 3, 5, 3, 4, True, True, 1, False, 2, 1),
 ]:
+    assert red in (ts.RED_VALUES.value, ts.RED_PAIRS.value)
+    ts._reductions = lambda device, red=red: red
     ts.TARGET_LANES = 1 if whole else 1 << 17
     ts.FWD_CB = (cb, cb)
     ts.BWD_CB = cb

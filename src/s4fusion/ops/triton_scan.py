@@ -52,8 +52,9 @@ dL/dC) over a lane's ``CB`` channels and then over ``CT`` groups of the line, bo
 by a halving exchange of warp shuffles that leaves each lane with different sums
 (``_sum_scatter``), so that only ``d / (CB * CT)`` atomic adds reach each element
 of dL/dB and dL/dC, issued by all lanes at once. dL/dB and dL/dC of one token and
-state are neighbours in one buffer and added together, by one vector reduction on
-GPUs that have them (these adds cost by their number: BENCHMARKS.md session 20). A
+state are neighbours in one buffer and added together, by one vector reduction, on
+GPUs that have them (elsewhere one value at a time; these adds cost by their number:
+``RED_*``, BENCHMARKS.md session 20). A
 launch's grid covers the lines of the longest image side for every direction;
 programs whose lanes all lie past their direction's last line return at once.
 
@@ -163,6 +164,17 @@ def _rcp(x):
         )
     else:
         return 1.0 / x
+
+
+# How the backward kernel adds its channel sums of dL/dB and dL/dC (``RED``): one atomic add
+# per value, the lane groups summed before them as many as the groups per line allow (up
+# to BWD_GROUP); or the sums of dL/dB and dL/dC of one token and state together (so the
+# groups summed must also divide a block's tokens: 4 for the network's scans), by two
+# atomic adds (for Triton's interpreter) or by one vector reduction (compute capability 9.0
+# and later: ``_reductions``). The adds cost by their number (BENCHMARKS.md session 20).
+RED_VALUES = tl.constexpr(0)
+RED_PAIRS = tl.constexpr(1)
+RED_VECTOR = tl.constexpr(2)
 
 
 @triton.jit
@@ -692,7 +704,7 @@ def _bwd_kernel(
     sgu_b, sgu_m, sgu_c, sgu_l,
     sgb_b, sgb_m, sgb_k, sgb_n, sgb_l,
     K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, E: tl.constexpr, TB: tl.constexpr, CT: tl.constexpr,
-    CB: tl.constexpr, G: tl.constexpr, RED2: tl.constexpr,
+    CB: tl.constexpr, G: tl.constexpr, RED: tl.constexpr,
 ):  # fmt: skip
     """One chunk of E lanes, walked backwards block by block. A lane is one line, CB
     neighbouring channels and NQ = ceil(N / G) of their states, n = i * G + q for the
@@ -707,14 +719,15 @@ def _bwd_kernel(
     after the walk the lane finishes the same slots (dL/du, dL/d(delta)) from their sums
     over the states, gathered over the group by a halving exchange. The channel sums of
     dL/dB and dL/dC go over the lane's CB channels, then by the same exchange over CT
-    groups (CT divides the groups per line and the block's tokens), then atomically, each
-    lane those of TL = NT / CT whole tokens: B's and C's of one token and state together
-    (neighbours in gbc), by one vector reduction where RED2."""
+    groups (CT divides the groups per line), then atomically, as RED says: each lane
+    NX / CT of the sums (RED_VALUES), or those of TL = NT / CT whole tokens (CT divides the
+    block's tokens), B's and C's of one token and state together (neighbours in gbc)."""
     NT: tl.constexpr = TB * M
     NQ: tl.constexpr = (N + G - 1) // G
     NX: tl.constexpr = 2 * NT * NQ  # per token and state of the lane: the channel sums for dL/dB and dL/dC
-    TL: tl.constexpr = NT // CT  # of which each lane adds those of TL tokens to memory
-    tl.static_assert(NT % CT == 0, "CT must divide the tokens of a block")
+    R: tl.constexpr = max(1, NX // CT)  # of which each lane adds R to memory (RED_VALUES)
+    TL: tl.constexpr = max(1, NT // CT)  # or those of TL whole tokens (RED_PAIRS, RED_VECTOR)
+    tl.static_assert(RED == RED_VALUES or NT % CT == 0, "CT must divide the tokens of a block")
     NS1: tl.constexpr = NT * CB  # (token, channel) slots of a block (index t * CB + e)
     R1: tl.constexpr = max(1, NS1 // G)  # of which each lane computes and finishes R1
     SPREAD: tl.constexpr = max(1, G // NS1)  # (slot s is the lane's r-th when s = q // SPREAD * R1 + r)
@@ -723,7 +736,7 @@ def _bwd_kernel(
         return
     pid_bk = tl.program_id(1)
     lane = tl.arange(0, E)
-    first = _scatter_slots(lane, NX, CT, G)[0]  # (NX > CT: every lane holds sums of its own)
+    first, own = _scatter_slots(lane, NX, CT, G)
     first1, own1 = _scatter_slots(lane, NS1, G, 1)
     lmask = j < nlines
     line_off = (base + j * line_step).to(tl.int64)
@@ -794,19 +807,30 @@ def _bwd_kernel(
         PGDL = PGDL + (gdl_ptr + bi * sgd_b + mt * sgd_m + k * sgd_k + c * sgd_c + p * sgd_l,)
         GD = GD + (tl.zeros([E], tl.float32),)
         GBIAS = GBIAS + (tl.zeros([E], tl.float32),)
-    # per token t of the TL whose channel sums this lane adds: its step in a block; per
-    # (token, state) (index t * NQ + i): pointer at block step 0 to dL/dB (dL/dC follows), mask
+    # the channel sums this lane adds: RED_VALUES, per sum r: pointer at block step 0, step in
+    # a block, mask; otherwise per token t of its TL: step in a block, and per (token, state)
+    # (index t * NQ + i): pointer at block step 0 to dL/dB (dL/dC follows), mask
     PBC = tl.tuple([])
     STEP2 = tl.tuple([])
     OK2 = tl.tuple([])
-    for t in tl.static_range(TL):
-        tok = first // (2 * NQ) + t
-        p = line_off + (tok // M) * ps
-        STEP2 = STEP2 + (tok // M,)
-        for i in tl.static_range(NQ):
-            n = i * G + q
-            PBC = PBC + (gbc_ptr + bi * sgb_b + k * sgb_k + (tok % M) * sgb_m + p * sgb_l + n * sgb_n,)
-            OK2 = OK2 + (lmask & (n < N),)
+    if RED == RED_VALUES:
+        for r in tl.static_range(R):
+            slot = first + r
+            tok = slot // (2 * NQ)
+            n = (slot // 2) % NQ * G + q
+            p = line_off + (tok // M) * ps
+            PBC = PBC + (gbc_ptr + bi * sgb_b + k * sgb_k + (tok % M) * sgb_m + p * sgb_l + n * sgb_n + slot % 2,)
+            STEP2 = STEP2 + (tok // M,)
+            OK2 = OK2 + (own & lmask & (n < N),)
+    else:
+        for t in tl.static_range(TL):
+            tok = first // (2 * NQ) + t
+            p = line_off + (tok // M) * ps
+            STEP2 = STEP2 + (tok // M,)
+            for i in tl.static_range(NQ):
+                n = i * G + q
+                PBC = PBC + (gbc_ptr + bi * sgb_b + k * sgb_k + (tok % M) * sgb_m + p * sgb_l + n * sgb_n,)
+                OK2 = OK2 + (lmask & (n < N),)
     src = lane - q  # the group's first lane
     st_b = ps * sb_l  # B's and C's offsets from one step to the next
     st_c = ps * sc_l
@@ -913,13 +937,18 @@ def _bwd_kernel(
             GAc = GAc2
             X = SBC + X
         # dL/dB, dL/dC: sum r of X is token r // (2 NQ), state ((r // 2) % NQ) * G + q, of B
-        # for even r, of C for odd r; a lane holds those of its TL tokens
+        # for even r, of C for odd r
         S = _sum_scatter(X, lane, NX, CT, G)
-        for t in tl.static_range(TL):
-            in_seg = i0 + STEP2[t] < hi
-            for i in tl.static_range(NQ):
-                _add_pair(PBC[t * NQ + i] + o * sgb_l, S[2 * (t * NQ + i)], S[2 * (t * NQ + i) + 1],
-                          OK2[t * NQ + i] & in_seg, RED2)
+        if RED == RED_VALUES:
+            for r in tl.static_range(R):
+                ok = OK2[r] & (i0 + STEP2[r] < hi)
+                tl.atomic_add(PBC[r] + o * sgb_l, S[r], mask=ok, sem="relaxed")
+        else:
+            for t in tl.static_range(TL):
+                in_seg = i0 + STEP2[t] < hi
+                for i in tl.static_range(NQ):
+                    _add_pair(PBC[t * NQ + i] + o * sgb_l, S[2 * (t * NQ + i)], S[2 * (t * NQ + i) + 1],
+                              OK2[t * NQ + i] & in_seg, RED == RED_VECTOR)
         # this lane's slots: dL/du (atomic over directions), dL/d(delta)
         SA = _sum_scatter(GA, lane, NS1, G, 1)
         SB = _sum_scatter(GB, lane, NS1, G, 1)
@@ -1029,19 +1058,27 @@ def _state_loads(B: torch.Tensor, C: torch.Tensor) -> int:
     return kind
 
 
-def _group(groups: int, tokens: int) -> int:
-    """Lane groups whose channel sums of dL/dB and dL/dC are added in registers before an
-    atomic add: the largest power of two that divides the groups per line and the
-    ``tokens`` of a block (so that every lane ends with the sums of whole tokens; see
-    :func:`_sum_scatter`), at most BWD_GROUP and within a warp."""
-    return min(groups & -groups, tokens & -tokens, BWD_GROUP, BWD_LANES // BWD_PARTS, 32 // BWD_PARTS)
+def _group(groups: int, tokens: int, sums: int, red: int) -> int:
+    """Lane groups whose channel sums of dL/dB and dL/dC (``sums`` per lane and block, of
+    ``tokens``) are added in registers before an atomic add: the largest power of two
+    that divides the groups per line, at most BWD_GROUP and within a warp, and (see
+    :func:`_sum_scatter`) with RED_VALUES dividing ``sums`` unless that is a power of two,
+    otherwise dividing ``tokens`` (every lane ends with the sums of whole tokens)."""
+    ct = min(groups & -groups, BWD_GROUP, BWD_LANES // BWD_PARTS, 32 // BWD_PARTS)
+    if red != RED_VALUES.value:
+        return min(ct, tokens & -tokens)
+    if sums & (sums - 1):
+        ct = min(ct, sums & -sums)
+    return ct
 
 
-def _vector_reductions(device: torch.device) -> bool:
-    """Whether the backward kernel adds dL/dB and dL/dC by vector reductions (``RED2``):
-    on GPUs of compute capability 9.0 and later, not in Triton's interpreter (no inline PTX:
-    FAST_MATH)."""
-    return bool(FAST_MATH.value) and torch.cuda.get_device_capability(device)[0] >= 9
+def _reductions(device: torch.device) -> int:
+    """How the backward kernel adds dL/dB and dL/dC (``RED``): by vector reductions of
+    pairs on GPUs of compute capability 9.0 and later, else one value at a time (Triton's
+    interpreter, which has no inline PTX: FAST_MATH, and older GPUs)."""
+    if FAST_MATH.value and torch.cuda.get_device_capability(device)[0] >= 9:
+        return RED_VECTOR.value
+    return RED_VALUES.value
 
 
 def _pair_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1122,7 +1159,8 @@ class _CrossScan(torch.autograd.Function):
         del local
         g_delta = _new_like(delta, delta.dtype, zero=False)
         g_u = _new_like(u, f32, zero=True)
-        g_B, g_C = _pair_like(B)  # (the kernel adds a token's and state's two sums by one vector reduction)
+        g_B, g_C = _pair_like(B)  # (neighbours: the kernel may add a token's and state's two sums at once)
+        red = _reductions(dev)
         parts = torch.zeros(b, NL, ns, K, N + 2, d, device=dev, dtype=f32)
         out_strides = (*g_delta.stride(), *g_u.stride(), *g_B.stride())
         nq = triton.cdiv(d, BWD_CB)  # lane groups per line
@@ -1130,8 +1168,8 @@ class _CrossScan(torch.autograd.Function):
         _bwd_kernel[(triton.cdiv(NL * nq * BWD_PARTS, BWD_LANES) * ns, b * K)](
             u, delta, a2_nd, B, C, dsk, bias, gout, ck, arriving, parts, g_delta, g_u, g_B,
             *sizes, *in_strides, *out_strides,
-            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq, tb * M), CB=BWD_CB,
-            G=BWD_PARTS, RED2=_vector_reductions(dev), num_warps=max(1, BWD_LANES // 32),
+            K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq, tb * M, 2 * tb * M * triton.cdiv(N, BWD_PARTS), red),
+            CB=BWD_CB, G=BWD_PARTS, RED=red, num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
         sums = parts.view(-1, K, N + 2, d).sum(0)  # (K, N + 2, d)
         return (
