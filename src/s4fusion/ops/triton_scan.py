@@ -813,23 +813,22 @@ def _bwd_kernel(
     PBC = tl.tuple([])
     STEP2 = tl.tuple([])
     OK2 = tl.tuple([])
+    gbc_line = gbc_ptr + bi * sgb_b + k * sgb_k + line_off * sgb_l
     if RED == RED_VALUES:
         for r in tl.static_range(R):
             slot = first + r
             tok = slot // (2 * NQ)
             n = (slot // 2) % NQ * G + q
-            p = line_off + (tok // M) * ps
-            PBC = PBC + (gbc_ptr + bi * sgb_b + k * sgb_k + (tok % M) * sgb_m + p * sgb_l + n * sgb_n + slot % 2,)
+            PBC = PBC + (gbc_line + (tok % M) * sgb_m + (tok // M) * ps * sgb_l + n * sgb_n + slot % 2,)
             STEP2 = STEP2 + (tok // M,)
             OK2 = OK2 + (own & lmask & (n < N),)
     else:
         for t in tl.static_range(TL):
             tok = first // (2 * NQ) + t
-            p = line_off + (tok // M) * ps
             STEP2 = STEP2 + (tok // M,)
             for i in tl.static_range(NQ):
                 n = i * G + q
-                PBC = PBC + (gbc_ptr + bi * sgb_b + k * sgb_k + (tok % M) * sgb_m + p * sgb_l + n * sgb_n,)
+                PBC = PBC + (gbc_line + (tok % M) * sgb_m + (tok // M) * ps * sgb_l + n * sgb_n,)
                 OK2 = OK2 + (lmask & (n < N),)
     src = lane - q  # the group's first lane
     st_b = ps * sb_l  # B's and C's offsets from one step to the next
