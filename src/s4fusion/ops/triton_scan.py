@@ -1083,10 +1083,9 @@ def _reductions(device: torch.device) -> int:
 def _pair_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two float32 zero tensors of x's shape and layout (as :func:`_new_like`) in one
     buffer, interleaved: each element of the second follows the first's in memory."""
-    order = sorted(range(x.dim()), key=x.stride, reverse=True)
-    t = torch.zeros([x.shape[i] for i in order] + [2], device=x.device, dtype=torch.float32)
-    perm = [order.index(i) for i in range(x.dim())]
-    return t[..., 0].permute(perm), t[..., 1].permute(perm)
+    # (the pair dimension has stride 0 in the expanded view: _new_like puts it innermost)
+    t = _new_like(x.unsqueeze(-1).expand(*x.shape, 2), torch.float32, zero=True)
+    return t[..., 0], t[..., 1]
 
 
 def _new_like(x: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
