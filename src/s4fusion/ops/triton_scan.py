@@ -71,7 +71,8 @@ read a token's states with 16-byte vector loads, float32 values or bfloat16 pair
 
 ``H``, ``W``, ``SEG`` and the size-dependent strides are runtime values that are
 not specialised on: one compiled kernel per dtype, M, N and block shape serves
-every image size.
+every image size (and layout, apart from whether channels and states are innermost:
+``_UNIT_STRIDES``).
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ _STRIDES = [
     "sc_b", "sc_m", "sc_k", "sc_n", "sy_b", "sy_m", "sy_c", "sg_b", "sg_m", "sg_c",
     "sgd_b", "sgd_m", "sgd_k", "sgd_c", "sgu_b", "sgu_m", "sgu_c", "sgb_b", "sgb_m", "sgb_k", "sgb_n",
 ]  # fmt: skip
+# Strides that are 1 in the network's layouts (channels, and states, innermost): triton
+# compiles a kernel for each of them being 1 or not, so that where they are 1 a lane's
+# neighbouring channels and states are read at constant offsets from one address (fewer
+# address computations and registers; BENCHMARKS.md session 21).
+_UNIT_STRIDES = ["su_c", "sd_c", "sg_c", "sy_c", "sgu_c", "sgd_c", "sb_n", "sc_n", "sgb_n"]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -138,11 +144,15 @@ _STRIDES = [
 
 def _scan_jit(fn):
     """triton.jit without specialisation on sizes, size-dependent strides and pointer
-    alignment (every access is a gather, so they would only multiply compilations)."""
+    alignment (every access is a gather, so they would only multiply compilations),
+    except that a kernel is compiled for each of ``_UNIT_STRIDES`` being 1 or not."""
     params = inspect.signature(fn).parameters
     names = [a for a, p in params.items() if p.annotation != "tl.constexpr"]  # (annotations are strings here)
     fixed = [a for a in names if a in _SIZES or a in _STRIDES or a == "d" or a.endswith("_ptr")]
-    return triton.jit(do_not_specialize=fixed)(fn)
+    unit = [a for a in fixed if a in _UNIT_STRIDES]
+    if "do_not_specialize_on_alignment" not in inspect.signature(triton.jit).parameters:  # (older triton)
+        return triton.jit(do_not_specialize=fixed)(fn)
+    return triton.jit(do_not_specialize=[a for a in fixed if a not in unit], do_not_specialize_on_alignment=unit)(fn)
 
 
 @triton.jit
@@ -693,7 +703,7 @@ def _bwd_kernel(
     gdl_ptr,  # (b, M, K, d, L) out, delta's dtype, any strides
     gu_ptr,  # (b, M, d, L) f32, zeroed, any strides (atomic over the directions)
     gbc_ptr,  # (b, M, K, N, L, 2) f32, zeroed, any strides but 1 for the last dimension: dL/dB, dL/dC
-    # (atomic over channel groups; sgb_* are the strides of the first five dimensions)
+    # (atomic over channel groups; sgb_* are the strides of the first five dimensions, counted in pairs)
     H, W, NL, NS, SEG, NBLK, d,
     su_b, su_m, su_c, su_l,
     sd_b, sd_m, sd_k, sd_c, sd_l,
@@ -813,13 +823,13 @@ def _bwd_kernel(
     PBC = tl.tuple([])
     STEP2 = tl.tuple([])
     OK2 = tl.tuple([])
-    gbc_line = gbc_ptr + bi * sgb_b + k * sgb_k + line_off * sgb_l
+    line_pairs = bi * sgb_b + k * sgb_k + line_off * sgb_l  # (in pairs)
     if RED == RED_VALUES:
         for r in tl.static_range(R):
             slot = first + r
             tok = slot // (2 * NQ)
             n = (slot // 2) % NQ * G + q
-            PBC = PBC + (gbc_line + (tok % M) * sgb_m + (tok // M) * ps * sgb_l + n * sgb_n + slot % 2,)
+            PBC = PBC + (gbc_ptr + (2 * (line_pairs + (tok % M) * sgb_m + (tok // M) * ps * sgb_l + n * sgb_n) + slot % 2),)
             STEP2 = STEP2 + (tok // M,)
             OK2 = OK2 + (own & lmask & (n < N),)
     else:
@@ -828,7 +838,7 @@ def _bwd_kernel(
             STEP2 = STEP2 + (tok // M,)
             for i in tl.static_range(NQ):
                 n = i * G + q
-                PBC = PBC + (gbc_line + (tok % M) * sgb_m + (tok // M) * ps * sgb_l + n * sgb_n,)
+                PBC = PBC + (gbc_ptr + 2 * (line_pairs + (tok % M) * sgb_m + (tok // M) * ps * sgb_l + n * sgb_n),)
                 OK2 = OK2 + (lmask & (n < N),)
     src = lane - q  # the group's first lane
     st_b = ps * sb_l  # B's and C's offsets from one step to the next
@@ -941,12 +951,12 @@ def _bwd_kernel(
         if RED == RED_VALUES:
             for r in tl.static_range(R):
                 ok = OK2[r] & (i0 + STEP2[r] < hi)
-                tl.atomic_add(PBC[r] + o * sgb_l, S[r], mask=ok, sem="relaxed")
+                tl.atomic_add(PBC[r] + 2 * (o * sgb_l), S[r], mask=ok, sem="relaxed")
         else:
             for t in tl.static_range(TL):
                 in_seg = i0 + STEP2[t] < hi
                 for i in tl.static_range(NQ):
-                    _add_pair(PBC[t * NQ + i] + o * sgb_l, S[2 * (t * NQ + i)], S[2 * (t * NQ + i) + 1],
+                    _add_pair(PBC[t * NQ + i] + 2 * (o * sgb_l), S[2 * (t * NQ + i)], S[2 * (t * NQ + i) + 1],
                               OK2[t * NQ + i] & in_seg, RED == RED_VECTOR)
         # this lane's slots: dL/du (atomic over directions), dL/d(delta)
         SA = _sum_scatter(GA, lane, NS1, G, 1)
@@ -1160,7 +1170,7 @@ class _CrossScan(torch.autograd.Function):
         g_B, g_C = _pair_like(B)  # (neighbours: the kernel may add a token's and state's two sums at once)
         red = _reductions(dev)
         parts = torch.zeros(b, NL, ns, K, N + 2, d, device=dev, dtype=f32)
-        out_strides = (*g_delta.stride(), *g_u.stride(), *g_B.stride())
+        out_strides = (*g_delta.stride(), *g_u.stride(), *(st // 2 for st in g_B.stride()))  # (g_B's in pairs)
         nq = triton.cdiv(d, BWD_CB)  # lane groups per line
         a2_nd = a2.view(K, d, N).transpose(1, 2).contiguous()  # (K, N, d)
         _bwd_kernel[(triton.cdiv(NL * nq * BWD_PARTS, BWD_LANES) * ns, b * K)](
