@@ -477,17 +477,25 @@ CDDFUSE_EVALUATOR = {
 }  # fmt: skip
 
 
+def assert_cddfuse_evaluator(got: dict, want: dict) -> None:
+    """Same float32 arithmetic as CDDFuse's evaluator: equal to the last bits (VIF sums its
+    filters in another order, within the 1e-10), except PSNR: numpy's float32 log10 is not
+    the same on every CPU (numpy dispatches by SIMD level). On a 2-core machine with AVX2 and
+    no AVX-512 (numpy 2.4.5 and 2.4.6 alike) PSNR came out one float32 ulp (1.2e-7 relative)
+    below the evaluator's value, which earlier CI machines reproduced exactly."""
+    assert_close(got, {k: v for k, v in want.items() if k != "PSNR"}, rel=1e-10)
+    assert_close(got, {"PSNR": want["PSNR"]}, rel=1e-6)
+
+
 def test_cddfuse_convention_reproduces_cddfuse_evaluator(crop):
     name, f, ir, vi = crop
-    got = evaluate_pair(f, ir, vi, convention="cddfuse")
-    # Same float32 arithmetic: equal to the last bits except VIF (different filter summation order).
-    assert_close(got, CDDFUSE_EVALUATOR[name], rel=1e-10)
+    assert_cddfuse_evaluator(evaluate_pair(f, ir, vi, convention="cddfuse"), CDDFUSE_EVALUATOR[name])
 
 
 def test_full_size_pair_reproduces_cddfuse_evaluator():
     ir, vi = load_pair("00107D")
     got = evaluate_pair(make_fused(ir, vi), ir, vi, convention="cddfuse")
-    assert_close(got, CDDFUSE_EVALUATOR["00107D_full"], rel=1e-10)
+    assert_cddfuse_evaluator(got, CDDFUSE_EVALUATOR["00107D_full"])
 
 
 def test_ms_ssim_is_the_toolbox_mef_ssim():
