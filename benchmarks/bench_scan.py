@@ -227,7 +227,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results to this JSON file")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), help="time the launch configurations of one pass")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="--sweep's inputs")
+    dtypes = ("float32", "bfloat16", "float16")
+    parser.add_argument("--dtype", choices=dtypes, default="float32", help="the inputs of --sweep")
     parser.add_argument("--proj", action="store_true", help="time the delta up-projection instead of the scan")
     args = parser.parse_args()
     if not torch.cuda.is_available():

@@ -829,7 +829,8 @@ def _bwd_kernel(
             slot = first + r
             tok = slot // (2 * NQ)
             n = (slot // 2) % NQ * G + q
-            PBC = PBC + (gbc_ptr + (2 * (line_pairs + (tok % M) * sgb_m + (tok // M) * ps * sgb_l + n * sgb_n) + slot % 2),)
+            pair = line_pairs + (tok % M) * sgb_m + (tok // M) * ps * sgb_l + n * sgb_n
+            PBC = PBC + (gbc_ptr + (2 * pair + slot % 2),)
             STEP2 = STEP2 + (tok // M,)
             OK2 = OK2 + (own & lmask & (n < N),)
     else:
