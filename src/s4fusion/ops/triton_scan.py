@@ -819,7 +819,7 @@ def _bwd_kernel(
         GBIAS = GBIAS + (tl.zeros([E], tl.float32),)
     # the channel sums this lane adds: RED_VALUES, per sum r: pointer at block step 0, step in
     # a block, mask; otherwise per token t of its TL: step in a block, and per (token, state)
-    # (index t * NQ + i): pointer at block step 0 to dL/dB (dL/dC follows), mask
+    # (index t * NQ + i): pointer at block step 0 to dL/dB (dL/dC follows; masked by SM[i])
     PBC = tl.tuple([])
     STEP2 = tl.tuple([])
     OK2 = tl.tuple([])
@@ -840,7 +840,6 @@ def _bwd_kernel(
             for i in tl.static_range(NQ):
                 n = i * G + q
                 PBC = PBC + (gbc_ptr + 2 * (line_pairs + (tok % M) * sgb_m + (tok // M) * ps * sgb_l + n * sgb_n),)
-                OK2 = OK2 + (lmask & (n < N),)
     src = lane - q  # the group's first lane
     st_b = ps * sb_l  # B's and C's offsets from one step to the next
     st_c = ps * sc_l
@@ -958,7 +957,7 @@ def _bwd_kernel(
                 in_seg = i0 + STEP2[t] < hi
                 for i in tl.static_range(NQ):
                     _add_pair(PBC[t * NQ + i] + 2 * (o * sgb_l), S[2 * (t * NQ + i)], S[2 * (t * NQ + i) + 1],
-                              OK2[t * NQ + i] & in_seg, RED == RED_VECTOR)
+                              SM[i] & in_seg, RED == RED_VECTOR)
         # this lane's slots: dL/du (atomic over directions), dL/d(delta)
         SA = _sum_scatter(GA, lane, NS1, G, 1)
         SB = _sum_scatter(GB, lane, NS1, G, 1)
