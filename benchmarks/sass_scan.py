@@ -28,10 +28,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from s4fusion.models import S4FusionConfig
+from s4fusion.ops import projection_rows
 from s4fusion.ops import triton_scan as ts
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -54,15 +57,26 @@ def constants(kernel: str, M: int, N: int, red: int, ct: int, vec: int, unit: bo
     )  # fmt: skip
 
 
+def state_layout(M: int, N: int, dtype: str, unit: bool) -> tuple[bool, int]:
+    """(UNIT_N, VEC) as the backend chooses them for B and C (shapes and strides only, on
+    the meta device): views of the network's projection (``ops.projection_rows``), or
+    with ``unit`` False contiguous tensors (state stride L)."""
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    L, K = 64, 4
+    if unit:
+        rows, ob, oc, _ = projection_rows(S4FusionConfig().dt_rank(S4FusionConfig().dims[0]), N)
+        P = torch.empty(1, M, L, K, rows, dtype=dt, device="meta")
+        B, C = (P[..., o : o + N].permute(0, 1, 3, 4, 2) for o in (ob, oc))
+    else:
+        B, C = (torch.empty(1, M, K, N, L, dtype=dt, device="meta") for _ in range(2))
+    return ts._unit_states(B, C), ts._state_loads(B, C)
+
+
 def compile_sm90(kernel: str, M: int, N: int, dtype: str, unit: bool, red: int, ct: int, out: Path) -> dict:
     """Compile one kernel for sm_90; its PTX and SASS go to ``out``."""
     jit = ts._bwd_kernel if kernel == "bwd" else ts._fwd_kernel
-    vec = ts.VEC_NONE.value  # as _state_loads chooses for the network's B and C (state stride 1)
-    if unit and dtype == "fp32":
-        vec = ts.VEC_VALUES.value
-    elif unit and dtype == "bf16" and N % 2 == 0:
-        vec = ts.VEC_WORDS.value
-    consts = constants(kernel, M, N, red, ct, vec, unit)
+    unit_n, vec = state_layout(M, N, dtype, unit)
+    consts = constants(kernel, M, N, red, ct, vec, unit_n)
     names = list(inspect.signature(jit.fn).parameters)
     signature, constexprs = {}, {}
     for i, name in enumerate(names):
