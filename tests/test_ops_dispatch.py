@@ -79,3 +79,28 @@ def test_reference_scan_of_one_token_is_the_closed_form():
         dt = torch.nn.functional.softplus(delta[0, 0, k, :, 0] + bias[k * d : (k + 1) * d])
         expected[0, 0, :, 0] += dt * u[0, 0, :, 0] * (B[0, 0, k, :, 0] * C[0, 0, k, :, 0]).sum() + D[k * d : (k + 1) * d] * u[0, 0, :, 0]
     torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("dt_rank,d_state", [(3, 12), (6, 12), (6, 18), (1, 1), (2, 8)])
+@pytest.mark.parametrize("used", [(True, True, True), (False, True, True), (True, False, False), (False, False, True)])
+def test_split_projection_is_the_slices_and_their_gradient(dt_rank, d_state, used):
+    """The views of ``ops.split_projection`` are P's rows of ``ops.projection_rows``, and
+    its one-concatenation backward gives exactly autograd's gradient of the slices, also
+    where some of the three views get no gradient (their rows then read 0)."""
+    rows, ob, oc, ol = ops.projection_rows(dt_rank, d_state)
+    torch.manual_seed(0)
+    P = torch.randn(2, 1, 5, 4, rows, dtype=torch.float64, requires_grad=True)
+    views = ops.split_projection(P, dt_rank, d_state)
+    slices = (P[..., ol : ol + dt_rank], P[..., ob : ob + d_state], P[..., oc : oc + d_state])
+    for v, s in zip(views, slices):
+        assert v.shape == s.shape and torch.equal(v, s)
+    weights = [torch.randn_like(s) for s in slices]
+    got = torch.autograd.grad(sum((v * w).sum() for v, w, u in zip(views, weights, used) if u), P)[0]
+    want = torch.autograd.grad(sum((s * w).sum() for s, w, u in zip(slices, weights, used) if u), P)[0]
+    assert torch.equal(got, want)
+    assert got.is_contiguous()
+
+
+def test_split_projection_checks_the_rows():
+    with pytest.raises(ValueError, match="rows"):
+        ops.split_projection(torch.zeros(1, 1, 2, 4, 30), 3, 12)  # projection_rows(3, 12) has 32

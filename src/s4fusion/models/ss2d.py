@@ -69,9 +69,9 @@ class ScanParams(nn.Module):
 
         Computed token-major: P = a x_proj^T (b, M, L, K*rows), its rows per direction
         laid out by :func:`s4fusion.ops.projection_rows` (B and C 16-byte aligned, unused
-        rows between), read as views: the low-rank delta, B and C (their gradients meet in
-        P's), the delta up-projected per direction (:func:`s4fusion.ops.dt_project`).
-        delta has its channels innermost in memory, B and C their states, as the GPU scan
+        rows between), read as views: the low-rank delta, B and C (their gradients are
+        written into P's by one concatenation: :func:`s4fusion.ops.split_projection`),
+        the delta up-projected per direction (:func:`s4fusion.ops.dt_project`). delta has its channels innermost in memory, B and C their states, as the GPU scan
         reads them. With one modality the projection is a single GEMM over every token of
         the batch (its weight gradient too)."""
         R, N = self.dt_rank, self.d_state
@@ -81,12 +81,12 @@ class ScanParams(nn.Module):
             dt_weight = dt_weight[direction : direction + 1]
         M, K, _, d = x_proj_weight.shape
         b, L = a.shape[0], a.shape[3]
-        rows, ob, oc, ol = ops.projection_rows(R, N)
+        rows = ops.projection_rows(R, N)[0]
         # the parameter's rows (low-rank delta, B, C) gathered into that layout
         weight = x_proj_weight.index_select(2, self.proj_index)  # (M, K, rows, d)
         w = weight.reshape(M, K * rows, d).transpose(1, 2)  # (M, d, K*rows)
         P = (a.transpose(2, 3) @ (w[0] if M == 1 else w)).view(b, M, L, K, rows)
-        low, B, C = P[..., ol : ol + R], P[..., ob : ob + N], P[..., oc : oc + N]
+        low, B, C = ops.split_projection(P, R, N)
         delta = ops.dt_project(low.permute(0, 1, 3, 2, 4), dt_weight)  # (b, M, K, d, L)
         return delta, B.permute(0, 1, 3, 4, 2), C.permute(0, 1, 3, 4, 2)
 

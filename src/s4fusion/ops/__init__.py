@@ -68,6 +68,7 @@ __all__ = [
     "prepare_for_compile",
     "projection_rows",
     "selective_scan_ref",
+    "split_projection",
     "direction_orders",
     "register_backend",
     "available_backends",
@@ -238,6 +239,53 @@ def dt_project(low: torch.Tensor, weight: torch.Tensor, backend: Optional[str] =
     if torch.compiler.is_compiling():
         return dt_project_ref(low, weight)
     return _load(resolve_backend(low.device, backend), "proj")(low, weight)
+
+
+class _SplitProjection(torch.autograd.Function):
+    """The low-rank delta, B and C as views of a projection in
+    :func:`projection_rows`' layout, whose backward writes dL/dP in one pass: the three
+    gradients and zeros for the unused rows, concatenated in row order. (Autograd's
+    own backward of three views gives each a zero-filled tensor of P's size, copies the
+    gradient in and adds the three.)"""
+
+    @staticmethod
+    def forward(ctx, P, dt_rank: int, d_state: int):  # type: ignore[override]
+        rows, ob, oc, ol = projection_rows(dt_rank, d_state)
+        ctx.pieces = sorted([(ob, d_state), (oc, d_state), (ol, dt_rank)])  # (first row, rows) in P
+        ctx.order = sorted(range(3), key=lambda i: (ol, ob, oc)[i])
+        ctx.rows = rows
+        return P[..., ol : ol + dt_rank], P[..., ob : ob + d_state], P[..., oc : oc + d_state]
+
+    @staticmethod
+    def backward(ctx, g_low, g_B, g_C):  # type: ignore[override]
+        grads = (g_low, g_B, g_C)
+        like = next(g for g in grads if g is not None)
+        zero = like.new_zeros(())
+        parts, row = [], 0
+        for (first, width), i in zip(ctx.pieces, ctx.order):
+            if first > row:
+                parts.append(zero.expand(*like.shape[:-1], first - row))
+            g = grads[i]
+            parts.append(g if g is not None else zero.expand(*like.shape[:-1], width))
+            row = first + width
+        if ctx.rows > row:
+            parts.append(zero.expand(*like.shape[:-1], ctx.rows - row))
+        return torch.cat(parts, dim=-1), None, None
+
+
+def split_projection(
+    P: torch.Tensor, dt_rank: int, d_state: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The low-rank delta (..., R), B (..., N) and C (..., N) of a projection P (...,
+    rows) laid out by :func:`projection_rows`, as views of P; the gradient of P is
+    written by one concatenation (under :func:`torch.compile`, plain slices, which
+    inductor fuses)."""
+    rows, ob, oc, ol = projection_rows(dt_rank, d_state)
+    if P.shape[-1] != rows:
+        raise ValueError(f"split_projection: P has {P.shape[-1]} rows, projection_rows({dt_rank}, {d_state}) {rows}")
+    if torch.compiler.is_compiling() or not P.requires_grad:
+        return P[..., ol : ol + dt_rank], P[..., ob : ob + d_state], P[..., oc : oc + d_state]
+    return _SplitProjection.apply(P, dt_rank, d_state)
 
 
 def bias_silu(x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
