@@ -30,8 +30,8 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
   from the chunks after it; ``_bwd_kernel`` walks the blocks
   of every chunk backwards, recomputes each block's states from the stored ones
   and runs the adjoint back through them. Gradients: u (over directions), B and
-  C (over channels) atomically; delta stored; A, D and delta_bias as per-lane
-  partial sums that torch reduces.
+  C (over channels) atomically; delta stored; A, D and delta_bias as partial
+  sums added atomically into ``PART_SLOTS`` slots that torch reduces.
 
 Work layout: a program owns ``E`` lanes of one segment of one direction and
 batch element; a lane is one line and ``CB`` neighbouring channels (``CB`` is a
@@ -120,6 +120,10 @@ WHOLE_LINE_STEPS = 64
 # lanes that share a line and channels and split their states).
 # Chosen on an H200 (BENCHMARKS.md session 19; `bench_scan.py --sweep backward`).
 SWEEP_CB, BWD_CB, BWD_LANES, BWD_STEPS, BWD_GROUP, BWD_PARTS = 1, 2, 32, 4, 8, 4
+# Slots of the backward's partial sums of dL/dA, dL/dD and dL/d(delta_bias): chunk i adds
+# to slot i % PART_SLOTS atomically (few enough for a short reduction, enough that
+# neighbouring programs rarely add to one address).
+PART_SLOTS = tl.constexpr(32)
 # Whether the forward modes read B and C by vector loads where their layout allows
 # (``_state_loads``; off: one load per state, as for other layouts).
 VECTOR_STATES = True
@@ -697,9 +701,9 @@ def _bwd_kernel(
     b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
     ck_ptr,  # (b*K, NL, NBLK, N, d) f32: state entering every block (MODE_SWEEP)
     q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end
-    part_ptr,  # (b, NL, NS, K, N + 2, d) f32, zeroed (lines past a direction's last one stay 0): every
-    # chunk's and channel's partial dL/dA (rows n < N), dL/dD (row N) and dL/d(delta_bias) (row N + 1),
-    # summed over the leading dimensions by one reduction
+    part_ptr,  # (PART_SLOTS, K, N + 2, d) f32, zeroed: every chunk adds its lanes' partial dL/dA (rows
+    # n < N), dL/dD (row N) and dL/d(delta_bias) (row N + 1) to slot (chunk index) % PART_SLOTS atomically;
+    # the slots are summed by one reduction
     gdl_ptr,  # (b, M, K, d, L) out, delta's dtype, any strides
     gu_ptr,  # (b, M, d, L) f32, zeroed, any strides (atomic over the directions)
     gbc_ptr,  # (b, M, K, N, L, 2) f32, zeroed, any strides but 1 for the last dimension: dL/dB, dL/dC
@@ -753,7 +757,7 @@ def _bwd_kernel(
     lo = sg * SEG
     hi = tl.maximum(tl.minimum(lo + SEG, llen), lo)
     row = (pid_bk.to(tl.int64) * NL + j) * NS + sg
-    prow = ((bi * NL + j) * NS + sg) * K + k
+    prow = ((bi * NL + j) * NS + sg) % PART_SLOTS * K + k
     ck_line = (pid_bk.to(tl.int64) * NL + j) * NBLK * N * d
     ps = pos_step.to(tl.int64)
     # per (channel, state) (index e * NQ + i): mask, offset in the stored states, A * log2(e),
@@ -979,7 +983,8 @@ def _bwd_kernel(
         c = c0 + e
         for i in tl.static_range(NQ):
             n = i * G + q
-            tl.store(part_ptr + prow * (N + 2) * d + n * d + c, GAc[e * NQ + i], mask=CS[e * NQ + i])
+            tl.atomic_add(part_ptr + prow * (N + 2) * d + n * d + c, GAc[e * NQ + i], mask=CS[e * NQ + i],
+                          sem="relaxed")
         gd = tl.zeros([E], tl.float32)
         gbias = tl.zeros([E], tl.float32)
         for r in tl.static_range(R1):
@@ -987,7 +992,8 @@ def _bwd_kernel(
             gbias += tl.where(CH[r] == e, GBIAS[r], 0.0)
         S = _sum_scatter((gd, gbias), lane, 2, G, 1)
         for r in tl.static_range(max(1, 2 // G)):
-            tl.store(part_ptr + prow * (N + 2) * d + (N + first3 + r) * d + c, S[r], mask=own3 & lmask & (c < d))
+            tl.atomic_add(part_ptr + prow * (N + 2) * d + (N + first3 + r) * d + c, S[r],
+                          mask=own3 & lmask & (c < d), sem="relaxed")
 
 
 # ------------------------------------------------------------------------- host
@@ -1169,7 +1175,7 @@ class _CrossScan(torch.autograd.Function):
         g_u = _new_like(u, f32, zero=True)
         g_B, g_C = _pair_like(B)  # (neighbours: the kernel may add a token's and state's two sums at once)
         red = _reductions(dev)
-        parts = torch.zeros(b, NL, ns, K, N + 2, d, device=dev, dtype=f32)
+        parts = torch.zeros(PART_SLOTS.value, K, N + 2, d, device=dev, dtype=f32)
         out_strides = (*g_delta.stride(), *g_u.stride(), *(st // 2 for st in g_B.stride()))  # (g_B's in pairs)
         nq = triton.cdiv(d, BWD_CB)  # lane groups per line
         a2_nd = a2.view(K, d, N).transpose(1, 2).contiguous()  # (K, N, d)
@@ -1179,7 +1185,7 @@ class _CrossScan(torch.autograd.Function):
             K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq, tb * M, 2 * tb * M * triton.cdiv(N, BWD_PARTS), red),
             CB=BWD_CB, G=BWD_PARTS, RED=red, num_warps=max(1, BWD_LANES // 32),
         )  # fmt: skip
-        sums = parts.view(-1, K, N + 2, d).sum(0)  # (K, N + 2, d)
+        sums = parts.sum(0)  # (K, N + 2, d)
         return (
             g_u.to(u.dtype),
             g_delta,
