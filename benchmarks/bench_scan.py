@@ -23,9 +23,11 @@ combine's ``COMBINE_*``,
 ``--sweep backward`` forward and backward (``BWD_*``) over the training cases,
 ``--sweep train-forward`` the same with the forward kernel's launch constants
 (``FWD_CB``, ``SWEEP_CB``: the forward passes and the backward's state sweep at the
-training batch), ``--sweep train-combine`` with the chunk combine's (whose lines there
-are whole chunks: 19 to 76 slots per direction, against hundreds when fusing); ``--dtype`` gives the inputs' dtype (default float32; the trainer
-runs bfloat16). Each configuration is checked against the default one's results,
+training batch), ``--sweep train-combine`` with the chunk combine's ``SHORT_*`` (the
+constants of directions of at most ``SHORT_SLOTS`` chunk slots: the training batch's
+whole lines, 19 to 76 slots per direction; the fusing cases' finer maps have hundreds,
+and ``--sweep combine`` times ``COMBINE_*``, which those use); ``--dtype`` gives the
+inputs' dtype (default float32; the trainer runs bfloat16). Each configuration is checked against the default one's results,
 and the one with the smallest total is reported.
 
 ``--proj`` times the delta up-projection (``ops.dt_project``) under ``no_grad`` at
@@ -139,7 +141,7 @@ SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_scan and the
         "BWD_CB": (1, 2), "BWD_LANES": (32,), "BWD_STEPS": (4, 8), "BWD_GROUP": (4, 8), "BWD_PARTS": (2, 4, 8),
     },  # fmt: skip
     "train-forward": {"FWD_CB": ((1, 1), (2, 1), (2, 2)), "SWEEP_CB": (1, 2)},
-    "train-combine": {"COMBINE_ROWS": (8, 16, 32, 64), "COMBINE_STATES": (16, 32, 64, 128), "COMBINE_WARPS": (1, 2, 4)},
+    "train-combine": {"SHORT_ROWS": (8, 16, 32, 64), "SHORT_STATES": (16, 32, 64, 128), "SHORT_WARPS": (1, 2, 4)},
 }
 TRAIN_SWEEPS = ("backward", "train-forward", "train-combine")  # sweeps over the training cases, forward and backward
 

@@ -315,7 +315,7 @@ TINY_LAUNCHES = """
 import torch
 from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
-ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 8, 8
+ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.SHORT_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 4, 8, 8
 ts.WHOLE_LINE_STEPS = 0  # (tiny images: their lines cut into chunks too)
 """
 

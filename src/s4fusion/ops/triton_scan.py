@@ -127,8 +127,13 @@ PART_SLOTS = tl.constexpr(32)
 # Whether the forward modes read B and C by vector loads where their layout allows
 # (``_state_loads``; off: one load per state, as for other layouts).
 VECTOR_STATES = True
-# Chunk combine: chunk slots per scan block, states per program, warps.
+# Chunk combine: chunk slots per scan block, states per program, warps (chosen on the
+# fusing cases, `bench_scan.py --sweep combine`); the same for directions of at most
+# SHORT_SLOTS chunk slots, such as the training batch's (19-76 whole lines): fewer
+# padded slots per block and wider programs (`--sweep train-combine`; BENCHMARKS.md
+# session 22).
 COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS = 16, 16, 4
+SHORT_SLOTS, SHORT_ROWS, SHORT_STATES, SHORT_WARPS = 128, 8, 32, 4
 
 _SIZES = ["H", "W", "N", "NL", "NS", "SEG", "NBLK"]
 _STRIDES = [
@@ -1038,10 +1043,13 @@ def _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse: bool) -> torch.
     """Exclusive scan over the chunk slots of every direction (``_chunk_combine_kernel``)."""
     out = torch.empty_like(local)
     N = local.shape[-1]
-    _chunk_combine_kernel[(local.shape[0], triton.cdiv(d * N, COMBINE_STATES))](
-        local, dts, a2, out, H, W, N, NL, ns, d,
-        K=K, REVERSE=reverse, JB=COMBINE_ROWS, SB=COMBINE_STATES, num_warps=COMBINE_WARPS,
-    )  # fmt: skip
+    if NL * ns <= SHORT_SLOTS:
+        rows, states, warps = SHORT_ROWS, SHORT_STATES, SHORT_WARPS
+    else:
+        rows, states, warps = COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS
+    _chunk_combine_kernel[(local.shape[0], triton.cdiv(d * N, states))](
+        local, dts, a2, out, H, W, N, NL, ns, d, K=K, REVERSE=reverse, JB=rows, SB=states, num_warps=warps
+    )
     return out
 
 
