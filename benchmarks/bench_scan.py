@@ -27,8 +27,9 @@ training batch), ``--sweep train-combine`` with the chunk combine's ``SHORT_*`` 
 constants of directions of at most ``SHORT_SLOTS`` chunk slots: the training batch's
 whole lines, 19 to 76 slots per direction; the fusing cases' finer maps have hundreds,
 and ``--sweep combine`` times ``COMBINE_*``, which those use); ``--dtype`` gives the
-inputs' dtype (default float32; the trainer runs bfloat16). Each configuration is checked against the default one's results,
-and the one with the smallest total is reported.
+inputs' dtype (default float32; the trainer runs bfloat16). Each configuration is
+checked against the default one's results, and the one with the smallest total is
+reported.
 
 ``--proj`` times the delta up-projection (``ops.dt_project``) under ``no_grad`` at
 the same cases, the triton backend's against the reference (PyTorch's batched

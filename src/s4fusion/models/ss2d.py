@@ -71,8 +71,9 @@ class ScanParams(nn.Module):
         laid out by :func:`s4fusion.ops.projection_rows` (B and C 16-byte aligned, unused
         rows between), read as views: the low-rank delta, B and C (their gradients are
         written into P's by one concatenation: :func:`s4fusion.ops.split_projection`),
-        the delta up-projected per direction (:func:`s4fusion.ops.dt_project`). delta has its channels innermost in memory, B and C their states, as the GPU scan
-        reads them. With one modality the projection is a single GEMM over every token of
+        the delta up-projected per direction (:func:`s4fusion.ops.dt_project`). delta has
+        its channels innermost in memory, B and C their states, as the GPU scan reads
+        them. With one modality the projection is a single GEMM over every token of
         the batch (its weight gradient too)."""
         R, N = self.dt_rank, self.d_state
         dt_weight = self.dt_projs_weight

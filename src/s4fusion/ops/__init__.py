@@ -2,8 +2,9 @@
 backends behind one dispatcher.
 
 Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`),
-:func:`dt_project`, :func:`layer_norm` and :func:`bias_silu` only, and the loss's frozen ResNet-50
-:func:`bias_relu`; they never import a backend. A
+:func:`split_projection`, :func:`dt_project`, :func:`layer_norm` and :func:`bias_silu` only, and
+the loss's frozen ResNet-50 :func:`bias_relu`; they never import a backend
+(:func:`split_projection` is PyTorch's own operations on every device). A
 backend is a function with the signature of
 :func:`s4fusion.ops.reference.cross_scan_ref` registered under a name with the
 devices it serves and a probe saying whether it can run here, optionally with a
@@ -251,8 +252,7 @@ class _SplitProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, dt_rank: int, d_state: int):  # type: ignore[override]
         rows, ob, oc, ol = projection_rows(dt_rank, d_state)
-        ctx.pieces = sorted([(ob, d_state), (oc, d_state), (ol, dt_rank)])  # (first row, rows) in P
-        ctx.order = sorted(range(3), key=lambda i: (ol, ob, oc)[i])
+        ctx.pieces = sorted([(ol, dt_rank, 0), (ob, d_state, 1), (oc, d_state, 2)])  # (first row in P, rows, output)
         ctx.rows = rows
         return P[..., ol : ol + dt_rank], P[..., ob : ob + d_state], P[..., oc : oc + d_state]
 
@@ -262,7 +262,7 @@ class _SplitProjection(torch.autograd.Function):
         like = next(g for g in grads if g is not None)
         zero = like.new_zeros(())
         parts, row = [], 0
-        for (first, width), i in zip(ctx.pieces, ctx.order):
+        for first, width, i in ctx.pieces:
             if first > row:
                 parts.append(zero.expand(*like.shape[:-1], first - row))
             g = grads[i]
