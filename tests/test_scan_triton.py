@@ -307,6 +307,37 @@ def test_gradients_of_B_and_C_are_interleaved_in_one_buffer_with_Bs_layout():
     assert gc.abs().sum() == 0 and gb.sum() == x.numel()
 
 
+def test_kernels_specialise_only_on_unit_channel_and_state_strides(monkeypatch):
+    """``_scan_jit`` keeps sizes, size-dependent strides, pointers and d out of triton's
+    specialisation, except that triton compiles a kernel for each of ``_UNIT_STRIDES``
+    being 1 or not (never for their alignment); with a triton whose ``jit`` lacks
+    ``do_not_specialize_on_alignment`` (releases before it) none is specialised."""
+    calls = []
+
+    def new_jit(fn=None, *, do_not_specialize=(), do_not_specialize_on_alignment=()):
+        calls.append((set(do_not_specialize), set(do_not_specialize_on_alignment)))
+        return lambda f: f
+
+    def old_jit(fn=None, *, do_not_specialize=()):
+        calls.append((set(do_not_specialize), None))
+        return lambda f: f
+
+    for jit in (new_jit, old_jit):
+        monkeypatch.setattr(ts.triton, "jit", jit)
+        for kernel in (ts._fwd_kernel, ts._bwd_kernel):
+            ts._scan_jit(kernel.fn)
+    fixed = {"H", "W", "SEG", "d", "su_b", "sd_k", "sb_m", "u_ptr"}  # (some of them)
+    unit = {"su_c", "sd_c", "sb_n", "sc_n"}
+    for free, on_alignment in calls:
+        assert fixed <= free and not free & {"K", "M", "N", "MODE", "CB"}  # (constexprs are not arguments)
+        assert "sd_l" not in free  # (token strides are left to triton: they do not grow with the image)
+        if on_alignment is None:
+            assert unit <= free
+        else:
+            assert unit <= on_alignment and not unit & free and on_alignment <= set(ts._UNIT_STRIDES)
+    assert calls[1][1] >= {"sgu_c", "sgd_c", "sgb_n", "sg_c"} and calls[0][1] >= {"sy_c"}
+
+
 # ------------------------------------------------------- on the CPU (interpreter)
 
 # what the interpreter checks start with: small launches, so that tiny images still have
@@ -340,6 +371,7 @@ for b, M, d, N, H, W, last, whole, cb, pf, parts, red in [
     ts.BWD_CB = cb
     ts.BWD_PARTS = parts
     ts.FWD_PREFETCH = (pf, pf)
+    ts.SHORT_SLOTS = 0 if H * W % 2 else 128  # (the combine's constants of long scans or of short ones)
     g = torch.Generator().manual_seed(H * W)
     L, K = H * W, 4
     x = [torch.randn(b, M, d, L, generator=g), 0.5 * torch.randn(b, M, K, d, L, generator=g),
