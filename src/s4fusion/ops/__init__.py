@@ -242,6 +242,11 @@ def dt_project(low: torch.Tensor, weight: torch.Tensor, backend: Optional[str] =
     return _load(resolve_backend(low.device, backend), "proj")(low, weight)
 
 
+def _pieces_of(P: torch.Tensor, pieces) -> tuple[torch.Tensor, ...]:
+    """The views of P's last dimension at ``pieces``: (first row, rows) each."""
+    return tuple(P[..., first : first + width] for first, width in pieces)
+
+
 class _SplitProjection(torch.autograd.Function):
     """The low-rank delta, B and C as views of a projection in
     :func:`projection_rows`' layout, whose backward writes dL/dP in one pass: the three
@@ -250,11 +255,10 @@ class _SplitProjection(torch.autograd.Function):
     gradient in and adds the three.)"""
 
     @staticmethod
-    def forward(ctx, P, dt_rank: int, d_state: int):  # type: ignore[override]
-        rows, ob, oc, ol = projection_rows(dt_rank, d_state)
-        ctx.pieces = sorted([(ol, dt_rank, 0), (ob, d_state, 1), (oc, d_state, 2)])  # (first row in P, rows, output)
+    def forward(ctx, P, pieces, rows: int):  # type: ignore[override]
+        ctx.order = sorted((first, width, i) for i, (first, width) in enumerate(pieces))  # (in row order)
         ctx.rows = rows
-        return P[..., ol : ol + dt_rank], P[..., ob : ob + d_state], P[..., oc : oc + d_state]
+        return _pieces_of(P, pieces)
 
     @staticmethod
     def backward(ctx, g_low, g_B, g_C):  # type: ignore[override]
@@ -262,7 +266,7 @@ class _SplitProjection(torch.autograd.Function):
         like = next(g for g in grads if g is not None)
         zero = like.new_zeros(())
         parts, row = [], 0
-        for first, width, i in ctx.pieces:
+        for first, width, i in ctx.order:
             if first > row:
                 parts.append(zero.expand(*like.shape[:-1], first - row))
             g = grads[i]
@@ -283,9 +287,10 @@ def split_projection(
     rows, ob, oc, ol = projection_rows(dt_rank, d_state)
     if P.shape[-1] != rows:
         raise ValueError(f"split_projection: P has {P.shape[-1]} rows, projection_rows({dt_rank}, {d_state}) {rows}")
+    pieces = ((ol, dt_rank), (ob, d_state), (oc, d_state))  # (first row in P, rows) of the low-rank delta, B, C
     if torch.compiler.is_compiling() or not P.requires_grad:
-        return P[..., ol : ol + dt_rank], P[..., ob : ob + d_state], P[..., oc : oc + d_state]
-    return _SplitProjection.apply(P, dt_rank, d_state)
+        return _pieces_of(P, pieces)
+    return _SplitProjection.apply(P, pieces, rows)
 
 
 def bias_silu(x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
