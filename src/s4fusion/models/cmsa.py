@@ -62,7 +62,9 @@ class CMSABlock(GatedScanBranch):
         u = a.transpose(2, 3)
         delta, B, C = self.project(u, torch.stack([self.x_proj_weight, self.y_proj_weight]), direction)
         if self.patch_mark is not None:
-            mark = self.patch_mark(*u.unbind(1))  # (b, d, L), channels innermost
+            # (from a's token-major slices: their gradients then stack into a's layout, and
+            # a's gradients add up as contiguous tensors)
+            mark = self.patch_mark(*(t.transpose(1, 2) for t in a.unbind(1)))  # (b, d, L), channels innermost
             u = (a + mark.transpose(1, 2)[:, None]).transpose(2, 3)
         return u, delta, B, C
 
