@@ -163,7 +163,11 @@ def test_matmul_input_kernel_rounds_the_float32_result_once():
     assert torch.equal(lower, full.to(torch.bfloat16))
     grads_full = torch.autograd.grad(full, ins, gout.float())
     grads_lower = torch.autograd.grad(lower, ins, gout)
-    assert all(torch.equal(a, b) for a, b in zip(grads_full, grads_lower))
+    # dL/dx and dL/dgate equal; dL/dweight and dL/dbias are sums the programs add atomically,
+    # in an order that varies from run to run
+    assert torch.equal(grads_full[0], grads_lower[0]) and torch.equal(grads_full[3], grads_lower[3])
+    for a, b in zip(grads_full[1:3], grads_lower[1:3]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 INTERPRETER_CHECK = """

@@ -24,7 +24,8 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
   state; ``y = C.h + D u`` is added atomically (float32) at its row-major
   position, so the K directions sum in place.
 * Backward: ``_fwd_kernel`` (``MODE_SWEEP``) walks every chunk again from its
-  start state and stores the state entering each block of ``TB`` steps and the
+  start state and stores the state entering each block of ``TB`` steps (in
+  bfloat16 for bfloat16 inputs: ``_checkpoint_dtype``) and the
   adjoint the chunk passes to the state before it (from its own outputs);
   ``_chunk_combine_kernel`` (reversed) gives every chunk the adjoint arriving
   from the chunks after it; ``_bwd_kernel`` walks the blocks
@@ -418,7 +419,7 @@ def _fwd_kernel(
     st_ptr,  # (b*K, NL, NS, d, N) f32: MODE_END writes chunk-local end states; the others read start states
     dts_ptr,  # (b*K, NL, NS, d) f32: MODE_END writes the chunk sums of dt
     y_ptr,  # (b, M, d, L) f32, any strides: MODE_Y adds y (zeroed before); MODE_SWEEP reads dL/dy
-    ck_ptr,  # (b*K, NL, NBLK, N, d) f32: MODE_SWEEP writes the state entering every block of CKB steps
+    ck_ptr,  # (b*K, NL, NBLK, N, d) f32 or bf16: MODE_SWEEP writes the state entering every block of CKB steps
     e_ptr,  # (b*K, NL, NS, d, N) f32: MODE_SWEEP writes the adjoint a chunk passes to the state before it
     H, W, NL, NS, SEG, NBLK, d,
     su_b, su_m, su_c, su_l,
@@ -510,8 +511,8 @@ def _fwd_kernel(
                 for n in tl.static_range(N):
                     for e in tl.static_range(CB):
                         # (streamed: written once here, read once by _bwd_kernel; see there)
-                        tl.store(ck_ptr + ck_line + (blk * N + n) * d + c0 + e, Hs[n * CB + e], mask=CM[e],
-                                 eviction_policy="evict_first")
+                        tl.store(ck_ptr + ck_line + (blk * N + n) * d + c0 + e,
+                                 Hs[n * CB + e].to(ck_ptr.dtype.element_ty), mask=CM[e], eviction_policy="evict_first")
         for s in tl.static_range(TB):
             v = lmask & (i0 + s < hi)
             for m in tl.static_range(M):
@@ -704,7 +705,7 @@ def _bwd_kernel(
     u_ptr, dl_ptr,
     a2_ptr,  # (K, N, d) f32: A * log2(e), channels innermost
     b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
-    ck_ptr,  # (b*K, NL, NBLK, N, d) f32: state entering every block (MODE_SWEEP)
+    ck_ptr,  # (b*K, NL, NBLK, N, d) f32 or bf16 (_checkpoint_dtype): state entering every block (MODE_SWEEP)
     q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end
     part_ptr,  # (PART_SLOTS, K, N + 2, d) f32, zeroed: every chunk adds its lanes' partial dL/dA (rows
     # n < N), dL/dD (row N) and dL/d(delta_bias) (row N + 1) to slot (chunk index) % PART_SLOTS atomically;
@@ -902,7 +903,8 @@ def _bwd_kernel(
         # per (token, channel, state) (index (t * CB + e) * NQ + i)
         H0 = tl.tuple([])
         for ei in tl.static_range(CB * NQ):
-            H0 = H0 + (tl.load(ck_ptr + CKO[ei] + blk * N * d, mask=CS[ei], other=0.0, eviction_policy="evict_first"),)
+            h0 = tl.load(ck_ptr + CKO[ei] + blk * N * d, mask=CS[ei], other=0.0, eviction_policy="evict_first")
+            H0 = H0 + (h0.to(tl.float32),)
         HS = tl.tuple([])
         AS = tl.tuple([])
         Hs = H0
@@ -1053,6 +1055,16 @@ def _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse: bool) -> torch.
     return out
 
 
+def _checkpoint_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which the backward stores the state entering every block (``ck``):
+    bfloat16 for bfloat16 inputs, float32 otherwise. Those checkpoints are the largest
+    memory traffic of a training step's scans (written once by the sweep, read once by
+    ``_bwd_kernel``: 5.5 GB per step in float32); each block's states are recomputed in
+    float32 from its own checkpoint, so the rounding (relative 2**-9, that of every
+    activation bfloat16 autocast saves) does not accumulate from block to block."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
 def _unit_states(B: torch.Tensor, C: torch.Tensor) -> bool:
     """Whether B and C have state stride 1 (the network's layout): the kernels then read
     a token's states at constant offsets."""
@@ -1171,7 +1183,7 @@ class _CrossScan(torch.autograd.Function):
         sizes = (H, W, NL, ns, seg, nblk, d)
         in_strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *gout.stride())
         # the state entering every block and the adjoint every chunk passes back from its own outputs
-        ck = torch.empty(b * K, NL, nblk, N, d, device=dev, dtype=f32)
+        ck = torch.empty(b * K, NL, nblk, N, d, device=dev, dtype=_checkpoint_dtype(u.dtype))
         local = torch.empty_like(start)
         grid = (triton.cdiv(NL * triton.cdiv(d, SWEEP_CB), FWD_LANES) * ns, b * K)
         _fwd_kernel[grid](*args, start, dts, gout, ck, local, *sizes, *in_strides, MODE=MODE_SWEEP, CKB=tb,
