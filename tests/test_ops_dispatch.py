@@ -7,6 +7,7 @@ import torch
 
 from s4fusion import ops
 from s4fusion.ops import BackendUnavailableError, cross_scan, cross_scan_ref, resolve_backend, set_backend
+from s4fusion.ops.grad_buffers import completable, sibling_gradients
 
 
 @pytest.fixture(autouse=True)
@@ -104,3 +105,68 @@ def test_split_projection_is_the_slices_and_their_gradient(dt_rank, d_state, use
 def test_split_projection_checks_the_rows():
     with pytest.raises(ValueError, match="rows"):
         ops.split_projection(torch.zeros(1, 1, 2, 4, 30), 3, 12)  # projection_rows(3, 12) has 32
+
+
+def _scan_views(P, dt_rank, d_state):
+    """The low-rank delta, and B and C as ``SS2D.project`` hands them to the scan: (b, M, K, N, L)."""
+    low, B, C = ops.split_projection(P, dt_rank, d_state)
+    return low, B.permute(0, 1, 3, 4, 2), C.permute(0, 1, 3, 4, 2)
+
+
+class _SiblingScan(torch.autograd.Function):
+    """Stands in for a scan backend that writes dL/dB and dL/dC with grad_buffers (the
+    triton one; this runs on the CPU): its backward returns the given gradients, written
+    into sibling buffers when ``shared``."""
+
+    @staticmethod
+    def forward(ctx, low, B, C, grads, shared):
+        ctx.grads, ctx.shared, ctx.like = grads, shared, (B, C)
+        return low.sum() + B.sum() + C.sum()
+
+    @staticmethod
+    def backward(ctx, _):
+        g_low, g_B, g_C = ctx.grads
+        if not ctx.shared:
+            return g_low, g_B, g_C, None, None
+        out_B, out_C = sibling_gradients(*ctx.like)
+        out_B.copy_(g_B)
+        out_C.copy_(g_C)
+        return g_low, out_B, out_C, None, None
+
+
+@pytest.mark.parametrize("dt_rank,d_state", [(3, 12), (6, 18), (1, 4)])
+def test_projection_gradient_is_completed_in_the_scans_buffer(dt_rank, d_state):
+    """Where the scan writes dL/dB and dL/dC into sibling buffers (grad_buffers), dL/dP is that
+    buffer completed in place (no new tensor), and equals exactly the concatenation's."""
+    rows = ops.projection_rows(dt_rank, d_state)[0]
+    torch.manual_seed(0)
+    P = torch.randn(2, 1, 7, 4, rows, dtype=torch.bfloat16, requires_grad=True)
+    low, B, C = _scan_views(P, dt_rank, d_state)
+    grads = tuple(torch.randn_like(t) for t in (low, B, C))
+    for g_low in (grads[0], None):  # (a low-rank delta without gradient: its rows are zeros)
+        given = (g_low, *grads[1:])
+        got, want = (torch.autograd.grad(_SiblingScan.apply(low, B, C, given, shared), P)[0] for shared in (True, False))
+        assert torch.equal(got, want)
+        assert got._base is not None and completable(got) is got._base  # (the scan's buffer, completed)
+        assert want._base is None or completable(want) is None
+
+
+def test_sibling_gradients_only_for_disjoint_views_of_one_storage():
+    rows = ops.projection_rows(3, 12)[0]
+    P = torch.randn(2, 1, 5, 4, rows, dtype=torch.bfloat16)
+    _, B, C = _scan_views(P, 3, 12)
+    out_B, out_C = sibling_gradients(B, C)
+    assert (out_B.stride(), out_B.storage_offset()) == (B.stride(), B.storage_offset())
+    assert (out_C.stride(), out_C.storage_offset()) == (C.stride(), C.storage_offset())
+    out_B.fill_(1.0)
+    out_C.fill_(2.0)
+    assert (out_B == 1).all() and (out_C == 2).all()  # disjoint
+    assert completable(out_B.permute(0, 1, 4, 2, 3), out_C) is out_B._base
+    assert completable(out_B, torch.zeros_like(out_C)) is None
+    assert completable(P[..., :12], P[..., 16:28]) is None  # views of a tensor made elsewhere: never written
+    overlapping = C.as_strided(C.shape, C.stride(), B.storage_offset() + 1)
+    assert sibling_gradients(B, overlapping) is None and sibling_gradients(B, B) is None
+    assert sibling_gradients(B, C.contiguous()) is None  # (another storage)
+    wide = torch.randn(2, 1, 5, 4, 4 * rows, dtype=torch.bfloat16)  # B and C a small part of their storage
+    assert sibling_gradients(wide[..., :12], wide[..., 16:28]) is None
+    assert sibling_gradients(B.float(), C.float()) is None  # (copies: two storages)

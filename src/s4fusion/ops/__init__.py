@@ -41,6 +41,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .grad_buffers import completable
 from .reference import (
     bias_relu_ref,
     bias_silu_ref,
@@ -250,18 +251,47 @@ def _pieces_of(P: torch.Tensor, pieces) -> tuple[torch.Tensor, ...]:
 class _SplitProjection(torch.autograd.Function):
     """The low-rank delta, B and C as views of a projection in
     :func:`projection_rows`' layout, whose backward writes dL/dP in one pass: the three
-    gradients and zeros for the unused rows, concatenated in row order. (Autograd's
-    own backward of three views gives each a zero-filled tensor of P's size, copies the
-    gradient in and adds the three.)"""
+    gradients and zeros for the unused rows, concatenated in row order, or, where the
+    scan wrote dL/dB and dL/dC into a buffer laid out as P (:mod:`.grad_buffers`), that
+    buffer completed in place. (Autograd's own backward of three views gives each a
+    zero-filled tensor of P's size, copies the gradient in and adds the three.)"""
 
     @staticmethod
     def forward(ctx, P, pieces, rows: int):  # type: ignore[override]
         ctx.order = sorted((first, width, i) for i, (first, width) in enumerate(pieces))  # (in row order)
         ctx.rows = rows
+        ctx.layout = (P.shape, P.stride(), P.storage_offset())
         return _pieces_of(P, pieces)
 
     @staticmethod
+    def _completed(ctx, g_low, g_B, g_C) -> Optional[torch.Tensor]:
+        """dL/dP in the buffer that g_B and g_C are views of at B's and C's places in P's
+        layout (:func:`.grad_buffers.completable`), its other rows written here; else None."""
+        buffer = completable(g_B, g_C)
+        if buffer is None:
+            return None
+        shape, stride, offset = ctx.layout
+        grads = (g_low, g_B, g_C)
+        for first, _, i in ctx.order:
+            if i and (grads[i].stride() != stride or grads[i].storage_offset() != offset + first * stride[-1]):
+                return None
+        dP = buffer.as_strided(shape, stride, offset)
+        row = 0
+        for first, width, i in ctx.order + [(ctx.rows, 0, -1)]:  # (and the rows after the last piece)
+            if first > row:
+                dP[..., row:first].zero_()
+            if i == 0 and g_low is not None:
+                dP[..., first : first + width].copy_(g_low)
+            elif i == 0:
+                dP[..., first : first + width].zero_()
+            row = first + width
+        return dP
+
+    @staticmethod
     def backward(ctx, g_low, g_B, g_C):  # type: ignore[override]
+        dP = _SplitProjection._completed(ctx, g_low, g_B, g_C)
+        if dP is not None:
+            return dP, None, None
         grads = (g_low, g_B, g_C)
         like = next(g for g in grads if g is not None)
         zero = like.new_zeros(())

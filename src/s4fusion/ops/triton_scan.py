@@ -86,6 +86,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .grad_buffers import sibling_gradients
 from .reference import check_cross_scan_args
 from .triton_grid import launch_device
 
@@ -1124,6 +1125,23 @@ def _pair_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return t[..., 0], t[..., 1]
 
 
+def _in_dtypes(B, C, g_B, g_C) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL/dB and dL/dC (float32, interleaved: :func:`_pair_like`) in B's and C's dtypes:
+    float32 as they are; bfloat16 or float16, where B and C are sibling views of one
+    storage (the network's projection), into one buffer laid out as that storage, by one
+    copy (:func:`.grad_buffers.sibling_gradients`: ``ops.split_projection`` completes
+    it into the projection's gradient in place), else each into a tensor of its layout."""
+    if B.dtype == C.dtype != torch.float32 and C.storage_offset() > B.storage_offset():  # (C after B: one view)
+        shared = sibling_gradients(B, C)
+        if shared is not None:
+            out_B, out_C = shared
+            both = out_B.as_strided((*B.shape, 2), (*B.stride(), C.storage_offset() - B.storage_offset()))
+            both.copy_(g_B.as_strided((*g_B.shape, 2), (*g_B.stride(), 1)))
+            return out_B, out_C
+    pairs = ((B, g_B), (C, g_C))
+    return tuple(g if x.dtype == torch.float32 else _new_like(x, x.dtype, zero=False).copy_(g) for x, g in pairs)
+
+
 def _new_like(x: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
     """A dense tensor of x's shape whose dimensions are ordered in memory as x's are
     (for any strides of x: a view of a larger tensor gets a dense tensor of the same
@@ -1210,8 +1228,7 @@ class _CrossScan(torch.autograd.Function):
             g_u.to(u.dtype),
             g_delta,
             sums[:, :N].transpose(1, 2).reshape(K * d, N).to(A.dtype),
-            _new_like(B, B.dtype, zero=False).copy_(g_B) if B.dtype != f32 else g_B,
-            _new_like(C, C.dtype, zero=False).copy_(g_C) if C.dtype != f32 else g_C,
+            *_in_dtypes(B, C, g_B, g_C),
             sums[:, N].reshape(K * d).to(D.dtype),
             sums[:, N + 1].reshape(K * d).to(delta_bias.dtype),
             None,
