@@ -28,8 +28,12 @@ from .triton_grid import launch_device, runs_of_tiles
 
 __all__ = ["layer_norm_triton"]
 
-TILE = 4096  # elements of a program's tile (BR tokens x BC channels)
-BWD_PROGRAMS_PER_SM = 4  # backward programs per multiprocessor (each loops over tiles)
+# Launch configuration (`benchmarks/bench_norm.py --sweep`): elements of a program's tile (BR
+# tokens x BC channels), backward programs per multiprocessor (each loops over tiles), warps
+# per forward and backward program.
+TILE = 2048
+BWD_PROGRAMS_PER_SM = 4
+FWD_WARPS, BWD_WARPS = 4, 4
 
 
 @triton.jit
@@ -134,7 +138,7 @@ class _LayerNorm(torch.autograd.Function):
         if R:
             _ln_fwd_kernel[(triton.cdiv(R, br),)](
                 x2, z2, weight, bias, out, mean, rstd, R, C, *x2.stride(), *z2.stride(), eps,
-                GATE=gate is not None, BR=br, BC=bc, num_warps=4,
+                GATE=gate is not None, BR=br, BC=bc, num_warps=FWD_WARPS,
             )  # fmt: skip
         ctx.save_for_backward(x2, z2, weight, bias, mean, rstd)
         ctx.shapes = (x.shape, x.dtype, None if gate is None else (gate.shape, gate.dtype))
@@ -153,7 +157,7 @@ class _LayerNorm(torch.autograd.Function):
         sums = torch.zeros(2, C, device=x2.device, dtype=torch.float32)
         _ln_bwd_kernel[(programs,)](
             x2, z2, weight, bias, g2, mean, rstd, dx, dz, sums, R, C, per_program,
-            *x2.stride(), *z2.stride(), *g2.stride(), GATE=gate_info is not None, BR=br, BC=bc, num_warps=4,
+            *x2.stride(), *z2.stride(), *g2.stride(), GATE=gate_info is not None, BR=br, BC=bc, num_warps=BWD_WARPS,
         )  # fmt: skip
         g_gate = dz.view(gate_info[0]) if gate_info is not None and ctx.needs_input_grad[4] else None
         return (
