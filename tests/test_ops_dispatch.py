@@ -166,6 +166,8 @@ def test_sibling_gradients_only_for_disjoint_views_of_one_storage():
     assert completable(P[..., :12], P[..., 16:28]) is None  # views of a tensor made elsewhere: never written
     overlapping = C.as_strided(C.shape, C.stride(), B.storage_offset() + 1)
     assert sibling_gradients(B, overlapping) is None and sibling_gradients(B, B) is None
+    repeats = B[..., :1].expand(B.shape)  # (stride 0: the gradient must not be a view of it)
+    assert sibling_gradients(repeats, C[..., :1].expand(C.shape)) is None
     assert sibling_gradients(B, C.contiguous()) is None  # (another storage)
     wide = torch.randn(2, 1, 5, 4, 4 * rows, dtype=torch.bfloat16)  # B and C a small part of their storage
     assert sibling_gradients(wide[..., :12], wide[..., 16:28]) is None

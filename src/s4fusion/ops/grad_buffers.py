@@ -30,11 +30,18 @@ MAX_SPREAD = 2
 
 
 def _disjoint(B: torch.Tensor, C: torch.Tensor) -> bool:
-    """Whether views B and C of one storage, with one shape and strides, share no element.
-    Sufficient condition: one dimension of stride 1 and n > 1 elements, every other
-    dimension's stride a multiple of q, and C's offset from B's, modulo q, in [n, q - n]
-    (two elements' offsets differ by s + q m with |s| < n)."""
-    long = [(st, n) for st, n in zip(B.stride(), B.shape) if n > 1]
+    """Whether views B and C of one storage, with one shape and strides, each without
+    repeated elements, share no element. Sufficient conditions: ordered by stride, every
+    dimension's stride at least the extent of the ones before (no repeats); one dimension
+    of stride 1 and n > 1 elements, every other dimension's stride a multiple of q, and
+    C's offset from B's, modulo q, in [n, q - n] (two elements' offsets differ by s + q m
+    with |s| < n)."""
+    long = sorted((st, n) for st, n in zip(B.stride(), B.shape) if n > 1)
+    extent = 1
+    for st, n in long:
+        if st < extent:
+            return False
+        extent = st * n
     unit = [n for st, n in long if st == 1]
     if len(unit) != 1:
         return False
