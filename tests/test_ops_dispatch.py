@@ -62,7 +62,8 @@ def test_missing_backend_says_how_to_get_it():
         priority=-1, how_to_get="pip install xyz",
     )  # fmt: skip
     try:
-        with pytest.raises(BackendUnavailableError, match=r"not available: library xyz is not installed\. pip install xyz"):
+        message = r"not available: library xyz is not installed\. pip install xyz"
+        with pytest.raises(BackendUnavailableError, match=message):
             cross_scan(*_inputs(), backend="test-missing")
         assert "test-missing" not in ops.available_backends()
     finally:
@@ -78,7 +79,8 @@ def test_reference_scan_of_one_token_is_the_closed_form():
     expected = torch.zeros_like(u)
     for k in range(4):
         dt = torch.nn.functional.softplus(delta[0, 0, k, :, 0] + bias[k * d : (k + 1) * d])
-        expected[0, 0, :, 0] += dt * u[0, 0, :, 0] * (B[0, 0, k, :, 0] * C[0, 0, k, :, 0]).sum() + D[k * d : (k + 1) * d] * u[0, 0, :, 0]
+        bc = (B[0, 0, k, :, 0] * C[0, 0, k, :, 0]).sum()
+        expected[0, 0, :, 0] += dt * u[0, 0, :, 0] * bc + D[k * d : (k + 1) * d] * u[0, 0, :, 0]
     torch.testing.assert_close(y, expected)
 
 
@@ -145,7 +147,9 @@ def test_projection_gradient_is_completed_in_the_scans_buffer(dt_rank, d_state):
     grads = tuple(torch.randn_like(t) for t in (low, B, C))
     for g_low in (grads[0], None):  # (a low-rank delta without gradient: its rows are zeros)
         given = (g_low, *grads[1:])
-        got, want = (torch.autograd.grad(_SiblingScan.apply(low, B, C, given, shared), P)[0] for shared in (True, False))
+        got, want = (
+            torch.autograd.grad(_SiblingScan.apply(low, B, C, given, shared), P)[0] for shared in (True, False)
+        )
         assert torch.equal(got, want)
         assert got._base is not None and completable(got) is got._base  # (the scan's buffer, completed)
         assert want._base is None or completable(want) is None
