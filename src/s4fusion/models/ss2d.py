@@ -70,7 +70,7 @@ class ScanParams(nn.Module):
         Computed token-major: P = a x_proj^T (b, M, L, K*rows), its rows per direction
         laid out by :func:`s4fusion.ops.projection_rows` (B and C 16-byte aligned, unused
         rows between), read as views: the low-rank delta, B and C (their gradients are
-        written into P's by one concatenation: :func:`s4fusion.ops.split_projection`),
+        written into P's in one pass: :func:`s4fusion.ops.split_projection`),
         the delta up-projected per direction (:func:`s4fusion.ops.dt_project`). delta has
         its channels innermost in memory, B and C their states, as the GPU scan reads
         them. With one modality the projection is a single GEMM over every token of

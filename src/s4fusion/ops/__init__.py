@@ -248,6 +248,20 @@ def _pieces_of(P: torch.Tensor, pieces) -> tuple[torch.Tensor, ...]:
     return tuple(P[..., first : first + width] for first, width in pieces)
 
 
+def _runs(pieces, rows: int) -> list[tuple[int, int, Optional[int]]]:
+    """P's rows [0, rows) as runs (first row, rows, index of the piece or None for
+    unused rows), in row order."""
+    runs, row = [], 0
+    for first, width, i in sorted((first, width, i) for i, (first, width) in enumerate(pieces)):
+        if first > row:
+            runs.append((row, first - row, None))
+        runs.append((first, width, i))
+        row = first + width
+    if rows > row:
+        runs.append((row, rows - row, None))
+    return runs
+
+
 class _SplitProjection(torch.autograd.Function):
     """The low-rank delta, B and C as views of a projection in
     :func:`projection_rows`' layout, whose backward writes dL/dP in one pass: the three
@@ -256,55 +270,50 @@ class _SplitProjection(torch.autograd.Function):
     buffer completed in place. (Autograd's own backward of three views gives each a
     zero-filled tensor of P's size, copies the gradient in and adds the three.)"""
 
+    SCANNED = (1, 2)  # the pieces whose gradients a scan backend may write into one buffer: B, C
+
     @staticmethod
-    def forward(ctx, P, pieces, rows: int):  # type: ignore[override]
-        ctx.order = sorted((first, width, i) for i, (first, width) in enumerate(pieces))  # (in row order)
-        ctx.rows = rows
+    def forward(ctx, P, pieces):  # type: ignore[override]
+        ctx.runs = _runs(pieces, P.shape[-1])
         ctx.layout = (P.shape, P.stride(), P.storage_offset())
         return _pieces_of(P, pieces)
 
     @staticmethod
-    def _completed(ctx, g_low, g_B, g_C) -> Optional[torch.Tensor]:
-        """dL/dP in the buffer that g_B and g_C are views of at B's and C's places in P's
-        layout (:func:`.grad_buffers.completable`), its other rows written here; else None."""
-        buffer = completable(g_B, g_C)
+    def _completed(ctx, grads) -> Optional[torch.Tensor]:
+        """dL/dP in the buffer that the gradients of B and C are views of at their places
+        in P's layout (:func:`.grad_buffers.completable`), its other rows written here;
+        else None."""
+        buffer = completable(*(grads[i] for i in _SplitProjection.SCANNED))
         if buffer is None:
             return None
         shape, stride, offset = ctx.layout
-        grads = (g_low, g_B, g_C)
-        for first, _, i in ctx.order:
-            if i and (grads[i].stride() != stride or grads[i].storage_offset() != offset + first * stride[-1]):
+        for first, _, i in ctx.runs:
+            g = grads[i] if i in _SplitProjection.SCANNED else None
+            if g is not None and (g.stride() != stride or g.storage_offset() != offset + first * stride[-1]):
                 return None
         dP = buffer.as_strided(shape, stride, offset)
-        row = 0
-        for first, width, i in ctx.order + [(ctx.rows, 0, -1)]:  # (and the rows after the last piece)
-            if first > row:
-                dP[..., row:first].zero_()
-            if i == 0 and g_low is not None:
-                dP[..., first : first + width].copy_(g_low)
-            elif i == 0:
-                dP[..., first : first + width].zero_()
-            row = first + width
+        for first, width, i in ctx.runs:
+            if i in _SplitProjection.SCANNED:
+                continue
+            rows = dP[..., first : first + width]
+            if i is not None and grads[i] is not None:
+                rows.copy_(grads[i])
+            else:
+                rows.zero_()
         return dP
 
     @staticmethod
-    def backward(ctx, g_low, g_B, g_C):  # type: ignore[override]
-        dP = _SplitProjection._completed(ctx, g_low, g_B, g_C)
+    def backward(ctx, *grads):  # type: ignore[override]
+        dP = _SplitProjection._completed(ctx, grads)
         if dP is not None:
-            return dP, None, None
-        grads = (g_low, g_B, g_C)
+            return dP, None
         like = next(g for g in grads if g is not None)
         zero = like.new_zeros(())
-        parts, row = [], 0
-        for first, width, i in ctx.order:
-            if first > row:
-                parts.append(zero.expand(*like.shape[:-1], first - row))
-            g = grads[i]
-            parts.append(g if g is not None else zero.expand(*like.shape[:-1], width))
-            row = first + width
-        if ctx.rows > row:
-            parts.append(zero.expand(*like.shape[:-1], ctx.rows - row))
-        return torch.cat(parts, dim=-1), None, None
+        parts = [
+            grads[i] if i is not None and grads[i] is not None else zero.expand(*like.shape[:-1], width)
+            for _, width, i in ctx.runs
+        ]
+        return torch.cat(parts, dim=-1), None
 
 
 def split_projection(
@@ -312,15 +321,16 @@ def split_projection(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The low-rank delta (..., R), B (..., N) and C (..., N) of a projection P (...,
     rows) laid out by :func:`projection_rows`, as views of P; the gradient of P is
-    written by one concatenation (under :func:`torch.compile`, plain slices, which
-    inductor fuses)."""
+    written in one pass: a concatenation, or the buffer a scan backend wrote the
+    gradients of B and C into, completed in place (:mod:`.grad_buffers`) (under
+    :func:`torch.compile`, plain slices, which inductor fuses)."""
     rows, ob, oc, ol = projection_rows(dt_rank, d_state)
     if P.shape[-1] != rows:
         raise ValueError(f"split_projection: P has {P.shape[-1]} rows, projection_rows({dt_rank}, {d_state}) {rows}")
     pieces = ((ol, dt_rank), (ob, d_state), (oc, d_state))  # (first row in P, rows) of the low-rank delta, B, C
     if torch.compiler.is_compiling() or not P.requires_grad:
         return _pieces_of(P, pieces)
-    return _SplitProjection.apply(P, pieces, rows)
+    return _SplitProjection.apply(P, pieces)
 
 
 def bias_silu(x: torch.Tensor, bias: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
