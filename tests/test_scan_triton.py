@@ -166,6 +166,31 @@ def test_bfloat16_checkpoints_cost_gradients_less_than_bfloat16_inputs_do(case, 
         assert rel(g16, gr) < rel(g32, gr) + grad_tol / 4, (name, rel(g16, gr), rel(g32, gr))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}M{}d{}N{}_{}x{}".format(*c))
+@pytest.mark.gpu
+@needs_cuda
+def test_checkpoints_kept_from_the_forward_give_the_sweeps_results(case, dtype, monkeypatch):
+    """bfloat16 inputs: the forward stores the block checkpoints and the backward's walk
+    computes the local adjoints only; results as with the backward's own sweep (which
+    float32 inputs keep by default; here also forced the other way) up to the order of the
+    atomic adds: within a few roundings of the output dtype."""
+    b, M, d, N, H, W = case
+    assert ts._keeps_checkpoints(torch.bfloat16) and not ts._keeps_checkpoints(torch.float32)
+    assert not ts._keeps_checkpoints(torch.float16)
+    inputs = make_inputs(b, M, d, N, H, W, dtype, "cuda", layout="projection")
+    gout = torch.randn(b, M, d, H * W, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+    results = {}
+    for keep in (True, False):
+        monkeypatch.setattr(ts, "_keeps_checkpoints", lambda dt, keep=keep: keep)
+        out = ts.cross_scan_triton(*inputs, H, W)
+        assert len(out.grad_fn.saved_tensors) == (10 if keep else 9)  # (the checkpoints among them, or not)
+        results[keep] = [out, *torch.autograd.grad(out, inputs, gout)]
+    tol = 1e-3 if dtype == torch.bfloat16 else 1e-6
+    for name, kept, swept in zip(("y",) + NAMES, results[True], results[False]):
+        assert rel(kept, swept) < tol, (name, rel(kept, swept))
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_strided_inputs_give_the_contiguous_result():
@@ -468,6 +493,58 @@ def test_vector_loads_of_the_projection_layout_in_the_interpreter():
     the same results as one load per state, within float32 (bfloat16) accuracy of the
     reference."""
     assert worst_in_interpreter(VECTOR_CHECK) < 1e-5
+
+
+KEPT_CHECK = TINY_LAUNCHES + """
+from scan_helpers import projection_views
+# the forward keeps the block checkpoints (bfloat16 inputs by default; float32 too here) and
+# the backward's walk computes the local adjoints only: every result equals that of the
+# backward's own sweep bit for bit (both store the states of one recurrence, and the
+# adjoints are the same sums), with B and C as the network's views or not, M = 1 and 2,
+# several chunks per line or whole lines, forward loads one iteration ahead or not
+worst = 0.0
+for b, M, d, N, H, W, dtype, views, whole, pf in [
+    (1, 2, 5, 6, 4, 3, torch.bfloat16, True, False, True), (2, 1, 8, 12, 3, 5, torch.bfloat16, True, True, False),
+    (1, 1, 6, 3, 3, 4, torch.float32, False, False, False), (1, 2, 4, 2, 3, 3, torch.float32, False, True, True),
+]:
+    ts.FWD_PREFETCH = (pf, pf)
+    ts.TARGET_LANES = 1 if whole else 1 << 17
+    g = torch.Generator().manual_seed(H * W + M)
+    L, K = H * W, 4
+    B, C = (torch.randn(b, M, K, N, L, generator=g).to(dtype) for _ in range(2))
+    if views:
+        B, C = projection_views(B, C, dt_rank=3)
+    x = [torch.randn(b, M, d, L, generator=g).to(dtype), (0.5 * torch.randn(b, M, K, d, L, generator=g)).to(dtype),
+         -torch.exp(0.5 * torch.randn(K * d, N, generator=g)), B, C, torch.randn(K * d, generator=g),
+         0.5 * torch.randn(K * d, generator=g)]
+    x = [t.detach().requires_grad_() for t in x]
+    gout = torch.randn(b, M, d, L, generator=g).to(dtype)
+    assert ts._keeps_checkpoints(dtype) == (dtype == torch.bfloat16)
+    keeps = ts._keeps_checkpoints
+    results = []
+    for keep in (True, False):
+        ts._keeps_checkpoints = lambda dt, keep=keep: keep
+        out = ts.cross_scan_triton(*x, H, W)
+        assert len(out.grad_fn.saved_tensors) == (10 if keep else 9)  # (the checkpoints among them, or not)
+        results.append([out, *torch.autograd.grad(out, x, gout)])
+    ts._keeps_checkpoints = keeps
+    for a, e in zip(*results):
+        assert torch.equal(a, e), (M, dtype, (a - e).abs().max())
+    xr = [t.detach().double().requires_grad_() for t in x]
+    ref = cross_scan_ref(*xr, H, W)
+    refs = [ref] + list(torch.autograd.grad(ref, xr, gout.double()))
+    scale = 1.0 if dtype == torch.float32 else 1e-3  # bfloat16 outputs: about 1e-3
+    for a, r in zip(results[0], refs):
+        worst = max(worst, scale * ((a.double() - r).norm() / r.norm()).item())
+print("WORST", worst)
+"""
+
+
+def test_checkpoints_kept_from_the_forward_give_the_sweeps_results_in_the_interpreter():
+    """Where the forward stores the block checkpoints (bfloat16 inputs), the backward's
+    walk computes only the chunks' local adjoints; every gradient equals that of the
+    backward's own sweep exactly, and the reference within float32 (bfloat16) accuracy."""
+    assert worst_in_interpreter(KEPT_CHECK) < 1e-5
 
 
 def test_halving_exchange_leaves_every_group_sum_on_one_lane_in_the_interpreter():

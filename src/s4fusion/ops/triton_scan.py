@@ -26,7 +26,10 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
 * Backward: ``_fwd_kernel`` (``MODE_SWEEP``) walks every chunk again from its
   start state and stores the state entering each block of ``TB`` steps (in
   bfloat16 for bfloat16 inputs: ``_checkpoint_dtype``) and the
-  adjoint the chunk passes to the state before it (from its own outputs);
+  adjoint the chunk passes to the state before it (from its own outputs). For
+  bfloat16 inputs pass 3 stores those block states already (``CK``) and the
+  backward's walk computes the adjoints only (``MODE_ADJOINT``:
+  ``_keeps_checkpoints``);
   ``_chunk_combine_kernel`` (reversed) gives every chunk the adjoint arriving
   from the chunks after it; ``_bwd_kernel`` walks the blocks
   of every chunk backwards, recomputes each block's states from the stored ones
@@ -284,7 +287,9 @@ def _combine(a1, b1, a2, b2):
 # what a _fwd_kernel launch computes
 MODE_END = tl.constexpr(0)  # forward pass 1: chunk end states from a zero state, chunk sums of dt
 MODE_Y = tl.constexpr(1)  # forward pass 3: y from the chunks' true start states
-MODE_SWEEP = tl.constexpr(2)  # backward: the state entering every block, the chunks' local adjoints
+# the backward's modes (read dL/dy; MODE >= MODE_SWEEP):
+MODE_SWEEP = tl.constexpr(2)  # the state entering every block, the chunks' local adjoints
+MODE_ADJOINT = tl.constexpr(3)  # the chunks' local adjoints only (the forward's MODE_Y stored the block states)
 
 
 @triton.jit
@@ -389,25 +394,29 @@ def _fwd_loads(
             for e in tl.static_range(CB):
                 ve = v & CM[e]
                 DL = DL + (tl.load(DP[e] + (m * sd_m + o * st_d), mask=ve, other=0.0),)
-                UU = UU + (tl.load(UP[e] + (m * su_m + o * st_u), mask=ve, other=0.0),)
-                if MODE == MODE_SWEEP:
+                if MODE != MODE_ADJOINT:
+                    UU = UU + (tl.load(UP[e] + (m * su_m + o * st_u), mask=ve, other=0.0),)
+                if MODE >= MODE_SWEEP:
                     GY = GY + (tl.load(YP[e] + (m * sy_m + o * st_y), mask=ve, other=0.0),)
             pbs = pb + (m * sb_m + o * st_b)
             pcs = pc + (m * sc_m + o * st_c)
             BN = tl.tuple([])
             CN = tl.tuple([])
             if VEC != VEC_NONE:
-                BN = _vector_states(pbs, bc, N, VEC)
+                if MODE != MODE_ADJOINT:
+                    BN = _vector_states(pbs, bc, N, VEC)
                 if MODE != MODE_END:
                     CN = _vector_states(pcs, bc, N, VEC)
             else:
                 for n in tl.static_range(N):
                     if UNIT_N:
-                        BN = BN + (tl.load(pbs + n, mask=bc),)
+                        if MODE != MODE_ADJOINT:
+                            BN = BN + (tl.load(pbs + n, mask=bc),)
                         if MODE != MODE_END:
                             CN = CN + (tl.load(pcs + n, mask=bc),)
                     else:
-                        BN = BN + (tl.load(pbs + n * sb_n, mask=bc),)
+                        if MODE != MODE_ADJOINT:
+                            BN = BN + (tl.load(pbs + n * sb_n, mask=bc),)
                         if MODE != MODE_END:
                             CN = CN + (tl.load(pcs + n * sc_n, mask=bc),)
             X = X + (tl.tuple([DL, UU, GY, BN, CN]),)
@@ -419,9 +428,9 @@ def _fwd_kernel(
     u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr,
     st_ptr,  # (b*K, NL, NS, d, N) f32: MODE_END writes chunk-local end states; the others read start states
     dts_ptr,  # (b*K, NL, NS, d) f32: MODE_END writes the chunk sums of dt
-    y_ptr,  # (b, M, d, L) f32, any strides: MODE_Y adds y (zeroed before); MODE_SWEEP reads dL/dy
-    ck_ptr,  # (b*K, NL, NBLK, N, d) f32 or bf16: MODE_SWEEP writes the state entering every block of CKB steps
-    e_ptr,  # (b*K, NL, NS, d, N) f32: MODE_SWEEP writes the adjoint a chunk passes to the state before it
+    y_ptr,  # (b, M, d, L) f32, any strides: MODE_Y adds y (zeroed before); the backward's modes read dL/dy
+    ck_ptr,  # (b*K, NL, NBLK, N, d) f32 or bf16: with CK, the state entering every block of CKB steps
+    e_ptr,  # (b*K, NL, NS, d, N) f32: the backward's modes write the adjoint a chunk passes to the state before it
     H, W, NL, NS, SEG, NBLK, d,
     su_b, su_m, su_c, su_l,
     sd_b, sd_m, sd_k, sd_c, sd_l,
@@ -429,11 +438,14 @@ def _fwd_kernel(
     sc_b, sc_m, sc_k, sc_n, sc_l,
     sy_b, sy_m, sy_c, sy_l,
     K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, E: tl.constexpr, TB: tl.constexpr,
-    MODE: tl.constexpr, CKB: tl.constexpr, PF: tl.constexpr, UNIT_N: tl.constexpr, VEC: tl.constexpr,
+    MODE: tl.constexpr, CK: tl.constexpr, CKB: tl.constexpr, PF: tl.constexpr, UNIT_N: tl.constexpr,
+    VEC: tl.constexpr,
 ):  # fmt: skip
     """One chunk (a segment of SEG steps of a line) of E (line, channel group) lanes;
-    lane = one line x CB neighbouring channels, the N states of each in registers;
-    TB steps unrolled per iteration (TB divides CKB, and CKB divides SEG)."""
+    lane = one line x CB neighbouring channels, the N states of each in registers
+    (MODE_ADJOINT: only the decays' products and the local adjoint); TB steps unrolled
+    per iteration. CK (MODE_Y, MODE_SWEEP): store the state entering every block of CKB
+    steps (TB divides CKB, and CKB divides SEG)."""
     bi, k, sg, nq, j, c0, _, nlines, llen, base, line_step, pos_step, idle = _lanes(d, H, W, NS, K, E, CB, 1)
     if idle:
         return
@@ -472,7 +484,7 @@ def _fwd_kernel(
         DSK = DSK + (tl.load(dsk_ptr + k * d + c, mask=cm, other=0.0),)
     A2 = tl.tuple([])
     Hs = tl.tuple([])
-    PR = tl.tuple([])  # MODE_SWEEP: product of the decays since the chunk start, per state
+    PR = tl.tuple([])  # the backward's modes: product of the decays since the chunk start, per state
     EA = tl.tuple([])  # and the local adjoint
     for n in tl.static_range(N):
         for e in tl.static_range(CB):
@@ -480,9 +492,9 @@ def _fwd_kernel(
             A2 = A2 + (tl.load(a2_ptr + (k * d + c) * N + n, mask=CM[e], other=0.0),)
             if MODE == MODE_END:
                 Hs = Hs + (tl.zeros([E], tl.float32),)
-            else:
+            elif MODE != MODE_ADJOINT:
                 Hs = Hs + (tl.load(st_ptr + (row * d + c) * N + n, mask=CM[e], other=0.0),)
-            if MODE == MODE_SWEEP:
+            if MODE >= MODE_SWEEP:
                 PR = PR + (tl.full([E], 1.0, tl.float32),)
                 EA = EA + (tl.zeros([E], tl.float32),)
     DTS = tl.tuple([])
@@ -506,7 +518,7 @@ def _fwd_kernel(
         else:
             X = _fwd_loads(i0, hi, lmask, UP, DP, YP, CM, pb, pc, st_u, st_d, st_y, st_b, st_c,
                            su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N, VEC, False)
-        if MODE == MODE_SWEEP:
+        if CK:
             if i0 % CKB == 0:  # a block starts: store its entering state
                 blk = i0 // CKB
                 for n in tl.static_range(N):
@@ -520,15 +532,16 @@ def _fwd_kernel(
                 DL, UU, GY, BN, CN = X[s * M + m]
                 DT = tl.tuple([])
                 DTU = tl.tuple([])
-                Y = tl.tuple([])  # MODE_Y: y; MODE_SWEEP: dL/dy
+                Y = tl.tuple([])  # MODE_Y: y; the backward's modes: dL/dy
                 for e in tl.static_range(CB):
-                    uu = UU[e].to(tl.float32)
                     dt = tl.where(v & CM[e], _softplus(DL[e].to(tl.float32) + BIAS[e]), 0.0)
                     DT = DT + (dt,)
-                    DTU = DTU + (dt * uu,)
+                    if MODE != MODE_ADJOINT:
+                        uu = UU[e].to(tl.float32)
+                        DTU = DTU + (dt * uu,)
                     if MODE == MODE_Y:
                         Y = Y + (DSK[e] * uu,)
-                    if MODE == MODE_SWEEP:
+                    if MODE >= MODE_SWEEP:
                         Y = Y + (GY[e].to(tl.float32),)
                 if MODE == MODE_END:
                     DTS2 = tl.tuple([])
@@ -539,24 +552,26 @@ def _fwd_kernel(
                 PR2 = tl.tuple([])
                 EA2 = tl.tuple([])
                 for n in tl.static_range(N):
-                    bn = _state(BN, n, VEC)
+                    if MODE != MODE_ADJOINT:
+                        bn = _state(BN, n, VEC)
                     if MODE != MODE_END:
                         cn = _state(CN, n, VEC)
                     Y2 = tl.tuple([])
                     for e in tl.static_range(CB):
                         a = _exp2(DT[e] * A2[n * CB + e])
-                        h = a * Hs[n * CB + e] + DTU[e] * bn
-                        H2 = H2 + (h,)
+                        if MODE != MODE_ADJOINT:
+                            h = a * Hs[n * CB + e] + DTU[e] * bn
+                            H2 = H2 + (h,)
                         if MODE == MODE_Y:
                             Y2 = Y2 + (Y[e] + cn * h,)
-                        if MODE == MODE_SWEEP:
+                        if MODE >= MODE_SWEEP:
                             pr = PR[n * CB + e] * a
                             PR2 = PR2 + (pr,)
                             EA2 = EA2 + (EA[n * CB + e] + pr * (Y[e] * cn),)
                     if MODE == MODE_Y:
                         Y = Y2
                 Hs = H2
-                if MODE == MODE_SWEEP:
+                if MODE >= MODE_SWEEP:
                     PR = PR2
                     EA = EA2
                 if MODE == MODE_Y:
@@ -573,7 +588,7 @@ def _fwd_kernel(
             tl.store(dts_ptr + row * d + c, DTS[e], mask=CM[e])
             for n in tl.static_range(N):
                 tl.store(st_ptr + (row * d + c) * N + n, Hs[n * CB + e], mask=CM[e])
-    if MODE == MODE_SWEEP:
+    if MODE >= MODE_SWEEP:
         for e in tl.static_range(CB):
             for n in tl.static_range(N):
                 tl.store(e_ptr + (row * d + c0 + e) * N + n, EA[n * CB + e], mask=CM[e])
@@ -706,7 +721,7 @@ def _bwd_kernel(
     u_ptr, dl_ptr,
     a2_ptr,  # (K, N, d) f32: A * log2(e), channels innermost
     b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
-    ck_ptr,  # (b*K, NL, NBLK, N, d) f32 or bf16 (_checkpoint_dtype): state entering every block (MODE_SWEEP)
+    ck_ptr,  # (b*K, NL, NBLK, N, d) f32 or bf16 (_checkpoint_dtype): state entering every block (_fwd_kernel's CK)
     q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end
     part_ptr,  # (PART_SLOTS, K, N + 2, d) f32, zeroed: every chunk adds its lanes' partial dL/dA (rows
     # n < N), dL/dD (row N) and dL/d(delta_bias) (row N + 1) to slot (chunk index) % PART_SLOTS atomically;
@@ -1066,6 +1081,18 @@ def _checkpoint_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
+def _keeps_checkpoints(dtype: torch.dtype) -> bool:
+    """Whether a scan that needs gradients stores the block checkpoints in its forward
+    (``MODE_Y`` with ``CK``: its states are the ones the backward needs), so that the
+    backward's walk over the chunks computes only their local adjoints (``MODE_ADJOINT``:
+    no state recurrence, no loads of u and B, no stores). Then the checkpoints are held
+    from the forward to the backward: for bfloat16 inputs, whose checkpoints are bfloat16
+    (2.7 GB for the 18 scans of a training step at batch 20 and 229x229, BENCHMARKS.md
+    session 24); float32 checkpoints would take twice that, so those are still made by the
+    backward (``MODE_SWEEP``), one scan at a time."""
+    return _checkpoint_dtype(dtype) == torch.bfloat16
+
+
 def _unit_states(B: torch.Tensor, C: torch.Tensor) -> bool:
     """Whether B and C have state stride 1 (the network's layout): the kernels then read
     a token's states at constant offsets."""
@@ -1167,26 +1194,36 @@ class _CrossScan(torch.autograd.Function):
         cb = FWD_CB[M - 1]
         grid = (triton.cdiv(NL * triton.cdiv(d, cb), FWD_LANES) * ns, b * K)
         unit, vec = _unit_states(B, C), _state_loads(B, C)  # (the backward's sweep reads them alike)
-        consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, TB=FWD_UNROLL, CKB=FWD_UNROLL, PF=FWD_PREFETCH[M - 1],
-                      UNIT_N=unit, VEC=vec, num_warps=max(1, FWD_LANES // 32))  # fmt: skip
-        sizes = (H, W, NL, ns, seg, 1, d)
+        grads = any(ctx.needs_input_grad[:7])
+        keep = grads and _keeps_checkpoints(u.dtype)
+        tb = _steps(BWD_STEPS, M)  # (the backward's block)
+        nblk = triton.cdiv(NL, tb)
+        consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, PF=FWD_PREFETCH[M - 1], UNIT_N=unit, VEC=vec,
+                      num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         out = _new_like(u, f32, zero=True)
         strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *out.stride())
         state = torch.empty(b * K, NL, ns, d, N, device=dev, dtype=f32)
         dts = torch.empty(b * K, NL, ns, d, device=dev, dtype=f32)
         args = (u, delta, a2, B, C, dsk, bias)
-        _fwd_kernel[grid](*args, state, dts, out, state, state, *sizes, *strides, MODE=MODE_END, **consts)
+        _fwd_kernel[grid](*args, state, dts, out, state, state, H, W, NL, ns, seg, 1, d, *strides, MODE=MODE_END,
+                          CK=False, TB=FWD_UNROLL, CKB=FWD_UNROLL, **consts)  # fmt: skip
         start = _combine_chunks(state, dts, a2, H, W, NL, ns, d, K, reverse=False)
         del state
-        _fwd_kernel[grid](*args, start, dts, out, start, start, *sizes, *strides, MODE=MODE_Y, **consts)
-        if any(ctx.needs_input_grad[:7]):
-            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, start, dts)
+        if keep:
+            ck = torch.empty(b * K, NL, nblk, N, d, device=dev, dtype=_checkpoint_dtype(u.dtype))
+            _fwd_kernel[grid](*args, start, dts, out, ck, start, H, W, NL, ns, seg, nblk, d, *strides, MODE=MODE_Y,
+                              CK=True, TB=math.gcd(FWD_UNROLL, tb), CKB=tb, **consts)  # fmt: skip
+        else:
+            _fwd_kernel[grid](*args, start, dts, out, start, start, H, W, NL, ns, seg, 1, d, *strides, MODE=MODE_Y,
+                              CK=False, TB=FWD_UNROLL, CKB=FWD_UNROLL, **consts)  # fmt: skip
+        if grads:
+            ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, start, dts, *((ck,) if keep else ()))
             ctx.plan = (H, W, seg, ns, unit, vec)
         return out if u.dtype == f32 else out.to(u.dtype)
 
     @staticmethod
     def backward(ctx, gout):  # type: ignore[override]
-        u, delta, A, B, C, D, delta_bias, start, dts = ctx.saved_tensors
+        u, delta, A, B, C, D, delta_bias, start, dts, *kept = ctx.saved_tensors
         H, W, seg, ns, unit, vec = ctx.plan
         b, M, d, L = u.shape
         K, N = delta.shape[2], A.shape[1]
@@ -1200,11 +1237,16 @@ class _CrossScan(torch.autograd.Function):
         args = (u, delta, a2, B, C, dsk, bias)
         sizes = (H, W, NL, ns, seg, nblk, d)
         in_strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *gout.stride())
-        # the state entering every block and the adjoint every chunk passes back from its own outputs
-        ck = torch.empty(b * K, NL, nblk, N, d, device=dev, dtype=_checkpoint_dtype(u.dtype))
+        # the adjoint every chunk passes back from its own outputs, and (unless the forward
+        # kept them: _keeps_checkpoints) the state entering every block
+        if kept:
+            (ck,) = kept
+        else:
+            ck = torch.empty(b * K, NL, nblk, N, d, device=dev, dtype=_checkpoint_dtype(u.dtype))
         local = torch.empty_like(start)
         grid = (triton.cdiv(NL * triton.cdiv(d, SWEEP_CB), FWD_LANES) * ns, b * K)
-        _fwd_kernel[grid](*args, start, dts, gout, ck, local, *sizes, *in_strides, MODE=MODE_SWEEP, CKB=tb,
+        _fwd_kernel[grid](*args, start, dts, gout, ck, local, *sizes, *in_strides,
+                          MODE=MODE_ADJOINT if kept else MODE_SWEEP, CK=not kept, CKB=tb,
                           K=K, M=M, N=N, CB=SWEEP_CB, E=FWD_LANES, TB=math.gcd(FWD_UNROLL, tb), PF=False,
                           UNIT_N=unit, VEC=vec, num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         arriving = _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse=True)
