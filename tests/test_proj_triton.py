@@ -120,6 +120,7 @@ INTERPRETER_CHECK = """
 from s4fusion.ops import triton_proj as tp
 from s4fusion.ops.reference import dt_project_ref
 tp.TILE, tp.BWD_TOKENS = 32, 16  # forward tiles of 1 to 4 tokens, several backward tiles and programs
+tp.PROGRAMS_PER_SM = 2
 tp.BWD_PROGRAMS_PER_SM = 2
 worst = 0.0
 # (widths that fill their power of two and ones that do not: masked channels)
@@ -129,15 +130,19 @@ for b, M, K, L, R, d, rows in [(1, 2, 4, 37, 3, 72, 7), (2, 1, 4, 19, 5, 7, 9), 
     low = torch.randn(b, M, L, K, rows, generator=g).half()[..., :R].permute(0, 1, 3, 2, 4).requires_grad_()
     w = torch.randn(K, d, R, generator=g).requires_grad_()
     out = tp.dt_project_triton(low, w)
-    gout = torch.randn(b, M, K, L, d, generator=g).transpose(3, 4)
-    grads = torch.autograd.grad(out, (low, w), gout.half())
-    ref_in = [t.detach().double().requires_grad_() for t in (low, w)]
-    ref = dt_project_ref(*ref_in)
-    ref_grads = torch.autograd.grad(ref, ref_in, gout.half().double())
-    for a, r in zip([out, *grads], [ref, *ref_grads]):
-        worst = max(worst, ((a.double() - r).norm() / r.norm()).item())
-    if out.stride(3) != 1 or out.dtype != torch.float16 or grads[0].dtype != torch.float16:
-        worst = float("inf")
+    for dense in (True, False):  # dL/d(delta) with the channels innermost (the scan's) or the tokens
+        gout = torch.randn(b, M, K, L, d, generator=g).transpose(3, 4)
+        if not dense:
+            gout = gout.contiguous()
+        assert tp._dense(gout.transpose(3, 4)) == dense or min(L, d) == 1
+        grads = torch.autograd.grad(out, (low, w), gout.half(), retain_graph=True)
+        ref_in = [t.detach().double().requires_grad_() for t in (low, w)]
+        ref = dt_project_ref(*ref_in)
+        ref_grads = torch.autograd.grad(ref, ref_in, gout.half().double())
+        for a, r in zip([out, *grads], [ref, *ref_grads]):
+            worst = max(worst, ((a.double() - r).norm() / r.norm()).item())
+        if out.stride(3) != 1 or out.dtype != torch.float16 or grads[0].dtype != torch.float16:
+            worst = float("inf")
 print("WORST", worst)
 """
 

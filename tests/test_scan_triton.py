@@ -507,7 +507,7 @@ for b, M, d, N, H, W, dtype, views, whole, pf in [
     (1, 2, 5, 6, 4, 3, torch.bfloat16, True, False, True), (2, 1, 8, 12, 3, 5, torch.bfloat16, True, True, False),
     (1, 1, 6, 3, 3, 4, torch.float32, False, False, False), (1, 2, 4, 2, 3, 3, torch.float32, False, True, True),
 ]:
-    ts.FWD_PREFETCH = (pf, pf)
+    ts.FWD_PREFETCH = ts.ADJOINT_PF = (pf, pf)
     ts.TARGET_LANES = 1 if whole else 1 << 17
     g = torch.Generator().manual_seed(H * W + M)
     L, K = H * W, 4

@@ -125,6 +125,10 @@ WHOLE_LINE_STEPS = 64
 # lanes that share a line and channels and split their states).
 # Chosen on an H200 (BENCHMARKS.md session 19; `bench_scan.py --sweep backward`).
 SWEEP_CB, BWD_CB, BWD_LANES, BWD_STEPS, BWD_GROUP, BWD_PARTS = 1, 2, 32, 4, 8, 4
+# Whether the backward's walk issues its loads one iteration ahead where it computes the
+# local adjoints only (MODE_ADJOINT: fewer registers than the sweep), for M = 1 and M = 2
+# (BENCHMARKS.md session 24).
+ADJOINT_PF = (False, True)
 # Slots of the backward's partial sums of dL/dA, dL/dD and dL/d(delta_bias): chunk i adds
 # to slot i % PART_SLOTS atomically (few enough for a short reduction, enough that
 # neighbouring programs rarely add to one address).
@@ -1247,7 +1251,8 @@ class _CrossScan(torch.autograd.Function):
         grid = (triton.cdiv(NL * triton.cdiv(d, SWEEP_CB), FWD_LANES) * ns, b * K)
         _fwd_kernel[grid](*args, start, dts, gout, ck, local, *sizes, *in_strides,
                           MODE=MODE_ADJOINT if kept else MODE_SWEEP, CK=not kept, CKB=tb,
-                          K=K, M=M, N=N, CB=SWEEP_CB, E=FWD_LANES, TB=math.gcd(FWD_UNROLL, tb), PF=False,
+                          K=K, M=M, N=N, CB=SWEEP_CB, E=FWD_LANES, TB=math.gcd(FWD_UNROLL, tb),
+                          PF=bool(kept) and ADJOINT_PF[M - 1],
                           UNIT_N=unit, VEC=vec, num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         arriving = _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse=True)
         del local
