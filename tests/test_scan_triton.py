@@ -193,6 +193,35 @@ def test_checkpoints_kept_from_the_forward_give_the_sweeps_results(case, dtype, 
 
 @pytest.mark.gpu
 @needs_cuda
+def test_scans_without_gradients_keep_no_checkpoints():
+    """A bfloat16 scan keeps its block checkpoints from the forward only where autograd
+    records it: under no_grad (fusing) one of inputs that require gradients (as the
+    network's parameters A, D, delta_bias do) allocates what one of inputs that do not
+    does, and leaves only its output; with gradients recorded the graph holds them."""
+    b, M, d, N, H, W = 1, 2, 64, 16, 48, 40
+    inputs = make_inputs(b, M, d, N, H, W, torch.bfloat16, "cuda", layout="projection")
+    L, NL, tb = H * W, max(H, W), ts._steps(ts.BWD_STEPS, M)
+    checkpoints = b * 4 * NL * triton.cdiv(NL, tb) * N * d * 2  # bytes, bfloat16
+
+    def run(grads: bool, record: bool) -> tuple[int, int]:
+        x = [t.detach().requires_grad_(grads) for t in inputs]
+        with torch.set_grad_enabled(record):
+            ts.cross_scan_triton(*x, H, W)  # (compiled; the allocator's blocks cached)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            out = ts.cross_scan_triton(*x, H, W)
+            held = torch.cuda.memory_allocated() - base
+            del out
+            return torch.cuda.max_memory_allocated() - base, held
+
+    (peak, held), (plain_peak, plain_held) = run(True, False), run(False, False)
+    assert peak == plain_peak and held == plain_held == b * M * d * L * 2, (peak, plain_peak, held, plain_held)
+    assert run(True, True)[1] >= checkpoints + plain_held
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_strided_inputs_give_the_contiguous_result():
     """Slices and transposed views (as the network passes them) are read in place."""
     b, M, d, N, H, W = 2, 2, 6, 4, 9, 7

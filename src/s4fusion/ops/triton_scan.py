@@ -1185,7 +1185,7 @@ def _new_like(x: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
 
 class _CrossScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, height: int, width: int):  # type: ignore[override]
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, height, width, recorded):  # type: ignore[override]
         b, M, d, L = u.shape
         K, N = delta.shape[2], A.shape[1]
         H, W = int(height), int(width)
@@ -1199,7 +1199,7 @@ class _CrossScan(torch.autograd.Function):
         grid = (triton.cdiv(NL * triton.cdiv(d, cb), FWD_LANES) * ns, b * K)
         unit, vec = _unit_states(B, C), _state_loads(B, C)  # (the backward's sweep reads them alike)
         grads = any(ctx.needs_input_grad[:7])
-        keep = grads and _keeps_checkpoints(u.dtype)
+        keep = recorded and grads and _keeps_checkpoints(u.dtype)  # (recorded: grad mode was on at the call)
         tb = _steps(BWD_STEPS, M)  # (the backward's block)
         nblk = triton.cdiv(NL, tb)
         consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, PF=FWD_PREFETCH[M - 1], UNIT_N=unit, VEC=vec,
@@ -1280,6 +1280,7 @@ class _CrossScan(torch.autograd.Function):
             sums[:, N + 1].reshape(K * d).to(delta_bias.dtype),
             None,
             None,
+            None,
         )
 
 
@@ -1303,4 +1304,4 @@ def cross_scan_triton(
     """
     _check(u, delta, A, B, C, D, delta_bias, height, width)
     with launch_device(u):
-        return _CrossScan.apply(u, delta, A, B, C, D, delta_bias, height, width)
+        return _CrossScan.apply(u, delta, A, B, C, D, delta_bias, height, width, torch.is_grad_enabled())
