@@ -22,14 +22,19 @@ backend (``FWD_*`` and ``TARGET_LANES`` in ``s4fusion.ops.triton_scan``, the gri
 combine's ``COMBINE_*``,
 ``--sweep backward`` forward and backward (``BWD_*``) over the training cases,
 ``--sweep train-forward`` the same with the forward kernel's launch constants
-(``FWD_CB``, ``SWEEP_CB``: the forward passes and the backward's state sweep at the
-training batch), ``--sweep train-combine`` with the chunk combine's ``SHORT_*`` (the
+(``FWD_CB``, ``SWEEP_CB``, ``ADJOINT_PF``: the forward passes and the backward's walk
+at the training batch), ``--sweep train-combine`` with the chunk combine's ``SHORT_*`` (the
 constants of directions of at most ``SHORT_SLOTS`` chunk slots: the training batch's
 whole lines, 19 to 76 slots per direction; the fusing cases' finer maps have hundreds,
 and ``--sweep combine`` times ``COMBINE_*``, which those use); ``--dtype`` gives the
 inputs' dtype (default float32; the trainer runs bfloat16). Each configuration is
 checked against the default one's results, and the one with the smallest total is
 reported.
+
+``--sweep proj-forward`` and ``--sweep proj-backward`` time the bfloat16 delta
+up-projection's launch constants (``s4fusion.ops.triton_proj``; the grids in
+``PROJ_SWEEPS``): its forward under no_grad over every case, its forward and backward
+over the training cases.
 
 ``--proj`` times the delta up-projection (``ops.dt_project``) under ``no_grad`` at
 the same cases, the triton backend's against the reference (PyTorch's batched
@@ -51,6 +56,7 @@ from s4fusion.models import S4FusionConfig
 from s4fusion.models.cmsa import CMSABlock
 from s4fusion.models.ss2d import SS2D
 from s4fusion.ops import cross_scan, dt_project
+from s4fusion.ops import triton_proj as tp
 from s4fusion.ops import triton_scan as ts
 
 # (name, batch, H, W of the token map, scale, kind, scans of this shape per pass)
@@ -141,10 +147,19 @@ SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_scan and the
     "backward": {
         "BWD_CB": (1, 2), "BWD_LANES": (32,), "BWD_STEPS": (4, 8), "BWD_GROUP": (4, 8), "BWD_PARTS": (2, 4, 8),
     },  # fmt: skip
-    "train-forward": {"FWD_CB": ((1, 1), (2, 1), (2, 2)), "SWEEP_CB": (1, 2)},
+    "train-forward": {
+        "FWD_CB": ((1, 1), (2, 1), (2, 2)), "SWEEP_CB": (1, 2),
+        "ADJOINT_PF": ((False, False), (False, True), (True, True)),
+    },  # fmt: skip
     "train-combine": {"SHORT_ROWS": (8, 16, 32, 64), "SHORT_STATES": (16, 32, 64, 128), "SHORT_WARPS": (1, 2, 4)},
 }
 TRAIN_SWEEPS = ("backward", "train-forward", "train-combine")  # sweeps over the training cases, forward and backward
+PROJ_SWEEPS = {  # launch-configuration constants of s4fusion.ops.triton_proj and the values tried
+    "proj-forward": {"TILE": (2048, 4096, 8192), "WARPS": (1, 2, 4), "PROGRAMS_PER_SM": (4, 8, 16)},
+    "proj-backward": {
+        "BWD_TOKENS": (32, 64), "BWD_TILE": (8192, 16384, 32768), "BWD_WARPS": (2, 4), "BWD_PROGRAMS_PER_SM": (2, 4, 8),
+    },  # fmt: skip
+}
 
 
 def proj_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.dtype) -> tuple:
@@ -181,6 +196,51 @@ def bench_proj() -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def _proj_results(low: torch.Tensor, weight: torch.Tensor, train: bool, gout: torch.Tensor) -> list[torch.Tensor]:
+    if not train:
+        with torch.no_grad():
+            return [dt_project(low, weight, backend="triton")]
+    x = (low.detach().requires_grad_(), weight.detach().requires_grad_())
+    out = dt_project(*x, backend="triton")
+    return [out, *torch.autograd.grad(out, x, gout)]
+
+
+def sweep_proj(which: str) -> dict:
+    """Times every combination of ``PROJ_SWEEPS[which]`` for the bfloat16 up-projection
+    (``proj-forward``: every case under no_grad; ``proj-backward``: the training cases,
+    forward and backward), checks each against the default configuration's results (the
+    forward bit for bit, the backward within 1e-5: its sums' order changes with the
+    tiles)."""
+    grid = PROJ_SWEEPS[which]
+    train = which == "proj-backward"
+    defaults = {name: getattr(tp, name) for name in grid}
+    inputs = []
+    for case in TRAIN_CASES if train else FUSE_CASES + TRAIN_CASES:
+        low, weight = proj_inputs(*case[1:6], torch.bfloat16)
+        b, M, K, L, _ = low.shape
+        gout = torch.randn(b, M, K, L, weight.shape[1], device=low.device, dtype=low.dtype)
+        gout = gout.transpose(3, 4)  # (channels innermost, as the scan hands it over)
+        inputs.append((case, low, weight, gout, _proj_results(low, weight, train, gout)))
+    rows = []
+    for values in itertools.product(*grid.values()):
+        config = dict(zip(grid, values))
+        for name, value in config.items():
+            setattr(tp, name, value)
+        per_case, worst = {}, 0.0
+        for case, low, weight, gout, expected in inputs:
+            got = _proj_results(low, weight, train, gout)
+            worst = max(worst, *(((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
+                                 for a, e in zip(got, expected)))
+            per_case[case[0]] = case[6] * time_ms(lambda: _proj_results(low, weight, train, gout))
+        rows.append({**config, "total_ms": sum(per_case.values()), "rel_diff": worst, "cases_ms": per_case})
+        print(json.dumps(rows[-1]), flush=True)
+    for name, value in defaults.items():
+        setattr(tp, name, value)
+    tol = 1e-5 if train else 0.0
+    best = min((r for r in rows if r["rel_diff"] <= tol), key=lambda r: r["total_ms"], default=None)
+    return {"rows": rows, "best": best, "default": defaults, "dtype": "bfloat16"}
 
 
 def _results(x: tuple, H: int, W: int, train: bool, gout: torch.Tensor) -> list[torch.Tensor]:
@@ -231,7 +291,9 @@ def sweep(which: str, dtype: torch.dtype = torch.float32) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results to this JSON file")
-    parser.add_argument("--sweep", choices=sorted(SWEEPS), help="time the launch configurations of one pass")
+    parser.add_argument(
+        "--sweep", choices=sorted(SWEEPS) + sorted(PROJ_SWEEPS), help="time the launch configurations of one pass"
+    )
     dtypes = ("float32", "bfloat16", "float16")
     parser.add_argument("--dtype", choices=dtypes, default="float32", help="the inputs of --sweep")
     parser.add_argument("--proj", action="store_true", help="time the delta up-projection instead of the scan")
@@ -239,7 +301,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     result: dict = {"device": torch.cuda.get_device_name()}
-    if args.sweep:
+    if args.sweep in PROJ_SWEEPS:
+        result["sweep"] = sweep_proj(args.sweep)
+    elif args.sweep:
         result["sweep"] = sweep(args.sweep, getattr(torch, args.dtype))
     elif args.proj:
         result["proj"] = rows = bench_proj()

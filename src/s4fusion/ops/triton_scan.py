@@ -1091,9 +1091,10 @@ def _keeps_checkpoints(dtype: torch.dtype) -> bool:
     backward's walk over the chunks computes only their local adjoints (``MODE_ADJOINT``:
     no state recurrence, no loads of u and B, no stores). Then the checkpoints are held
     from the forward to the backward: for bfloat16 inputs, whose checkpoints are bfloat16
-    (2.7 GB for the 18 scans of a training step at batch 20 and 229x229, BENCHMARKS.md
-    session 24); float32 checkpoints would take twice that, so those are still made by the
-    backward (``MODE_SWEEP``), one scan at a time."""
+    (the peak of a training step at batch 20 and 229x229 goes from 3.5 to 5.9 GiB,
+    BENCHMARKS.md session 24); float32 checkpoints would take twice that, so those are
+    still made by the backward (``MODE_SWEEP``), one scan at a time. Only where autograd
+    records the scan (not under no_grad, whatever the inputs require)."""
     return _checkpoint_dtype(dtype) == torch.bfloat16
 
 
