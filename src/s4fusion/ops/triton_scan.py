@@ -27,9 +27,9 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
   start state and stores the state entering each block of ``TB`` steps (in
   bfloat16 for bfloat16 inputs: ``_checkpoint_dtype``) and the
   adjoint the chunk passes to the state before it (from its own outputs). For
-  bfloat16 inputs pass 3 stores those block states already (``CK``) and the
-  backward's walk computes the adjoints only (``MODE_ADJOINT``:
-  ``_keeps_checkpoints``);
+  bfloat16 inputs, where autograd records the scan, pass 3 stores those block
+  states already (``CK``) and the backward's walk computes the adjoints only
+  (``MODE_ADJOINT``: ``_keeps_checkpoints``);
   ``_chunk_combine_kernel`` (reversed) gives every chunk the adjoint arriving
   from the chunks after it; ``_bwd_kernel`` walks the blocks
   of every chunk backwards, recomputes each block's states from the stored ones
