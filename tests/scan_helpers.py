@@ -1,13 +1,14 @@
 """Helpers shared by the backend tests: test_scan_cpu and test_scan_state; the Triton
 LayerNorm's, up-projection's and bias + SiLU's (:func:`errors_against_float64`,
 :func:`assert_errors_within`); the up-projection's and bias + SiLU's
-(:func:`bf16_network_with_and_without`); the Triton scan's (:func:`projection_views`)."""
+(:func:`bf16_network_with_and_without`); the Triton scan's (:func:`projection_views`,
+:func:`equal_and_error_of_scans`)."""
 
 from __future__ import annotations
 
 import torch
 
-from s4fusion.ops import projection_rows
+from s4fusion.ops import cross_scan_ref, projection_rows
 
 # relative error (Frobenius norm) allowed against the reference, by dtype
 FWD_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -83,3 +84,18 @@ def projection_views(B: torch.Tensor, C: torch.Tensor, dt_rank: int) -> tuple[to
     P[..., ob : ob + N] = B.permute(0, 1, 4, 2, 3)
     P[..., oc : oc + N] = C.permute(0, 1, 4, 2, 3)
     return P[..., ob : ob + N].permute(0, 1, 3, 4, 2), P[..., oc : oc + N].permute(0, 1, 3, 4, 2)
+
+
+def equal_and_error_of_scans(results: list[list[torch.Tensor]], x: list[torch.Tensor], gout: torch.Tensor, H: int,
+                             W: int) -> float:  # fmt: skip
+    """Two runs' results of one scan (output and the gradients of the inputs ``x`` for
+    ``gout``), which must be equal bit for bit; returns the first's largest relative
+    error against the float64 reference, scaled by 1e-3 for half-precision inputs (their
+    outputs are off by about 1e-3)."""
+    for a, e in zip(*results):
+        assert torch.equal(a, e), (x[0].dtype, (a - e).abs().max())
+    xr = [t.detach().double().requires_grad_() for t in x]
+    ref = cross_scan_ref(*xr, H, W)
+    refs = [ref, *torch.autograd.grad(ref, xr, gout.double())]
+    scale = 1.0 if x[0].dtype == torch.float32 else 1e-3
+    return max(scale * rel(a, r) for a, r in zip(results[0], refs))

@@ -478,7 +478,7 @@ def test_kernels_in_the_triton_interpreter_match_the_reference():
 
 
 VECTOR_CHECK = TINY_LAUNCHES + """
-from scan_helpers import projection_views
+from scan_helpers import equal_and_error_of_scans, projection_views
 # B and C views of the network's projection layout: vector loads of float32 values (N = 6
 # and 5: chunks of 4, 2 and 1) and of bfloat16 pairs (N = 12, 18), forward loads one
 # iteration ahead or not; their results must equal those of one load per state
@@ -505,14 +505,7 @@ for b, M, d, N, H, W, dtype, pf, kind in [
         out = ts.cross_scan_triton(*x, H, W)
         results.append([out, *torch.autograd.grad(out, x, gout)])
     ts.VECTOR_STATES = True
-    for a, e in zip(*results):
-        assert torch.equal(a, e), (N, dtype, (a - e).abs().max())
-    xr = [t.detach().double().requires_grad_() for t in x]
-    ref = cross_scan_ref(*xr, H, W)
-    refs = [ref] + list(torch.autograd.grad(ref, xr, gout.double()))
-    scale = 1.0 if dtype == torch.float32 else 1e-3  # bfloat16 outputs: about 1e-3
-    for a, r in zip(results[0], refs):
-        worst = max(worst, scale * ((a.double() - r).norm() / r.norm()).item())
+    worst = max(worst, equal_and_error_of_scans(results, x, gout, H, W))
 print("WORST", worst)
 """
 
@@ -525,7 +518,7 @@ def test_vector_loads_of_the_projection_layout_in_the_interpreter():
 
 
 KEPT_CHECK = TINY_LAUNCHES + """
-from scan_helpers import projection_views
+from scan_helpers import equal_and_error_of_scans, projection_views
 # the forward keeps the block checkpoints (bfloat16 inputs by default; float32 too here) and
 # the backward's walk computes the local adjoints only: every result equals that of the
 # backward's own sweep bit for bit (both store the states of one recurrence, and the
@@ -557,14 +550,7 @@ for b, M, d, N, H, W, dtype, views, whole, pf in [
         assert len(out.grad_fn.saved_tensors) == (10 if keep else 9)  # (the checkpoints among them, or not)
         results.append([out, *torch.autograd.grad(out, x, gout)])
     ts._keeps_checkpoints = keeps
-    for a, e in zip(*results):
-        assert torch.equal(a, e), (M, dtype, (a - e).abs().max())
-    xr = [t.detach().double().requires_grad_() for t in x]
-    ref = cross_scan_ref(*xr, H, W)
-    refs = [ref] + list(torch.autograd.grad(ref, xr, gout.double()))
-    scale = 1.0 if dtype == torch.float32 else 1e-3  # bfloat16 outputs: about 1e-3
-    for a, r in zip(results[0], refs):
-        worst = max(worst, scale * ((a.double() - r).norm() / r.norm()).item())
+    worst = max(worst, equal_and_error_of_scans(results, x, gout, H, W))
 print("WORST", worst)
 """
 
