@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from functools import partial
 from typing import Callable
 
 import torch
@@ -198,6 +199,32 @@ def bench_proj() -> list[dict]:
     return rows
 
 
+def _time_configs(module, grid: dict, cases: list, within: Callable[[float], bool]) -> dict:
+    """Times every combination of ``grid`` (launch constants of ``module`` and the values
+    tried) over ``cases``, (name, scans per pass, run: the results of one call); each
+    configuration's results are checked against the default configuration's (largest
+    relative L2 difference, ``rel_diff``), and the fastest one whose difference ``within``
+    allows is reported. The defaults are set again at the end."""
+    defaults = {name: getattr(module, name) for name in grid}
+    expected = [run() for _, _, run in cases]
+    rows = []
+    for values in itertools.product(*grid.values()):
+        config = dict(zip(grid, values))
+        for name, value in config.items():
+            setattr(module, name, value)
+        per_case, worst = {}, 0.0
+        for (name, count, run), want in zip(cases, expected):
+            worst = max(worst, *(((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
+                                 for a, e in zip(run(), want)))
+            per_case[name] = count * time_ms(run)
+        rows.append({**config, "total_ms": sum(per_case.values()), "rel_diff": worst, "cases_ms": per_case})
+        print(json.dumps(rows[-1]), flush=True)
+    for name, value in defaults.items():
+        setattr(module, name, value)
+    best = min((r for r in rows if within(r["rel_diff"])), key=lambda r: r["total_ms"], default=None)
+    return {"rows": rows, "best": best, "default": defaults}
+
+
 def _proj_results(low: torch.Tensor, weight: torch.Tensor, train: bool, gout: torch.Tensor) -> list[torch.Tensor]:
     if not train:
         with torch.no_grad():
@@ -213,34 +240,16 @@ def sweep_proj(which: str) -> dict:
     forward and backward), checks each against the default configuration's results (the
     forward bit for bit, the backward within 1e-5: its sums' order changes with the
     tiles)."""
-    grid = PROJ_SWEEPS[which]
     train = which == "proj-backward"
-    defaults = {name: getattr(tp, name) for name in grid}
-    inputs = []
+    cases = []
     for case in TRAIN_CASES if train else FUSE_CASES + TRAIN_CASES:
         low, weight = proj_inputs(*case[1:6], torch.bfloat16)
         b, M, K, L, _ = low.shape
         gout = torch.randn(b, M, K, L, weight.shape[1], device=low.device, dtype=low.dtype)
         gout = gout.transpose(3, 4)  # (channels innermost, as the scan hands it over)
-        inputs.append((case, low, weight, gout, _proj_results(low, weight, train, gout)))
-    rows = []
-    for values in itertools.product(*grid.values()):
-        config = dict(zip(grid, values))
-        for name, value in config.items():
-            setattr(tp, name, value)
-        per_case, worst = {}, 0.0
-        for case, low, weight, gout, expected in inputs:
-            got = _proj_results(low, weight, train, gout)
-            worst = max(worst, *(((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
-                                 for a, e in zip(got, expected)))
-            per_case[case[0]] = case[6] * time_ms(lambda: _proj_results(low, weight, train, gout))
-        rows.append({**config, "total_ms": sum(per_case.values()), "rel_diff": worst, "cases_ms": per_case})
-        print(json.dumps(rows[-1]), flush=True)
-    for name, value in defaults.items():
-        setattr(tp, name, value)
+        cases.append((case[0], case[6], partial(_proj_results, low, weight, train, gout)))
     tol = 1e-5 if train else 0.0
-    best = min((r for r in rows if r["rel_diff"] <= tol), key=lambda r: r["total_ms"], default=None)
-    return {"rows": rows, "best": best, "default": defaults, "dtype": "bfloat16"}
+    return {**_time_configs(tp, PROJ_SWEEPS[which], cases, lambda diff: diff <= tol), "dtype": "bfloat16"}
 
 
 def _results(x: tuple, H: int, W: int, train: bool, gout: torch.Tensor) -> list[torch.Tensor]:
@@ -258,34 +267,14 @@ def sweep(which: str, dtype: torch.dtype = torch.float32) -> dict:
     inputs in ``dtype``, checks each against the default configuration's results
     (relative L2 below 1e-5 in float32, 2e-2 in bfloat16 or float16, whose outputs differ
     by an ulp where the atomic sums' order rounds them apart)."""
-    grid = SWEEPS[which]
     train = which in TRAIN_SWEEPS
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    defaults = {name: getattr(ts, name) for name in grid}
-    cases = TRAIN_CASES if train else FUSE_CASES
-    inputs = []
-    for case in cases:
+    cases = []
+    for case in TRAIN_CASES if train else FUSE_CASES:
         x = scan_inputs(*case[1:6], dtype)
         gout = torch.randn_like(x[0])  # in u's layout (channels innermost), as the network hands dL/dy over
-        inputs.append((case, x, gout, _results(x, case[2], case[3], train, gout)))
-    rows = []
-    for values in itertools.product(*grid.values()):
-        config = dict(zip(grid, values))
-        for name, value in config.items():
-            setattr(ts, name, value)
-        per_case, worst = {}, 0.0
-        for case, x, gout, expected in inputs:
-            H, W = case[2], case[3]
-            got = _results(x, H, W, train, gout)
-            worst = max(worst, *(((a.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30)).item()
-                                 for a, e in zip(got, expected)))
-            per_case[case[0]] = case[6] * time_ms(lambda: _results(x, H, W, train, gout))
-        rows.append({**config, "total_ms": sum(per_case.values()), "rel_diff": worst, "cases_ms": per_case})
-        print(json.dumps(rows[-1]), flush=True)
-    for name, value in defaults.items():
-        setattr(ts, name, value)
-    best = min((r for r in rows if r["rel_diff"] < tol), key=lambda r: r["total_ms"], default=None)
-    return {"rows": rows, "best": best, "default": defaults, "dtype": str(dtype).split(".")[-1]}
+        cases.append((case[0], case[6], partial(_results, x, case[2], case[3], train, gout)))
+    return {**_time_configs(ts, SWEEPS[which], cases, lambda diff: diff < tol), "dtype": str(dtype).split(".")[-1]}
 
 
 def main() -> int:
