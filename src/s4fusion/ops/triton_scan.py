@@ -1205,22 +1205,22 @@ class _CrossScan(torch.autograd.Function):
         nblk = triton.cdiv(NL, tb)
         consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, PF=FWD_PREFETCH[M - 1], UNIT_N=unit, VEC=vec,
                       num_warps=max(1, FWD_LANES // 32))  # fmt: skip
+        no_ck = dict(CK=False, TB=FWD_UNROLL, CKB=FWD_UNROLL)
+        sizes = (H, W, NL, ns, seg, nblk, d)
         out = _new_like(u, f32, zero=True)
         strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *out.stride())
         state = torch.empty(b * K, NL, ns, d, N, device=dev, dtype=f32)
         dts = torch.empty(b * K, NL, ns, d, device=dev, dtype=f32)
         args = (u, delta, a2, B, C, dsk, bias)
-        _fwd_kernel[grid](*args, state, dts, out, state, state, H, W, NL, ns, seg, 1, d, *strides, MODE=MODE_END,
-                          CK=False, TB=FWD_UNROLL, CKB=FWD_UNROLL, **consts)  # fmt: skip
+        _fwd_kernel[grid](*args, state, dts, out, state, state, *sizes, *strides, MODE=MODE_END, **no_ck, **consts)
         start = _combine_chunks(state, dts, a2, H, W, NL, ns, d, K, reverse=False)
         del state
         if keep:
             ck = torch.empty(b * K, NL, nblk, N, d, device=dev, dtype=_checkpoint_dtype(u.dtype))
-            _fwd_kernel[grid](*args, start, dts, out, ck, start, H, W, NL, ns, seg, nblk, d, *strides, MODE=MODE_Y,
-                              CK=True, TB=math.gcd(FWD_UNROLL, tb), CKB=tb, **consts)  # fmt: skip
+            blocks = dict(CK=True, TB=math.gcd(FWD_UNROLL, tb), CKB=tb)
         else:
-            _fwd_kernel[grid](*args, start, dts, out, start, start, H, W, NL, ns, seg, 1, d, *strides, MODE=MODE_Y,
-                              CK=False, TB=FWD_UNROLL, CKB=FWD_UNROLL, **consts)  # fmt: skip
+            ck, blocks = start, no_ck  # (ck_ptr unused without CK)
+        _fwd_kernel[grid](*args, start, dts, out, ck, start, *sizes, *strides, MODE=MODE_Y, **blocks, **consts)
         if grads:
             ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, start, dts, *((ck,) if keep else ()))
             ctx.plan = (H, W, seg, ns, unit, vec)
