@@ -33,7 +33,11 @@ class DepthwiseConvSiLU(nn.Conv2d):
     (:func:`s4fusion.ops.bias_silu`, on a GPU one kernel each way). The weight is kept
     channels-last, like the inputs: the weight's gradient then has the weight's
     strides (DDP's gradient-layout contract; otherwise DDP warns and copies the
-    gradient into its buckets). Parameters and state dict are ``nn.Conv2d``'s."""
+    gradient into its buckets). Parameters and state dict are ``nn.Conv2d``'s; the bias
+    stays float32 under autocast (the op casts it and sums its gradient in float32), so
+    :class:`s4fusion.cast_weights.CastWeights` leaves it alone."""
+
+    float32_parameters = ("bias",)
 
     def __init__(self, channels: int, kernel: int) -> None:
         super().__init__(channels, channels, kernel, padding=(kernel - 1) // 2, groups=channels)

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import cuda_graphs
+from ..cast_weights import CastWeights
 
 __all__ = ["TrainPass", "LaggedValues", "GRAPH_WARMUP_STEPS", "DDP_GRAPH_WARMUP_STEPS"]
 
@@ -40,6 +41,13 @@ class TrainPass:
     it leaves the gradients as the graph's own tensors, overwritten by every replay:
     callers must not set them to None (``zero_grad`` is not needed). ``fused`` and
     ``values`` are then the graph's output buffers, valid until the next call.
+
+    With ``bf16`` the network runs through :class:`s4fusion.cast_weights.CastWeights`:
+    its matrix-product weights are cast to bfloat16 by one multi-tensor copy, and their
+    gradients widened back by another, instead of a kernel each way per weight (the
+    values autocast's casts give, bit for bit). Not under DistributedDataParallel: the
+    gradients of the copies all reach the parameters at the end of the backward, so
+    DDP's all-reduces could not overlap it; there autocast casts as usual.
     """
 
     def __init__(
@@ -53,6 +61,8 @@ class TrainPass:
         warmup_steps: int = GRAPH_WARMUP_STEPS,
     ) -> None:
         self.net, self.loss_fn, self.term_names, self.optimizer = net, loss_fn, term_names, optimizer
+        ddp = isinstance(net, torch.nn.parallel.DistributedDataParallel)
+        self.run = CastWeights(net, torch.bfloat16) if bf16 and not ddp else net
         self.bf16, self.cuda_graph, self.warmup_steps = bf16, cuda_graph, warmup_steps
         self.calls = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -65,7 +75,7 @@ class TrainPass:
         # autocast's cast cache must be off while recording (its casts would be freed
         # when autocast exits, memory the graph goes on using)
         with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache) if self.bf16 else nullcontext():
-            fused = self.net(infrared, visible)
+            fused = self.run(infrared, visible)
         total, terms = self.loss_fn(fused.float(), infrared, visible)
         values = torch.stack([total.detach()] + [terms[k].detach() for k in self.term_names]).double()
         total.backward()
