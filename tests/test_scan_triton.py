@@ -238,6 +238,12 @@ def test_strided_inputs_give_the_contiguous_result():
 @pytest.mark.gpu
 @needs_cuda
 def test_one_compiled_kernel_serves_every_image_size():
+    """Image sizes whose scans take the same launch configurations compile nothing new.
+    (The chunk combine has two: directions of at most SHORT_SLOTS chunk slots, and
+    longer ones; these sizes' scans all have short ones, with lines cut into chunks.)"""
+    sizes = ((11, 13), (15, 6), (3, 16))
+    assert all(max(H, W) * ts._segments(H, W, 1, 4, 8, 2)[1] <= ts.SHORT_SLOTS for H, W in sizes)
+
     def variants() -> int:
         kernels = (ts._fwd_kernel, ts._chunk_combine_kernel, ts._bwd_kernel)
         caches = [getattr(k, "device_caches", None) for k in kernels]
@@ -246,7 +252,7 @@ def test_one_compiled_kernel_serves_every_image_size():
         return sum(len(entry[0]) for c in caches for entry in c.values())
 
     counts = []
-    for H, W in ((11, 13), (23, 6), (5, 41)):
+    for H, W in sizes:
         inputs = make_inputs(1, 2, 8, 6, H, W, torch.float32, "cuda")
         out = ts.cross_scan_triton(*inputs, H, W)
         torch.autograd.grad(out.sum(), inputs)
@@ -373,16 +379,30 @@ def test_channel_sums_of_the_backward_are_split_as_the_reductions_need():
             assert ts._group(groups, tokens, sums, ts.RED_VALUES.value) == (4 if d == 72 else 8), (d, M, N)
 
 
+def pair_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward's dL/dB and dL/dC buffers for B = x (zeros: ``_zeros_like``, ``_pairs``)."""
+    (pairs,) = ts._zeros_like(x.device, ts._pairs(x))
+    return pairs[..., 0], pairs[..., 1]
+
+
 def test_gradients_of_B_and_C_are_interleaved_in_one_buffer_with_Bs_layout():
-    """_pair_like: two zero float32 tensors of x's shape and dimension order whose
-    elements are neighbours in memory (dL/dB and dL/dC of one token and state)."""
+    """_pairs: two zero float32 tensors of x's shape and dimension order whose elements
+    are neighbours in memory (dL/dB and dL/dC of one token and state); with other
+    tensors in the one zeroed buffer of _zeros_like, each in its own layout."""
     x = torch.randn(2, 1, 4, 12, 35).permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3)[..., :30]
-    gb, gc = ts._pair_like(x)
+    gb, gc = pair_like(x)
     assert gb.shape == gc.shape == x.shape and gb.dtype == gc.dtype == torch.float32
     assert gb.stride() == gc.stride() and gc.data_ptr() == gb.data_ptr() + 4
     assert gb.stride(3) == 2 and sorted(range(5), key=gb.stride) == sorted(range(5), key=x.stride)
     gb.fill_(1.0)
     assert gc.abs().sum() == 0 and gb.sum() == x.numel()
+    u = torch.randn(2, 1, 7, 30).transpose(2, 3).contiguous().transpose(2, 3)  # (channels innermost)
+    first, pairs, last = ts._zeros_like(torch.device("cpu"), u, ts._pairs(x), torch.empty(3, 5, device="meta"))
+    assert first.shape == u.shape and first.stride() == u.stride() and last.stride() == (5, 1)
+    assert pairs[..., 0].stride() == gb.stride() and pairs.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+    assert all((t.data_ptr() - first.data_ptr()) % 256 == 0 for t in (pairs, last))  # (from the buffer's start)
+    assert first.data_ptr() + 4 * u.numel() <= pairs.data_ptr() and pairs.data_ptr() + 8 * x.numel() <= last.data_ptr()
+    assert not any(t.abs().sum() for t in (first, pairs, last))
 
 
 def test_kernels_specialise_only_on_unit_channel_and_state_strides(monkeypatch):

@@ -1149,16 +1149,34 @@ def _reductions(device: torch.device) -> int:
     return RED_VALUES.value
 
 
-def _pair_like(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two float32 zero tensors of x's shape and layout (as :func:`_new_like`) in one
-    buffer, interleaved: each element of the second follows the first's in memory."""
-    # (the pair dimension has stride 0 in the expanded view: _new_like puts it innermost)
-    t = _new_like(x.unsqueeze(-1).expand(*x.shape, 2), torch.float32, zero=True)
-    return t[..., 0], t[..., 1]
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """x's shape with a last dimension of 2, whose layout (:func:`_new_like`) keeps x's
+    order with the pair innermost (the expanded view's stride 0): for two tensors of x's
+    shape and layout, interleaved, each element of the second after the first's."""
+    return x.unsqueeze(-1).expand(*x.shape, 2)
+
+
+def _zeros_like(device: torch.device, *likes: torch.Tensor) -> list[torch.Tensor]:
+    """Float32 zero tensors of the shapes and layouts of ``likes`` (as :func:`_new_like`;
+    any device, e.g. meta tensors), as views of one buffer zeroed by one fill, each
+    starting 256-byte aligned."""
+    starts, total = [], 0
+    for x in likes:
+        starts.append(total)
+        total += triton.cdiv(x.numel(), 64) * 64
+    flat = torch.zeros(total, device=device, dtype=torch.float32)
+    return [_dense_as(flat[start : start + x.numel()], x) for start, x in zip(starts, likes)]
+
+
+def _dense_as(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``flat`` (x.numel() elements) viewed with x's shape, its dimensions ordered in memory
+    as x's are (outermost: largest stride; ties keep their order)."""
+    order = sorted(range(x.dim()), key=x.stride, reverse=True)
+    return flat.view([x.shape[i] for i in order]).permute([order.index(i) for i in range(x.dim())])
 
 
 def _in_dtypes(B, C, g_B, g_C) -> tuple[torch.Tensor, torch.Tensor]:
-    """dL/dB and dL/dC (float32, interleaved: :func:`_pair_like`) in B's and C's dtypes:
+    """dL/dB and dL/dC (float32, interleaved: :func:`_pairs`) in B's and C's dtypes:
     float32 as they are; bfloat16 or float16, where B and C are sibling views of one
     storage (the network's projection), into one buffer laid out as that storage, by one
     copy (:func:`.grad_buffers.sibling_gradients`: ``ops.split_projection`` completes
@@ -1179,9 +1197,7 @@ def _new_like(x: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
     (for any strides of x: a view of a larger tensor gets a dense tensor of the same
     layout, e.g. channels or states innermost, as the network passes them)."""
     alloc = torch.zeros if zero else torch.empty
-    order = sorted(range(x.dim()), key=x.stride, reverse=True)  # outermost first; ties keep their order
-    t = alloc([x.shape[i] for i in order], device=x.device, dtype=dtype)
-    return t.permute([order.index(i) for i in range(x.dim())])
+    return _dense_as(alloc(x.numel(), device=x.device, dtype=dtype), x)
 
 
 class _CrossScan(torch.autograd.Function):
@@ -1258,10 +1274,12 @@ class _CrossScan(torch.autograd.Function):
         arriving = _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse=True)
         del local
         g_delta = _new_like(delta, delta.dtype, zero=False)
-        g_u = _new_like(u, f32, zero=True)
-        g_B, g_C = _pair_like(B)  # (neighbours: the kernel may add a token's and state's two sums at once)
+        # (one fill for the three; dL/dB and dL/dC neighbours: the kernel may add a token's
+        # and state's two sums at once)
+        parts_like = torch.empty(PART_SLOTS.value, K, N + 2, d, device="meta")
+        g_u, pairs, parts = _zeros_like(dev, u, _pairs(B), parts_like)
+        g_B, g_C = pairs[..., 0], pairs[..., 1]
         red = _reductions(dev)
-        parts = torch.zeros(PART_SLOTS.value, K, N + 2, d, device=dev, dtype=f32)
         out_strides = (*g_delta.stride(), *g_u.stride(), *(st // 2 for st in g_B.stride()))  # (g_B's in pairs)
         nq = triton.cdiv(d, BWD_CB)  # lane groups per line
         a2_nd = a2.view(K, d, N).transpose(1, 2).contiguous()  # (K, N, d)
