@@ -195,7 +195,9 @@ def training_step(mode: str) -> Callable[[], torch.Tensor]:
     w = torch.full((TRAIN_BATCH,), 0.5, device="cuda")
 
     def step():
-        opt.zero_grad(set_to_none=not graph)
+        # as the trainer's TrainPass: the backward writes the gradients rather than adding
+        # them to zeroed ones (recorded, into the graph's own tensors, which its AdamW reads)
+        opt.zero_grad(set_to_none=True)
         with autocast(bf16):
             fused = net(ir, vi)
         loss = weighted_l1_loss(fused.float(), ir, vi, w, w)

@@ -429,7 +429,7 @@ def _fwd_loads(
 
 @_scan_jit
 def _fwd_kernel(
-    u_ptr, dl_ptr, a2_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr,
+    u_ptr, dl_ptr, a_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr,
     st_ptr,  # (b*K, NL, NS, d, N) f32: MODE_END writes chunk-local end states; the others read start states
     dts_ptr,  # (b*K, NL, NS, d) f32: MODE_END writes the chunk sums of dt
     y_ptr,  # (b, M, d, L) f32, any strides: MODE_Y adds y (zeroed before); the backward's modes read dL/dy
@@ -493,7 +493,7 @@ def _fwd_kernel(
     for n in tl.static_range(N):
         for e in tl.static_range(CB):
             c = c0 + e
-            A2 = A2 + (tl.load(a2_ptr + (k * d + c) * N + n, mask=CM[e], other=0.0),)
+            A2 = A2 + (tl.load(a_ptr + (k * d + c) * N + n, mask=CM[e], other=0.0).to(tl.float32) * LOG2E_F,)
             if MODE == MODE_END:
                 Hs = Hs + (tl.zeros([E], tl.float32),)
             elif MODE != MODE_ADJOINT:
@@ -616,7 +616,7 @@ def _combine_rows(v_slab, dts_slab, ii, ne, s, c, smask, d, N, REVERSE: tl.const
 def _chunk_combine_kernel(
     v_ptr,  # (b*K, NL, NS, d, N) f32: per-chunk local contribution
     dts_ptr,  # (b*K, NL, NS, d) f32: per-chunk sum of dt (a chunk decays by exp(A * it))
-    a2_ptr,  # (K*d, N) f32: A * log2(e)
+    a_ptr,  # (K*d, N): A
     o_ptr,  # (b*K, NL, NS, d, N) f32 out: exclusive scan over the chunks (scan order or reversed)
     H, W, N, NL, NS, d,
     K: tl.constexpr, REVERSE: tl.constexpr, JB: tl.constexpr, SB: tl.constexpr,
@@ -633,7 +633,7 @@ def _chunk_combine_kernel(
     s = pid_s * SB + tl.arange(0, SB)
     smask = s < d * N
     c = s // N
-    a2 = tl.load(a2_ptr + k * d * N + s, mask=smask, other=0.0)
+    a2 = tl.load(a_ptr + k * d * N + s, mask=smask, other=0.0).to(tl.float32) * LOG2E_F
     slab = pid_bk.to(tl.int64) * NL * NS
     v_slab = v_ptr + slab * d * N
     dts_slab = dts_ptr + slab * d
@@ -723,7 +723,7 @@ def _scatter_slots(lane, NX: tl.constexpr, CT: tl.constexpr, STRIDE: tl.constexp
 @_scan_jit
 def _bwd_kernel(
     u_ptr, dl_ptr,
-    a2_ptr,  # (K, N, d) f32: A * log2(e), channels innermost
+    a_ptr,  # (K*d, N): A
     b_ptr, c_ptr, dsk_ptr, bias_ptr, g_ptr,
     ck_ptr,  # (b*K, NL, NBLK, N, d) f32 or bf16 (_checkpoint_dtype): state entering every block (_fwd_kernel's CK)
     q_ptr,  # (b*K, NL, NS, d, N) f32: adjoint arriving at each chunk end
@@ -800,7 +800,7 @@ def _bwd_kernel(
             cs = lmask & (c < d) & (n < N)
             CS = CS + (cs,)
             CKO = CKO + (ck_line + n * d + c,)
-            A2 = A2 + (tl.load(a2_ptr + (k * N + n) * d + c, mask=cs, other=0.0),)
+            A2 = A2 + (tl.load(a_ptr + (k * d + c) * N + n, mask=cs, other=0.0).to(tl.float32) * LOG2E_F,)
             GN = GN + (tl.load(q_ptr + (row * d + c) * N + n, mask=cs, other=0.0),)
             GAc = GAc + (tl.zeros([E], tl.float32),)
     # per state i: B and C of the lane's line at step 0 (a block adds its scalar offsets)
@@ -1061,7 +1061,7 @@ def _segments(H: int, W: int, b: int, K: int, d: int, M: int) -> tuple[int, int]
     return seg, triton.cdiv(longest, seg)
 
 
-def _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse: bool) -> torch.Tensor:
+def _combine_chunks(local, dts, A, H, W, NL, ns, d, K, reverse: bool) -> torch.Tensor:
     """Exclusive scan over the chunk slots of every direction (``_chunk_combine_kernel``)."""
     out = torch.empty_like(local)
     N = local.shape[-1]
@@ -1070,7 +1070,7 @@ def _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse: bool) -> torch.
     else:
         rows, states, warps = COMBINE_ROWS, COMBINE_STATES, COMBINE_WARPS
     _chunk_combine_kernel[(local.shape[0], triton.cdiv(d * N, states))](
-        local, dts, a2, out, H, W, N, NL, ns, d, K=K, REVERSE=reverse, JB=rows, SB=states, num_warps=warps
+        local, dts, A, out, H, W, N, NL, ns, d, K=K, REVERSE=reverse, JB=rows, SB=states, num_warps=warps
     )
     return out
 
@@ -1207,7 +1207,7 @@ class _CrossScan(torch.autograd.Function):
         K, N = delta.shape[2], A.shape[1]
         H, W = int(height), int(width)
         dev, f32 = u.device, torch.float32
-        a2 = (A.detach().to(f32) * LOG2E).contiguous()
+        a = A.detach().contiguous()  # (the kernels read it in float32, times log2(e))
         dsk = D.detach().to(f32).contiguous()
         bias = delta_bias.detach().to(f32).contiguous()
         NL = max(H, W)
@@ -1227,9 +1227,9 @@ class _CrossScan(torch.autograd.Function):
         strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *out.stride())
         state = torch.empty(b * K, NL, ns, d, N, device=dev, dtype=f32)
         dts = torch.empty(b * K, NL, ns, d, device=dev, dtype=f32)
-        args = (u, delta, a2, B, C, dsk, bias)
+        args = (u, delta, a, B, C, dsk, bias)
         _fwd_kernel[grid](*args, state, dts, out, state, state, *sizes, *strides, MODE=MODE_END, **no_ck, **consts)
-        start = _combine_chunks(state, dts, a2, H, W, NL, ns, d, K, reverse=False)
+        start = _combine_chunks(state, dts, a, H, W, NL, ns, d, K, reverse=False)
         del state
         if keep:
             ck = torch.empty(b * K, NL, nblk, N, d, device=dev, dtype=_checkpoint_dtype(u.dtype))
@@ -1249,13 +1249,13 @@ class _CrossScan(torch.autograd.Function):
         b, M, d, L = u.shape
         K, N = delta.shape[2], A.shape[1]
         dev, f32 = u.device, torch.float32
-        a2 = (A.detach().to(f32) * LOG2E).contiguous()
+        a = A.detach().contiguous()  # (the kernels read it in float32, times log2(e))
         dsk = D.detach().to(f32).contiguous()
         bias = delta_bias.detach().to(f32).contiguous()
         NL = max(H, W)
         tb = _steps(BWD_STEPS, M)
         nblk = triton.cdiv(NL, tb)
-        args = (u, delta, a2, B, C, dsk, bias)
+        args = (u, delta, a, B, C, dsk, bias)
         sizes = (H, W, NL, ns, seg, nblk, d)
         in_strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *gout.stride())
         # the adjoint every chunk passes back from its own outputs, and (unless the forward
@@ -1271,7 +1271,7 @@ class _CrossScan(torch.autograd.Function):
                           K=K, M=M, N=N, CB=SWEEP_CB, E=FWD_LANES, TB=math.gcd(FWD_UNROLL, tb),
                           PF=bool(kept) and ADJOINT_PF[M - 1],
                           UNIT_N=unit, VEC=vec, num_warps=max(1, FWD_LANES // 32))  # fmt: skip
-        arriving = _combine_chunks(local, dts, a2, H, W, NL, ns, d, K, reverse=True)
+        arriving = _combine_chunks(local, dts, a, H, W, NL, ns, d, K, reverse=True)
         del local
         g_delta = _new_like(delta, delta.dtype, zero=False)
         # (one fill for the three; dL/dB and dL/dC neighbours: the kernel may add a token's
@@ -1282,9 +1282,8 @@ class _CrossScan(torch.autograd.Function):
         red = _reductions(dev)
         out_strides = (*g_delta.stride(), *g_u.stride(), *(st // 2 for st in g_B.stride()))  # (g_B's in pairs)
         nq = triton.cdiv(d, BWD_CB)  # lane groups per line
-        a2_nd = a2.view(K, d, N).transpose(1, 2).contiguous()  # (K, N, d)
         _bwd_kernel[(triton.cdiv(NL * nq * BWD_PARTS, BWD_LANES) * ns, b * K)](
-            u, delta, a2_nd, B, C, dsk, bias, gout, ck, arriving, parts, g_delta, g_u, g_B,
+            u, delta, a, B, C, dsk, bias, gout, ck, arriving, parts, g_delta, g_u, g_B,
             *sizes, *in_strides, *out_strides,
             K=K, M=M, N=N, E=BWD_LANES, TB=tb, CT=_group(nq, tb * M, 2 * tb * M * triton.cdiv(N, BWD_PARTS), red),
             CB=BWD_CB, G=BWD_PARTS, RED=red, num_warps=max(1, BWD_LANES // 32),
