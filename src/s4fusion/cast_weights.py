@@ -3,13 +3,13 @@
 Under :func:`torch.autocast`, every linear layer, convolution and matrix product
 casts its float32 weights to the autocast dtype, in every pass: for the default
 network that is 115 parameters, cast by 115 small kernels per forward on a CUDA
-device (BENCHMARKS.md, session 14),
-and in training as many more that widen their gradients back to float32.
-:class:`CastWeights` makes those parameters' copies in the lower dtype by one
-``torch._foreach_copy_`` (a few multi-tensor kernels) and runs the model with the
-copies in their place (:func:`torch.func.functional_call`). Autocast then finds them
-already in its dtype and casts nothing. The copies hold exactly the values autocast's
-casts would make (the same rounding), so the output is bit for bit the autocast one.
+device (BENCHMARKS.md, session 14), and in training about as many more that widen
+their gradients back to float32 (session 25). :class:`CastWeights` makes those
+parameters' copies in the lower dtype by one ``torch._foreach_copy_`` (a few
+multi-tensor kernels) and runs the model with the copies in their place
+(:func:`torch.func.functional_call`). Autocast then finds them already in its dtype
+and casts nothing. The copies hold exactly the values autocast's casts would make
+(the same rounding), so the output is bit for bit the autocast one.
 In grad mode the copies are differentiable (:class:`_LowerCopies`): their gradients,
 summed in the lower dtype as autograd sums those of autocast's cached casts, are
 widened to float32 by one multi-tensor copy at the end of the backward.
