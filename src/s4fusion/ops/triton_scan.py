@@ -109,9 +109,10 @@ FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 # lanes), lanes per program, tokens unrolled per loop iteration, lanes wanted per
 # launch (lines are cut into segments until there are about as many), and for M = 1,
 # M = 2 whether a loop iteration's loads are issued one iteration ahead (more
-# registers, loads in flight during arithmetic). Chosen by `bench_scan.py --sweep
-# forward` on an H200 (BENCHMARKS.md).
-FWD_CB, FWD_LANES, FWD_UNROLL, FWD_PREFETCH = (1, 1), 128, 1, (True, False)
+# registers, loads in flight during arithmetic; off for both since session 25: the
+# network's fuses 1% faster, its training step the same). Chosen by `bench_scan.py
+# --sweep forward` and in the network on an H200 (BENCHMARKS.md).
+FWD_CB, FWD_LANES, FWD_UNROLL, FWD_PREFETCH = (1, 1), 128, 1, (False, False)
 TARGET_LANES = 1 << 17
 # Lines of at most this many steps stay one chunk (cutting them costs more than the
 # parallel work gains; `_segments`, BENCHMARKS.md session 18).
