@@ -1201,6 +1201,13 @@ def _new_like(x: torch.Tensor, dtype: torch.dtype, zero: bool) -> torch.Tensor:
     return _dense_as(alloc(x.numel(), device=x.device, dtype=dtype), x)
 
 
+def _parameters(A, D, delta_bias) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A, D and delta_bias as the kernels read them: A as it is (they load it in float32
+    and multiply by log2(e) themselves), D and delta_bias in float32, each contiguous."""
+    f32 = torch.float32
+    return A.detach().contiguous(), D.detach().to(f32).contiguous(), delta_bias.detach().to(f32).contiguous()
+
+
 class _CrossScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, height, width, recorded):  # type: ignore[override]
@@ -1208,9 +1215,7 @@ class _CrossScan(torch.autograd.Function):
         K, N = delta.shape[2], A.shape[1]
         H, W = int(height), int(width)
         dev, f32 = u.device, torch.float32
-        a = A.detach().contiguous()  # (the kernels read it in float32, times log2(e))
-        dsk = D.detach().to(f32).contiguous()
-        bias = delta_bias.detach().to(f32).contiguous()
+        a, dsk, bias = _parameters(A, D, delta_bias)
         NL = max(H, W)
         seg, ns = _segments(H, W, b, K, d, M)
         cb = FWD_CB[M - 1]
@@ -1249,10 +1254,8 @@ class _CrossScan(torch.autograd.Function):
         H, W, seg, ns, unit, vec = ctx.plan
         b, M, d, L = u.shape
         K, N = delta.shape[2], A.shape[1]
-        dev, f32 = u.device, torch.float32
-        a = A.detach().contiguous()  # (the kernels read it in float32, times log2(e))
-        dsk = D.detach().to(f32).contiguous()
-        bias = delta_bias.detach().to(f32).contiguous()
+        dev = u.device
+        a, dsk, bias = _parameters(A, D, delta_bias)
         NL = max(H, W)
         tb = _steps(BWD_STEPS, M)
         nblk = triton.cdiv(NL, tb)
