@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
 from .ablation import build_ablation_fusion
+from .branches import MAIN, Branches
 from .cmsa import CMSA
 from .config import S4FusionConfig
 from .layers import FoldHead, OverlapPatchEmbed, PatchExpand, PatchMerging
@@ -66,7 +67,14 @@ class S4Fusion(nn.Module):
     H, W >= 2 -> fused (B, 1, H, W), unclamped. Inputs are zero-padded to the
     network's size grid (sides = 1 mod 12 by default) exactly as the released test
     script does, and the output is cropped back.
+
+    Without autograd on a GPU the two encoders and the fusion modules run on CUDA
+    streams of their own (:class:`s4fusion.models.branches.Branches`; same kernels,
+    same results); ``branch_streams = False`` (on the class or a network) runs
+    everything on the current stream.
     """
+
+    branch_streams = True
 
     def __init__(self, config: Optional[S4FusionConfig] = None) -> None:
         super().__init__()
@@ -115,35 +123,42 @@ class S4Fusion(nn.Module):
         With ``trace`` (a dict), every intermediate is stored in it under the names
         of the golden set (``embed.x``, ``enc.x.0.out``, ``fusion.1.out``, ...)."""
         n = self.config.num_scales
-        x = self.embed_ir(infrared)
-        y = self.embed_vi(visible)
+        # without autograd, the two encoders and the fusion modules run on streams of
+        # their own (on a GPU; Branches): the same kernels, overlapping where they can
+        concurrent = (
+            self.branch_streams and trace is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        )
+        branches = Branches(infrared, ("infrared", "visible", "fusion"), concurrent)
+        x = branches.run("infrared", self.embed_ir, infrared)
+        y = branches.run("visible", self.embed_vi, visible)
         if trace is not None:
             trace["embed.x"], trace["embed.y"] = x, y
         skips = []  # (x, y) entering each encoder stage: what CMSA_i fuses
         for i in range(n):
             skips.append((x, y))
-            x = self.encoder_ir[i](x, trace, f"enc.x.{i}")
-            y = self.encoder_vi[i](y, trace, f"enc.y.{i}")
+            x = branches.run("infrared", self.encoder_ir[i], x, trace, f"enc.x.{i}")
+            y = branches.run("visible", self.encoder_vi[i], y, trace, f"enc.y.{i}")
             if trace is not None:
                 trace[f"enc.x.{i}.out"], trace[f"enc.y.{i}.out"] = x, y
         # The released decoder never uses the finest CMSA: skipping it is output-identical.
         first = 0 if (self.config.topology == "paper" or trace is not None) else 1
         fused = [None] * n
         for i in range(first, n):
-            fused[i] = self.cmsa[i](*skips[i], trace, f"fusion.{i}")
+            fused[i] = branches.run("fusion", self.cmsa[i], *skips[i], trace, f"fusion.{i}")
             if trace is not None:
                 trace[f"fusion.{i}.out"] = fused[i]
-        d = x + y
+        d = branches.run(MAIN, torch.add, x, y)
         if trace is not None:
             trace["dec.in"] = d
         for i in range(n):
             if i > 0:
-                d = d + fused[n - i]
+                d = branches.run(MAIN, torch.add, d, fused[n - i])
             d = self.decoder[i](d, trace, f"dec.{i}")
             if trace is not None:
                 trace[f"dec.{i}.out"] = d
         if self.config.topology == "paper":
-            d = d + fused[0]
+            d = branches.run(MAIN, torch.add, d, fused[0])
+        branches.join()
         if trace is None:
             return self.head(d, tuple(infrared.shape[-2:]))
         cols = self.head.fold_input(d)
