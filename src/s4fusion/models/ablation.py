@@ -206,7 +206,7 @@ class FSSMBlock(nn.Module):
     def _branch_in(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, W, C) -> a (B, d, H, W) after conv + SiLU, gate z (B, H, W, d)."""
         a, z = self.in_proj(v).chunk(2, dim=-1)
-        return self.conv2d(a.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)), z
+        return self.conv2d(a.permute(0, 3, 1, 2)), z
 
     def _branch_out(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """scan output (B, d, L) and gate z (B, H, W, d) -> (B, H, W, C)."""

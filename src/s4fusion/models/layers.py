@@ -28,9 +28,10 @@ class LayerNorm(nn.LayerNorm):
 
 class DepthwiseConvSiLU(nn.Conv2d):
     """The depthwise conv + SiLU of the SS2D / Cross SS2D branches (same padding,
-    bias): (b, d, H, W) channels-last -> ``silu(conv(x) + bias)``, channels-last. The
-    convolution runs without its bias; the bias and the SiLU are one op
-    (:func:`s4fusion.ops.bias_silu`, on a GPU one kernel each way). The weight is kept
+    bias): (b, d, H, W) in any layout -> ``silu(conv(x) + bias)``, channels-last, by
+    :func:`s4fusion.ops.depthwise_conv_silu`: the convolution without its bias on a
+    channels-last copy of x, then the bias and the SiLU as one op (on a GPU one kernel
+    each way); on a GPU without gradients, all of it one kernel reading x as it lies. The weight is kept
     channels-last, like the inputs: the weight's gradient then has the weight's
     strides (DDP's gradient-layout contract; otherwise DDP warns and copies the
     gradient into its buckets). Parameters and state dict are ``nn.Conv2d``'s; the bias
@@ -44,7 +45,7 @@ class DepthwiseConvSiLU(nn.Conv2d):
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.bias_silu(conv2d_without_bias(self, x), self.bias)
+        return ops.depthwise_conv_silu(x, self.weight, self.bias)
 
 
 def conv2d_without_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

@@ -126,9 +126,10 @@ class GatedScanBranch(ScanParams):
         return self.conv_act(x_in), z
 
     def conv_act(self, x_in: torch.Tensor) -> torch.Tensor:
-        """The depthwise conv + SiLU of the branch: x_in (b, H, W, d) -> a (b, d, H, W),
-        channels innermost in memory (``torch.channels_last``)."""
-        return self.conv2d(x_in.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last))
+        """The depthwise conv + SiLU of the branch: x_in (b, H, W, d) (a slice of the
+        input projection's output) -> a (b, d, H, W), channels innermost in memory
+        (``torch.channels_last``)."""
+        return self.conv2d(x_in.permute(0, 3, 1, 2))
 
     def branch_out(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """y (b, d, L) scan output, z (b, H, W, d) -> (b, H, W, C)."""

@@ -1,7 +1,8 @@
 """Registration of the fast scan backends (the triton one has no state op:
 :func:`s4fusion.ops.cross_scan_state` runs the CPU kernel on host copies on the
 GPU, see :func:`s4fusion.ops.resolve_state_backend`; it has a LayerNorm, a delta
-up-projection and a bias + SiLU of its own, the CPU one uses PyTorch's).
+up-projection, a bias + SiLU and a depthwise convolution + SiLU of its own, the CPU
+one uses PyTorch's).
 
 Each backend lives in its own module and is imported only when first used;
 the probe functions here only check whether it could be imported/run.
@@ -84,6 +85,12 @@ def _triton_bias_relu_loader():
     return bias_relu_triton
 
 
+def _triton_conv_silu_loader():
+    from .triton_act import depthwise_conv_silu_triton
+
+    return depthwise_conv_silu_triton
+
+
 def _triton_norm_loader():
     from .triton_norm import layer_norm_triton
 
@@ -101,4 +108,5 @@ register_backend(
     proj_loader=_triton_proj_loader,
     bias_silu_loader=_triton_bias_silu_loader,
     bias_relu_loader=_triton_bias_relu_loader,
+    conv_silu_loader=_triton_conv_silu_loader,
 )

@@ -361,6 +361,32 @@ def bias_silu_ref(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return F.silu(x + bias.to(x.dtype).view(1, -1, 1, 1))
 
 
+def check_depthwise_conv_silu_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Check the shapes of a :func:`depthwise_conv_silu_ref` call (every backend shares
+    this contract); raises ValueError naming the argument, the expected and the given shape."""
+    _check_bias_args("depthwise_conv_silu", x, bias)
+    C = x.shape[1]
+    if weight.dim() != 4 or weight.shape[:2] != (C, 1) or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
+        raise ValueError(
+            f"depthwise_conv_silu: weight must be ({C}, 1, k, k) with k odd for x {tuple(x.shape)}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if weight.device != x.device:
+        raise ValueError(f"depthwise_conv_silu: weight is on {weight.device} but x is on {x.device}")
+
+
+def depthwise_conv_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``silu(conv(x) + bias)``: the SS2D branches' depthwise convolution (x (b, C, H, W)
+    in any layout, weight (C, 1, k, k), k odd, stride 1, zero padding (k - 1) / 2: the
+    map keeps its size) without its bias, on x made channels-last first, then
+    :func:`bias_silu_ref`. Channels-last result in the convolution's dtype (under
+    autocast, autocast's)."""
+    check_depthwise_conv_silu_args(x, weight, bias)
+    k = weight.shape[-1]
+    x = x.contiguous(memory_format=torch.channels_last)
+    return bias_silu_ref(F.conv2d(x, weight, None, 1, (k - 1) // 2, 1, x.shape[1]), bias)
+
+
 def check_bias_relu_args(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> None:
     """Check the shapes of a :func:`bias_relu_ref` call (every backend shares this
     contract); raises ValueError naming the argument, the expected and the given value."""

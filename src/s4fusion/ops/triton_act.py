@@ -1,6 +1,7 @@
 """A convolution's bias and the activation after it as Triton kernels: the GPU twins of
-:func:`s4fusion.ops.reference.bias_silu_ref` (forward and backward) and
-:func:`s4fusion.ops.reference.bias_relu_ref` (forward; its backward is one PyTorch op).
+:func:`s4fusion.ops.reference.bias_silu_ref` (forward and backward),
+:func:`s4fusion.ops.reference.bias_relu_ref` (forward; its backward is one PyTorch op)
+and, without gradients, :func:`s4fusion.ops.reference.depthwise_conv_silu_ref`.
 
 PyTorch runs a convolution's bias as a separate broadcast add after cuDNN's kernel,
 the SiLU as another pass, and in training their backward as a SiLU-backward pass
@@ -17,9 +18,13 @@ per training step of the default network: BENCHMARKS.md, session 14).
   the reference's order and precision (so the result is the reference's, bit for
   bit): one pass where PyTorch makes three (bias, residual, ReLU). The backward is
   the ReLU's, ``dL/dx = dL/dresidual = dL/dy where y > 0``.
+* depthwise convolution + bias + SiLU forward, where no gradient is wanted (fusing):
+  one kernel reads x in any layout (the network's is a strided slice of the input
+  projection's output) and writes the channels-last result, where PyTorch makes a
+  channels-last copy of x, runs cuDNN's convolution and the bias + SiLU kernel after it.
 
-x must be channels-last (what a convolution returns for its channels-last input);
-other layouts run the reference.
+For the bias ops x must be channels-last (what a convolution returns for its
+channels-last input); other layouts run the reference.
 """
 
 from __future__ import annotations
@@ -27,15 +32,24 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .reference import bias_relu_ref, bias_silu_ref, check_bias_relu_args, check_bias_silu_args
+from .reference import (
+    autocast_dtype,
+    bias_relu_ref,
+    bias_silu_ref,
+    check_bias_relu_args,
+    check_bias_silu_args,
+    check_depthwise_conv_silu_args,
+)
 from .triton_grid import launch_device, runs_of_tiles
 
-__all__ = ["bias_relu_triton", "bias_silu_triton"]
+__all__ = ["bias_relu_triton", "bias_silu_triton", "depthwise_conv_silu_triton"]
 
 TILE = 4096  # elements of a program's tile: BR tokens x BC channels
+CONV_TILE = 2048  # the same for the depthwise convolution (K * K loads per element)
 WARPS = 4
 BWD_PROGRAMS_PER_SM = 4  # backward programs per multiprocessor (each walks a run of tiles)
 
@@ -51,6 +65,44 @@ def _bias_silu_fwd_kernel(x_ptr, b_ptr, o_ptr, R, C, BR: tl.constexpr, BC: tl.co
     bias = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
     s = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) + bias[None, :]
     tl.store(o_ptr + offs, (s / (1.0 + tl.exp(-s))).to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _dwconv_silu_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, o_ptr, T, C, H, W,
+    sxb, sxc, sxh, sxw,  # x's strides (any layout)
+    swc, swi, swj,  # the weight's strides (channel, row, column)
+    K: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """o (T = b*H*W tokens, C) dense channels-last = silu(conv(x) + bias): BR tokens (in
+    row-major order, across rows and images) x BC channels per program; each tap is one
+    masked load (zero padding), the sum in float32 rounded to o's dtype as the
+    convolution's output is, then the bias rounded to it, the SiLU in float32."""
+    t = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    cm = c < C
+    tm = t < T
+    w = t % W
+    h = t // W % H
+    bi = (t // W // H).to(tl.int64)
+    P: tl.constexpr = (K - 1) // 2
+    base = x_ptr + bi * sxb
+    cx = c.to(tl.int64)[None, :] * sxc
+    acc = tl.zeros([BR, BC], tl.float32)
+    for i in tl.static_range(K):
+        hh = h + (i - P)
+        rm = tm & (hh >= 0) & (hh < H)
+        for j in tl.static_range(K):
+            ww = w + (j - P)
+            m = (rm & (ww >= 0) & (ww < W))[:, None] & cm[None, :]
+            xv = tl.load(base[:, None] + (hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw)[:, None] + cx, mask=m, other=0.0)
+            wv = tl.load(w_ptr + c * swc + i * swi + j * swj, mask=cm, other=0.0)
+            acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
+    dt = o_ptr.dtype.element_ty
+    bias = tl.load(b_ptr + c, mask=cm, other=0.0).to(dt).to(tl.float32)
+    s = acc.to(dt).to(tl.float32) + bias[None, :]
+    offs = t.to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(o_ptr + offs, (s / (1.0 + tl.exp(-s))).to(dt), mask=tm[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -96,12 +148,13 @@ def _bias_silu_bwd_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _tile(C: int) -> tuple[int, int]:
-    """(BR, BC): the widest channel block of 32, 64 or 128 that pads C least (C = 72:
-    32, three blocks; 144: 32; 288: 32; 48: 64; 192: 64)."""
+def _tile(C: int, tile: int = 0) -> tuple[int, int]:
+    """(BR, BC) of a tile of ``tile`` elements (default TILE): the widest channel block
+    of 32, 64 or 128 that pads C least (C = 72: 32, three blocks; 144: 32; 288: 32; 48:
+    64; 192: 64)."""
     padded = {w: triton.cdiv(C, w) * w for w in (128, 64, 32)}
     bc = min(padded, key=lambda w: (padded[w], -w))
-    return TILE // bc, bc
+    return (tile or TILE) // bc, bc
 
 
 def _token_matrix(x: torch.Tensor) -> tuple[int, int]:
@@ -153,6 +206,37 @@ def bias_silu_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     check_bias_silu_args(x, bias)
     with launch_device(x):
         return _BiasSiLU.apply(x, bias)
+
+
+def depthwise_conv_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``silu(conv(x) + bias)`` of a depthwise convolution; see
+    :func:`s4fusion.ops.reference.depthwise_conv_silu_ref`. Where no gradient is
+    wanted, one kernel (:func:`_dwconv_silu_fwd_kernel`) reads x in its own layout (the
+    network passes a strided slice of its input projection), so neither the
+    channels-last copy of x nor the convolution's output exists; elsewhere (and for
+    weight and x of different dtypes outside autocast) the convolution runs on a
+    channels-last copy of x and :func:`bias_silu_triton` after it, differentiable in
+    every input."""
+    check_depthwise_conv_silu_args(x, weight, bias)
+    dtype = autocast_dtype(x.device.type)
+    if dtype is not None:  # (as autocast casts a convolution's input and weight)
+        x, weight = x.to(dtype), weight.to(dtype)
+    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    if grads or weight.dtype != x.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        k = weight.shape[-1]
+        x = x.contiguous(memory_format=torch.channels_last)
+        return bias_silu_triton(F.conv2d(x, weight, None, 1, (k - 1) // 2, 1, x.shape[1]), bias)
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    R, C = _token_matrix(out)
+    if out.numel():
+        br, bc = _tile(C, CONV_TILE)
+        b, _, H, W = x.shape
+        with launch_device(x):
+            _dwconv_silu_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
+                x, weight, bias, out, R, C, H, W, *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+                K=weight.shape[-1], BR=br, BC=bc, num_warps=WARPS,
+            )  # fmt: skip
+    return out
 
 
 class _BiasReLU(torch.autograd.Function):
