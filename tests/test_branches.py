@@ -48,7 +48,7 @@ def test_a_branch_waits_for_the_tensors_another_branch_makes():
 
 def _streams_of(model: S4Fusion) -> dict[str, torch.cuda.Stream]:
     seen: dict[str, torch.cuda.Stream] = {}
-    for name in ("encoder_ir.0", "encoder_vi.0", "cmsa.1", "decoder.0"):
+    for name in ("encoder_ir.0", "encoder_vi.0", "cmsa.1", "cmsa.2", "decoder.0"):
         module = model.get_submodule(name)
         module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, torch.cuda.current_stream()))
     return seen
@@ -71,13 +71,13 @@ def test_the_network_on_branch_streams_gives_the_one_stream_output():
             S4Fusion.branch_streams = True
             seen.clear()
             eager = model(ir, vi)
-            streams = [seen[n] for n in ("encoder_ir.0", "encoder_vi.0", "cmsa.1")]
-            assert len(set(streams)) == 3 and main not in streams and seen["decoder.0"] == main
+            streams = [seen[n] for n in ("encoder_ir.0", "encoder_vi.0", "cmsa.1", "cmsa.2")]
+            assert len(set(streams)) == 4 and main not in streams and seen["decoder.0"] == main
             graphed = api.graphed(model)(ir, vi)
         seen.clear()
         with torch.no_grad():
             model(ir, vi)
-        assert len(set(seen.values())) == 4
+        assert len(set(seen.values())) == 5
         seen.clear()
         model(ir, vi)  # (autograd records: one stream)
         assert set(seen.values()) == {main}

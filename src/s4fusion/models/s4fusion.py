@@ -68,7 +68,7 @@ class S4Fusion(nn.Module):
     network's size grid (sides = 1 mod 12 by default) exactly as the released test
     script does, and the output is cropped back.
 
-    Without autograd on a GPU the two encoders and the fusion modules run on CUDA
+    Without autograd on a GPU the two encoders and each fusion module run on CUDA
     streams of their own (:class:`s4fusion.models.branches.Branches`; same kernels,
     same results); ``branch_streams = False`` (on the class or a network) runs
     everything on the current stream.
@@ -123,12 +123,12 @@ class S4Fusion(nn.Module):
         With ``trace`` (a dict), every intermediate is stored in it under the names
         of the golden set (``embed.x``, ``enc.x.0.out``, ``fusion.1.out``, ...)."""
         n = self.config.num_scales
-        # without autograd, the two encoders and the fusion modules run on streams of
+        # without autograd, the two encoders and each fusion module run on streams of
         # their own (on a GPU; Branches): the same kernels, overlapping where they can
         concurrent = (
             self.branch_streams and trace is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         )
-        branches = Branches(infrared, ("infrared", "visible", "fusion"), concurrent)
+        branches = Branches(infrared, ("infrared", "visible", *(f"fusion{i}" for i in range(n))), concurrent)
         x = branches.run("infrared", self.embed_ir, infrared)
         y = branches.run("visible", self.embed_vi, visible)
         if trace is not None:
@@ -144,7 +144,7 @@ class S4Fusion(nn.Module):
         first = 0 if (self.config.topology == "paper" or trace is not None) else 1
         fused = [None] * n
         for i in range(first, n):
-            fused[i] = branches.run("fusion", self.cmsa[i], *skips[i], trace, f"fusion.{i}")
+            fused[i] = branches.run(f"fusion{i}", self.cmsa[i], *skips[i], trace, f"fusion.{i}")
             if trace is not None:
                 trace[f"fusion.{i}.out"] = fused[i]
         d = branches.run(MAIN, torch.add, x, y)
