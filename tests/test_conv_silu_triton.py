@@ -59,8 +59,11 @@ def test_reference_is_the_convolution_with_bias_then_silu_in_any_layout():
 
 def test_shapes_are_checked():
     x, weight, bias = _inputs(1, 8, 3, 3, 3, torch.float32, "cpu")
-    with pytest.raises(ValueError, match=r"weight must be \(8, 1, k, k\) with k odd for x \(1, 8, 3, 3\), got \(8, 1, 2, 2\)"):
+    expected = r"weight must be \(8, 1, k, k\) with k odd for x \(1, 8, 3, 3\), got \(8, 1, 2, 2\)"
+    with pytest.raises(ValueError, match=expected):
         ops.depthwise_conv_silu(x, weight[..., :2, :2], bias)
+    with pytest.raises(ValueError, match=r"weight must be \(8, 1, k, k\)"):
+        ops.depthwise_conv_silu(x, weight[:, :, :, :1], bias)
     with pytest.raises(ValueError, match=r"bias must be \(8,\) for x \(1, 8, 3, 3\), got \(7,\)"):
         ops.depthwise_conv_silu(x, weight, bias[:7])
 

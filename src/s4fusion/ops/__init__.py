@@ -12,14 +12,16 @@ function with the signature of :func:`s4fusion.ops.reference.cross_scan_state_re
 one with that of :func:`s4fusion.ops.reference.dt_project_ref`, one with that
 of :func:`s4fusion.ops.reference.layer_norm_ref` and ones with those of
 :func:`s4fusion.ops.reference.bias_silu_ref`, :func:`s4fusion.ops.reference.bias_relu_ref`
-and :func:`s4fusion.ops.reference.depthwise_conv_silu_ref` (backends without one use the reference's, PyTorch's own operations).
+and :func:`s4fusion.ops.reference.depthwise_conv_silu_ref` (backends without one use the
+reference's, PyTorch's own operations).
 
 Choosing a backend, in order: the ``backend=`` argument, then
 :func:`set_backend` / the ``S4FUSION_SCAN_BACKEND`` environment variable, then
 the fastest available backend for the input's device (``auto``).
 
 Under :func:`torch.compile`, :func:`layer_norm`, :func:`dt_project`, :func:`bias_silu`,
-:func:`bias_relu` and :func:`depthwise_conv_silu` are the references (inductor fuses them with their neighbours), and every scan call is a
+:func:`bias_relu` and :func:`depthwise_conv_silu` are the references (inductor fuses them
+with their neighbours), and every scan call is a
 graph break: the backend, its choice included, runs eagerly as an opaque call
 (``torch.compiler.disable``, applied only when compiling, so that importing the
 package does not import dynamo: :func:`prepare_for_compile`, which :func:`s4fusion.api.compiled` calls,

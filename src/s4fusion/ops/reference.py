@@ -366,7 +366,8 @@ def check_depthwise_conv_silu_args(x: torch.Tensor, weight: torch.Tensor, bias: 
     this contract); raises ValueError naming the argument, the expected and the given shape."""
     _check_bias_args("depthwise_conv_silu", x, bias)
     C = x.shape[1]
-    if weight.dim() != 4 or weight.shape[:2] != (C, 1) or weight.shape[2] != weight.shape[3] or weight.shape[2] % 2 == 0:
+    k = weight.shape[-1] if weight.dim() == 4 else 0
+    if weight.shape != (C, 1, k, k) or k % 2 == 0:
         raise ValueError(
             f"depthwise_conv_silu: weight must be ({C}, 1, k, k) with k odd for x {tuple(x.shape)}, "
             f"got {tuple(weight.shape)}"

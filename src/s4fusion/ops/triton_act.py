@@ -95,7 +95,8 @@ def _dwconv_silu_fwd_kernel(
         for j in tl.static_range(K):
             ww = w + (j - P)
             m = (rm & (ww >= 0) & (ww < W))[:, None] & cm[None, :]
-            xv = tl.load(base[:, None] + (hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw)[:, None] + cx, mask=m, other=0.0)
+            at = (hh.to(tl.int64) * sxh + ww.to(tl.int64) * sxw)[:, None] + cx
+            xv = tl.load(base[:, None] + at, mask=m, other=0.0)
             wv = tl.load(w_ptr + c * swc + i * swi + j * swj, mask=cm, other=0.0)
             acc += xv.to(tl.float32) * wv.to(tl.float32)[None, :]
     dt = o_ptr.dtype.element_ty
@@ -230,7 +231,7 @@ def depthwise_conv_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torc
     R, C = _token_matrix(out)
     if out.numel():
         br, bc = _tile(C, CONV_TILE)
-        b, _, H, W = x.shape
+        H, W = x.shape[-2:]
         with launch_device(x):
             _dwconv_silu_fwd_kernel[(triton.cdiv(R, br), triton.cdiv(C, bc))](
                 x, weight, bias, out, R, C, H, W, *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
