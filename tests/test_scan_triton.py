@@ -92,8 +92,10 @@ def reference_and_grads(inputs, gout, H, W):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "b{}M{}d{}N{}_{}x{}".format(*c))
 @pytest.mark.gpu
 @needs_cuda
-def test_matches_reference_forward_and_every_gradient(case, dtype, layout):
+def test_matches_reference_forward_and_every_gradient(case, dtype, layout, monkeypatch):
     b, M, d, N, H, W = case
+    new_like = ts._new_like  # (buffers that the kernels must fill entirely start as NaN)
+    monkeypatch.setattr(ts, "_new_like", lambda x, dt, zero: new_like(x, dt, True).fill_(0.0 if zero else torch.nan))
     inputs = make_inputs(b, M, d, N, H, W, dtype, "cuda", layout=layout)
     out = ts.cross_scan_triton(*inputs, H, W)
     assert out.dtype == dtype and out.shape == (b, M, d, H * W)
@@ -447,6 +449,8 @@ from s4fusion.ops import triton_scan as ts
 from s4fusion.ops.reference import cross_scan_ref
 ts.FWD_UNROLL, ts.BWD_STEPS, ts.COMBINE_ROWS, ts.SHORT_ROWS, ts.FWD_LANES, ts.BWD_LANES = 2, 2, 4, 4, 8, 8
 ts.WHOLE_LINE_STEPS = 0  # (tiny images: their lines cut into chunks too)
+_new_like = ts._new_like  # (buffers that the kernels must fill entirely start as NaN)
+ts._new_like = lambda x, dtype, zero: _new_like(x, dtype, True).fill_(0.0 if zero else float("nan"))
 """
 
 INTERPRETER_CHECK = TINY_LAUNCHES + """
