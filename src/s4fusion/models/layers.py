@@ -148,7 +148,9 @@ class FoldHead(nn.Module):
         scatter) with their composed weight, plus the conv's bias: the same sums in
         another order (equal to ``out_conv(fold(fold_input(x)))`` up to float rounding),
         ``fold_chans / out_chans`` times less work and no (b, fold_chans*p*p, h*w)
-        intermediate. ``size`` must be the grid the patches cover, (h-1)*stride + p."""
+        intermediate (:func:`s4fusion.ops.fold_patches`; on a GPU without gradients one
+        kernel reading x in place). ``size`` must be the grid the patches cover,
+        (h-1)*stride + p."""
         b, h, w, _ = x.shape
         p, s = self.patch_size, self.stride
         if tuple(size) != ((h - 1) * s + p, (w - 1) * s + p):
@@ -156,6 +158,4 @@ class FoldHead(nn.Module):
         conv = self.out_conv.weight[:, :, 0, 0]  # (out_chans, fold_chans)
         expand = self.expand.weight.view(conv.shape[1], p, p, -1)  # (fold_chans, p, p, dim)
         weight = torch.einsum("oc,cijd->doij", conv, expand).contiguous()  # (dim, out_chans, p, p)
-        # NCHW: with a channels-last input, torch.compile's shape inference and cuDNN
-        # disagree on the strides of the input's gradient (torch 2.11)
-        return F.conv_transpose2d(x.permute(0, 3, 1, 2).contiguous(), weight, self.out_conv.bias, stride=s)
+        return ops.fold_patches(x, weight, self.out_conv.bias, s)

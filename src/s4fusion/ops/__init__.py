@@ -2,8 +2,8 @@
 backends behind one dispatcher.
 
 Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`),
-:func:`split_projection`, :func:`dt_project`, :func:`layer_norm`, :func:`bias_silu` and
-:func:`depthwise_conv_silu` only, and the loss's frozen ResNet-50 :func:`bias_relu`; they never import a backend
+:func:`split_projection`, :func:`dt_project`, :func:`layer_norm`, :func:`bias_silu`,
+:func:`depthwise_conv_silu` and :func:`fold_patches` only, and the loss's frozen ResNet-50 :func:`bias_relu`; they never import a backend
 (:func:`split_projection` is PyTorch's own operations on every device). A
 backend is a function with the signature of
 :func:`s4fusion.ops.reference.cross_scan_ref` registered under a name with the
@@ -11,17 +11,18 @@ devices it serves and a probe saying whether it can run here, optionally with a
 function with the signature of :func:`s4fusion.ops.reference.cross_scan_state_ref`,
 one with that of :func:`s4fusion.ops.reference.dt_project_ref`, one with that
 of :func:`s4fusion.ops.reference.layer_norm_ref` and ones with those of
-:func:`s4fusion.ops.reference.bias_silu_ref`, :func:`s4fusion.ops.reference.bias_relu_ref`
-and :func:`s4fusion.ops.reference.depthwise_conv_silu_ref` (backends without one use the
-reference's, PyTorch's own operations).
+:func:`s4fusion.ops.reference.bias_silu_ref`, :func:`s4fusion.ops.reference.bias_relu_ref`,
+:func:`s4fusion.ops.reference.depthwise_conv_silu_ref` and
+:func:`s4fusion.ops.reference.fold_patches_ref` (backends without one use the reference's,
+PyTorch's own operations).
 
 Choosing a backend, in order: the ``backend=`` argument, then
 :func:`set_backend` / the ``S4FUSION_SCAN_BACKEND`` environment variable, then
 the fastest available backend for the input's device (``auto``).
 
 Under :func:`torch.compile`, :func:`layer_norm`, :func:`dt_project`, :func:`bias_silu`,
-:func:`bias_relu` and :func:`depthwise_conv_silu` are the references (inductor fuses them
-with their neighbours), and every scan call is a
+:func:`bias_relu`, :func:`depthwise_conv_silu` and :func:`fold_patches` are the references
+(inductor fuses them with their neighbours), and every scan call is a
 graph break: the backend, its choice included, runs eagerly as an opaque call
 (``torch.compiler.disable``, applied only when compiling, so that importing the
 package does not import dynamo: :func:`prepare_for_compile`, which :func:`s4fusion.api.compiled` calls,
@@ -48,10 +49,11 @@ from .reference import (
     bias_relu_ref,
     bias_silu_ref,
     cross_scan_ref,
-    depthwise_conv_silu_ref,
     cross_scan_state_ref,
+    depthwise_conv_silu_ref,
     direction_orders,
     dt_project_ref,
+    fold_patches_ref,
     layer_norm_ref,
     projection_rows,
     selective_scan_ref,
@@ -70,6 +72,8 @@ __all__ = [
     "depthwise_conv_silu_ref",
     "dt_project",
     "dt_project_ref",
+    "fold_patches",
+    "fold_patches_ref",
     "layer_norm",
     "layer_norm_ref",
     "prepare_for_compile",
@@ -105,6 +109,7 @@ class Backend:
     bias_silu_loader: Callable[[], Callable]  # returns the bias_silu function (the reference's by default)
     bias_relu_loader: Callable[[], Callable]  # returns the bias_relu function (the reference's by default)
     conv_silu_loader: Callable[[], Callable]  # returns the depthwise_conv_silu function (the reference's by default)
+    fold_loader: Callable[[], Callable]  # returns the fold_patches function (the reference's by default)
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -124,15 +129,17 @@ def register_backend(
     bias_silu_loader: Optional[Callable[[], Callable]] = None,
     bias_relu_loader: Optional[Callable[[], Callable]] = None,
     conv_silu_loader: Optional[Callable[[], Callable]] = None,
+    fold_loader: Optional[Callable[[], Callable]] = None,
 ) -> None:
     norm_loader = norm_loader or (lambda: layer_norm_ref)
     proj_loader = proj_loader or (lambda: dt_project_ref)
     bias_silu_loader = bias_silu_loader or (lambda: bias_silu_ref)
     bias_relu_loader = bias_relu_loader or (lambda: bias_relu_ref)
     conv_silu_loader = conv_silu_loader or (lambda: depthwise_conv_silu_ref)
+    fold_loader = fold_loader or (lambda: fold_patches_ref)
     _BACKENDS[name] = Backend(
         name, fn_loader, devices, probe, priority, how_to_get,
-        state_loader, norm_loader, proj_loader, bias_silu_loader, bias_relu_loader, conv_silu_loader,
+        state_loader, norm_loader, proj_loader, bias_silu_loader, bias_relu_loader, conv_silu_loader, fold_loader,
     )  # fmt: skip
 
 
@@ -214,7 +221,8 @@ _loaded: dict[tuple[str, str], Callable] = {}
 
 def _load(name: str, kind: str = "fn") -> Callable:
     """Backend ``name``'s function of this kind (``fn``: cross_scan, ``state``,
-    ``norm``, ``proj``, ``bias_silu``, ``bias_relu``, ``conv_silu``), imported on first use."""
+    ``norm``, ``proj``, ``bias_silu``, ``bias_relu``, ``conv_silu``, ``fold``), imported on
+    first use."""
     fn = _loaded.get((name, kind))
     if fn is None:
         fn = _loaded[(name, kind)] = getattr(_BACKENDS[name], f"{kind}_loader")()
@@ -361,6 +369,19 @@ def depthwise_conv_silu(
     if torch.compiler.is_compiling():
         return depthwise_conv_silu_ref(x, weight, bias)
     return _load(resolve_backend(x.device, backend), "conv_silu")(x, weight, bias)
+
+
+def fold_patches(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Overlapping patches of a channels-last token map x (b, h, w, C) summed onto an
+    image by weight (C, O, p, p) with stride ``stride``, plus bias (O,): the S4Fusion
+    head; see :func:`s4fusion.ops.reference.fold_patches_ref`. Runs on the op of the
+    backend that :func:`cross_scan` would use for ``x``'s device (``backend`` forces
+    one)."""
+    if torch.compiler.is_compiling():
+        return fold_patches_ref(x, weight, bias, stride)
+    return _load(resolve_backend(x.device, backend), "fold")(x, weight, bias, stride)
 
 
 def bias_relu(

@@ -1,8 +1,8 @@
 """Registration of the fast scan backends (the triton one has no state op:
 :func:`s4fusion.ops.cross_scan_state` runs the CPU kernel on host copies on the
 GPU, see :func:`s4fusion.ops.resolve_state_backend`; it has a LayerNorm, a delta
-up-projection, a bias + SiLU and a depthwise convolution + SiLU of its own, the CPU
-one uses PyTorch's).
+up-projection, a bias + SiLU, a depthwise convolution + SiLU and the head's patch fold of
+its own, the CPU one uses PyTorch's).
 
 Each backend lives in its own module and is imported only when first used;
 the probe functions here only check whether it could be imported/run.
@@ -91,6 +91,12 @@ def _triton_conv_silu_loader():
     return depthwise_conv_silu_triton
 
 
+def _triton_fold_loader():
+    from .triton_fold import fold_patches_triton
+
+    return fold_patches_triton
+
+
 def _triton_norm_loader():
     from .triton_norm import layer_norm_triton
 
@@ -109,4 +115,5 @@ register_backend(
     bias_silu_loader=_triton_bias_silu_loader,
     bias_relu_loader=_triton_bias_relu_loader,
     conv_silu_loader=_triton_conv_silu_loader,
+    fold_loader=_triton_fold_loader,
 )

@@ -388,6 +388,36 @@ def depthwise_conv_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return bias_silu_ref(F.conv2d(x, weight, None, 1, (k - 1) // 2, 1, x.shape[1]), bias)
 
 
+def check_fold_patches_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int) -> None:
+    """Check the shapes of a :func:`fold_patches_ref` call (every backend shares this
+    contract); raises ValueError naming the argument, the expected and the given shape."""
+    if x.dim() != 4:
+        raise ValueError(f"fold_patches: x must be (b, h, w, C), got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    if weight.dim() != 4 or weight.shape[0] != C or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"fold_patches: weight must be ({C}, O, p, p) for x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if bias.shape != (weight.shape[1],):
+        raise ValueError(f"fold_patches: bias must be ({weight.shape[1]},), got {tuple(bias.shape)}")
+    if not 1 <= stride <= weight.shape[2]:
+        raise ValueError(f"fold_patches: stride must be 1 .. {weight.shape[2]} (the patch size), got {stride}")
+    if weight.device != x.device or bias.device != x.device:
+        raise ValueError(f"fold_patches: weight is on {weight.device}, bias on {bias.device}, x on {x.device}")
+
+
+def fold_patches_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int) -> torch.Tensor:
+    """Overlapping patches summed onto an image: x (b, h, w, C), one patch per token,
+    weight (C, O, p, p), bias (O,) -> (b, O, (h - 1) * stride + p, (w - 1) * stride + p),
+    ``conv_transpose2d`` of x (made NCHW-contiguous first) with stride ``stride``: output
+    pixel (y, x) sums, over the tokens (i, j) whose patch covers it, the products of
+    their C channels with the weight at (y - i * stride, x - j * stride), plus the bias
+    (the S4Fusion head: expansion, Fold and 1x1 convolution composed). In the
+    convolution's dtype (under autocast, autocast's). (NCHW: with a channels-last input,
+    torch.compile's shape inference and cuDNN disagree on the strides of the input's
+    gradient, torch 2.11.)"""
+    check_fold_patches_args(x, weight, bias, stride)
+    return F.conv_transpose2d(x.permute(0, 3, 1, 2).contiguous(), weight, bias, stride=stride)
+
+
 def check_bias_relu_args(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> None:
     """Check the shapes of a :func:`bias_relu_ref` call (every backend shares this
     contract); raises ValueError naming the argument, the expected and the given value."""
