@@ -31,10 +31,10 @@ class DepthwiseConvSiLU(nn.Conv2d):
     bias): (b, d, H, W) in any layout -> ``silu(conv(x) + bias)``, channels-last, by
     :func:`s4fusion.ops.depthwise_conv_silu`: the convolution without its bias on a
     channels-last copy of x, then the bias and the SiLU as one op (on a GPU one kernel
-    each way); on a GPU without gradients, all of it one kernel reading x as it lies. The weight is kept
-    channels-last, like the inputs: the weight's gradient then has the weight's
-    strides (DDP's gradient-layout contract; otherwise DDP warns and copies the
-    gradient into its buckets). Parameters and state dict are ``nn.Conv2d``'s; the bias
+    each way); on a GPU without gradients, all of it one kernel reading x as it lies.
+    The weight is kept channels-last, like the inputs: the weight's gradient then has
+    the weight's strides (DDP's gradient-layout contract; otherwise DDP warns and copies
+    the gradient into its buckets). Parameters and state dict are ``nn.Conv2d``'s; the bias
     stays float32 under autocast (the op casts it and sums its gradient in float32), so
     :class:`s4fusion.cast_weights.CastWeights` leaves it alone."""
 

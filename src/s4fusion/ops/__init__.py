@@ -3,9 +3,9 @@ backends behind one dispatcher.
 
 Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`),
 :func:`split_projection`, :func:`dt_project`, :func:`layer_norm`, :func:`bias_silu`,
-:func:`depthwise_conv_silu` and :func:`fold_patches` only, and the loss's frozen ResNet-50 :func:`bias_relu`; they never import a backend
-(:func:`split_projection` is PyTorch's own operations on every device). A
-backend is a function with the signature of
+:func:`depthwise_conv_silu` and :func:`fold_patches` only, and the loss's frozen ResNet-50
+:func:`bias_relu`; they never import a backend (:func:`split_projection` is PyTorch's own
+operations on every device). A backend is a function with the signature of
 :func:`s4fusion.ops.reference.cross_scan_ref` registered under a name with the
 devices it serves and a probe saying whether it can run here, optionally with a
 function with the signature of :func:`s4fusion.ops.reference.cross_scan_state_ref`,

@@ -395,7 +395,9 @@ def check_fold_patches_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
         raise ValueError(f"fold_patches: x must be (b, h, w, C), got shape {tuple(x.shape)}")
     C = x.shape[-1]
     if weight.dim() != 4 or weight.shape[0] != C or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"fold_patches: weight must be ({C}, O, p, p) for x {tuple(x.shape)}, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"fold_patches: weight must be ({C}, O, p, p) for x {tuple(x.shape)}, got {tuple(weight.shape)}"
+        )
     if bias.shape != (weight.shape[1],):
         raise ValueError(f"fold_patches: bias must be ({weight.shape[1]},), got {tuple(bias.shape)}")
     if not 1 <= stride <= weight.shape[2]:
