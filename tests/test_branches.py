@@ -21,8 +21,9 @@ def test_branches_off_the_gpu_are_plain_calls_in_order():
     x = torch.zeros(3)
     branches = Branches(x, ("a", "b"), enabled=True)  # (a CPU tensor: disabled)
     assert not branches.enabled
-    y = branches.run("a", f, "a", x)
-    z = branches.run("b", f, "b", y)
+    assert branches.on("a", f) is f  # (no wrapper: under torch.compile the calls stay as they were)
+    y = branches.on("a", f)("a", x)
+    z = branches.on("b", f)("b", y)
     branches.join()
     assert [c[0] for c in calls] == ["a", "b"] and torch.equal(z, torch.full((3,), 2.0))
 
@@ -38,9 +39,9 @@ def test_a_branch_waits_for_the_tensors_another_branch_makes():
         torch.cuda._sleep(200_000_000)  # (about 0.1 s of GPU cycles before the fill)
         return t.fill_(1.0)
 
-    filled = branches.run("slow", slow_fill, x)
-    doubled = branches.run("reader", torch.mul, filled, 2.0)
-    total = branches.run(MAIN, torch.add, doubled, filled)
+    filled = branches.on("slow", slow_fill)(x)
+    doubled = branches.on("reader", torch.mul)(filled, 2.0)
+    total = branches.on(MAIN, torch.add)(doubled, filled)
     branches.join()
     assert branches.streams["slow"] != branches.streams["reader"] != torch.cuda.current_stream()
     assert torch.equal(total, torch.full_like(x, 3.0))

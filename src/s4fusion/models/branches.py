@@ -12,6 +12,7 @@ branches of the graph.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
@@ -46,16 +47,17 @@ def _tensors(x: Any) -> Iterator[torch.Tensor]:
 class Branches:
     """Named branches of one pass on the device of ``like``.
 
-    ``run(branch, fn, *args)`` returns ``fn(*args)``, launched on the branch's stream
-    once every tensor among ``args`` that another branch's ``run`` returned is made;
+    ``on(branch, fn)(*args)`` returns ``fn(*args)``, launched on the branch's stream
+    once every tensor among ``args`` that another branch's call returned is made;
     tensors from before the branches (made on :data:`MAIN`'s stream) are ready for
     all. :data:`MAIN` runs on the stream that was current at creation. ``join()``
-    makes that stream wait for every branch. Every tensor a ``run`` returned is held
-    until ``join()``: a stream's caching allocator may hand a freed block to that
+    makes that stream wait for every branch. Every tensor a branch's call returned is
+    held until ``join()``: a stream's caching allocator may hand a freed block to that
     stream's next allocation while another stream still reads it.
 
-    Disabled (``enabled`` false, or ``like`` not on a CUDA device): plain calls in
-    program order on the current stream."""
+    Disabled (``enabled`` false, or ``like`` not on a CUDA device): ``on(branch, fn)``
+    is ``fn`` itself, so the calls are plain calls in program order on the current
+    stream (under ``torch.compile`` no wrapper frame is compiled once per ``fn``)."""
 
     def __init__(self, like: torch.Tensor, names: Sequence[str], enabled: bool) -> None:
         self.enabled = enabled and like.is_cuda
@@ -69,9 +71,11 @@ class Branches:
         self.last: dict[str, torch.cuda.Event] = {}  # the event after each branch's last run
         self.made: dict[int, tuple[torch.Tensor, str, torch.cuda.Event]] = {}  # id -> (tensor, branch, event)
 
-    def run(self, branch: str, fn: Callable[..., T], *args: Any) -> T:
-        if not self.enabled:
-            return fn(*args)
+    def on(self, branch: str, fn: Callable[..., T]) -> Callable[..., T]:
+        """``fn``, to be called on the branch's stream (``fn`` itself when disabled)."""
+        return functools.partial(self._run, branch, fn) if self.enabled else fn
+
+    def _run(self, branch: str, fn: Callable[..., T], *args: Any) -> T:
         stream = self.streams[branch]
         for t in _tensors(args):
             entry = self.made.get(id(t))

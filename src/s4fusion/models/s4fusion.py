@@ -129,35 +129,35 @@ class S4Fusion(nn.Module):
             self.branch_streams and trace is None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         )
         branches = Branches(infrared, ("infrared", "visible", *(f"fusion{i}" for i in range(n))), concurrent)
-        x = branches.run("infrared", self.embed_ir, infrared)
-        y = branches.run("visible", self.embed_vi, visible)
+        x = branches.on("infrared", self.embed_ir)(infrared)
+        y = branches.on("visible", self.embed_vi)(visible)
         if trace is not None:
             trace["embed.x"], trace["embed.y"] = x, y
         skips = []  # (x, y) entering each encoder stage: what CMSA_i fuses
         for i in range(n):
             skips.append((x, y))
-            x = branches.run("infrared", self.encoder_ir[i], x, trace, f"enc.x.{i}")
-            y = branches.run("visible", self.encoder_vi[i], y, trace, f"enc.y.{i}")
+            x = branches.on("infrared", self.encoder_ir[i])(x, trace, f"enc.x.{i}")
+            y = branches.on("visible", self.encoder_vi[i])(y, trace, f"enc.y.{i}")
             if trace is not None:
                 trace[f"enc.x.{i}.out"], trace[f"enc.y.{i}.out"] = x, y
         # The released decoder never uses the finest CMSA: skipping it is output-identical.
         first = 0 if (self.config.topology == "paper" or trace is not None) else 1
         fused = [None] * n
         for i in range(first, n):
-            fused[i] = branches.run(f"fusion{i}", self.cmsa[i], *skips[i], trace, f"fusion.{i}")
+            fused[i] = branches.on(f"fusion{i}", self.cmsa[i])(*skips[i], trace, f"fusion.{i}")
             if trace is not None:
                 trace[f"fusion.{i}.out"] = fused[i]
-        d = branches.run(MAIN, torch.add, x, y)
+        d = branches.on(MAIN, torch.add)(x, y)
         if trace is not None:
             trace["dec.in"] = d
         for i in range(n):
             if i > 0:
-                d = branches.run(MAIN, torch.add, d, fused[n - i])
+                d = branches.on(MAIN, torch.add)(d, fused[n - i])
             d = self.decoder[i](d, trace, f"dec.{i}")
             if trace is not None:
                 trace[f"dec.{i}.out"] = d
         if self.config.topology == "paper":
-            d = branches.run(MAIN, torch.add, d, fused[0])
+            d = branches.on(MAIN, torch.add)(d, fused[0])
         branches.join()
         if trace is None:
             return self.head(d, tuple(infrared.shape[-2:]))
