@@ -376,16 +376,20 @@ def check_depthwise_conv_silu_args(x: torch.Tensor, weight: torch.Tensor, bias: 
         raise ValueError(f"depthwise_conv_silu: weight is on {weight.device} but x is on {x.device}")
 
 
-def depthwise_conv_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``silu(conv(x) + bias)``: the SS2D branches' depthwise convolution (x (b, C, H, W)
-    in any layout, weight (C, 1, k, k), k odd, stride 1, zero padding (k - 1) / 2: the
-    map keeps its size) without its bias, on x made channels-last first, then
-    :func:`bias_silu_ref`. Channels-last result in the convolution's dtype (under
-    autocast, autocast's)."""
-    check_depthwise_conv_silu_args(x, weight, bias)
+def depthwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The SS2D branches' depthwise convolution without its bias: x (b, C, H, W) in any
+    layout, made channels-last first; weight (C, 1, k, k), k odd, stride 1, zero padding
+    (k - 1) / 2 (the map keeps its size). Channels-last result in the convolution's
+    dtype (under autocast, autocast's)."""
     k = weight.shape[-1]
     x = x.contiguous(memory_format=torch.channels_last)
-    return bias_silu_ref(F.conv2d(x, weight, None, 1, (k - 1) // 2, 1, x.shape[1]), bias)
+    return F.conv2d(x, weight, None, 1, (k - 1) // 2, 1, x.shape[1])
+
+
+def depthwise_conv_silu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``silu(conv(x) + bias)``: :func:`depthwise_conv`, then :func:`bias_silu_ref`."""
+    check_depthwise_conv_silu_args(x, weight, bias)
+    return bias_silu_ref(depthwise_conv(x, weight), bias)
 
 
 def check_fold_patches_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: int) -> None:

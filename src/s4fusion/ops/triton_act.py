@@ -32,19 +32,18 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .reference import (
-    autocast_dtype,
     bias_relu_ref,
     bias_silu_ref,
     check_bias_relu_args,
     check_bias_silu_args,
     check_depthwise_conv_silu_args,
+    depthwise_conv,
 )
-from .triton_grid import launch_device, runs_of_tiles
+from .triton_grid import forward_only_operands, launch_device, runs_of_tiles
 
 __all__ = ["bias_relu_triton", "bias_silu_triton", "depthwise_conv_silu_triton"]
 
@@ -219,14 +218,9 @@ def depthwise_conv_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torc
     channels-last copy of x and :func:`bias_silu_triton` after it, differentiable in
     every input."""
     check_depthwise_conv_silu_args(x, weight, bias)
-    dtype = autocast_dtype(x.device.type)
-    if dtype is not None:  # (as autocast casts a convolution's input and weight)
-        x, weight = x.to(dtype), weight.to(dtype)
-    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-    if grads or weight.dtype != x.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        k = weight.shape[-1]
-        x = x.contiguous(memory_format=torch.channels_last)
-        return bias_silu_triton(F.conv2d(x, weight, None, 1, (k - 1) // 2, 1, x.shape[1]), bias)
+    x, weight, forward_only = forward_only_operands(x, weight, bias, (torch.float32, torch.bfloat16, torch.float16))
+    if not forward_only:
+        return bias_silu_triton(depthwise_conv(x, weight), bias)
     out = torch.empty_like(x, memory_format=torch.channels_last)
     R, C = _token_matrix(out)
     if out.numel():

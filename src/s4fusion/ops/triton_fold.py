@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import autocast_dtype, check_fold_patches_args, fold_patches_ref
-from .triton_grid import launch_device
+from .reference import check_fold_patches_args, fold_patches_ref
+from .triton_grid import forward_only_operands, launch_device
 
 __all__ = ["fold_patches_triton"]
 
@@ -72,12 +72,9 @@ def fold_patches_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     runs instead in float32, where gradients are wanted, and for x and weight of
     different dtypes outside autocast. Contiguous (b, O, H, W) result."""
     check_fold_patches_args(x, weight, bias, stride)
-    dtype = autocast_dtype(x.device.type)
-    if dtype is not None:  # (as autocast casts a transposed convolution's input and weight)
-        x, weight = x.to(dtype), weight.to(dtype)
-    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-    # (in float32 cuDNN's kernel was faster: BENCHMARKS.md, session 26)
-    if grads or weight.dtype != x.dtype or x.dtype not in (torch.bfloat16, torch.float16):
+    # (not in float32: there cuDNN's kernel was faster, BENCHMARKS.md session 26)
+    x, weight, forward_only = forward_only_operands(x, weight, bias, (torch.bfloat16, torch.float16))
+    if not forward_only:
         return fold_patches_ref(x, weight, bias, stride)
     b, h, w, C = x.shape
     O, p = weight.shape[1], weight.shape[2]

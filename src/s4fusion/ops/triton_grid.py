@@ -1,6 +1,7 @@
-"""Launch helpers shared by the Triton backends: the device their launches run on, and
-the grid arithmetic of the backward kernels (LayerNorm, delta up-projection, bias +
-SiLU) whose programs each walk a run of rows and write one partial sum."""
+"""Launch helpers shared by the Triton backends: the device their launches run on, the
+grid arithmetic of the backward kernels (LayerNorm, delta up-projection, bias + SiLU)
+whose programs each walk a run of rows and write one partial sum, and when a
+forward-only kernel (depthwise convolution, patch fold) may serve a call."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import contextlib
 
 import torch
 import triton
+
+from .reference import autocast_dtype
 
 
 def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
@@ -18,6 +21,20 @@ def launch_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def forward_only_operands(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtypes: tuple[torch.dtype, ...]
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """x and weight of a convolution-like op as its kernel takes them (under autocast
+    cast to autocast's dtype, as autocast casts a convolution's input and weight), and
+    whether a forward-only kernel may run: no gradient wanted, and x and weight of one
+    dtype among ``dtypes``."""
+    lower = autocast_dtype(x.device.type)
+    if lower is not None:
+        x, weight = x.to(lower), weight.to(lower)
+    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
+    return x, weight, not grads and weight.dtype == x.dtype and x.dtype in dtypes
 
 
 def runs_of_tiles(rows: int, tile: int, sets: int, device: torch.device, per_sm: int) -> tuple[int, int]:
