@@ -97,10 +97,11 @@ def scan_inputs(batch: int, H: int, W: int, scale: int, kind: str, dtype: torch.
         if kind == "vss":
             a = block.conv_act(torch.randn(batch, H, W, block.d_inner, device="cuda"))
             u = a.reshape(batch, 1, block.d_inner, H * W)
-            delta, B, C = block.project(u, block.x_proj_weight[None])
+            low, B, C = block.project(u, block.x_proj_weight[None])
         else:
             a = [block.conv_act(torch.randn(batch, H, W, block.d_inner, device="cuda")) for _ in range(2)]
-            u, delta, B, C = block.scan_inputs(*a)
+            u, low, B, C = block.scan_inputs(*a)
+        delta = block.delta(low)
     A = -torch.exp(block.A_logs.detach())
     extra = (block.Ds.detach(), block.dt_projs_bias.detach().reshape(-1))
     assert B.dtype == C.dtype == dtype, (B.dtype, dtype)  # (their layout is the projection's, as in the network)

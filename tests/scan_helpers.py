@@ -2,7 +2,8 @@
 LayerNorm's, up-projection's and bias + SiLU's (:func:`errors_against_float64`,
 :func:`assert_errors_within`); the up-projection's and bias + SiLU's
 (:func:`bf16_network_with_and_without`); the Triton scan's (:func:`projection_views`,
-:func:`equal_and_error_of_scans`)."""
+:func:`equal_and_error_of_scans`); the scan of the low-rank delta's and the
+up-projection's (:func:`composed_lowrank_scan`)."""
 
 from __future__ import annotations
 
@@ -60,19 +61,40 @@ def make_inputs(b, M, d, N, H, W, dtype=torch.float64, seed=0, K=4):
 def bf16_network_with_and_without(monkeypatch, kind: str, reference, device: str = "cuda", backend: str = "triton"):
     """The default network (seeded) fusing a 61x50 pair on ``device``: in float32, under bf16
     autocast with ``backend``'s op of this ``kind`` (``proj``, ``bias_silu``), and under
-    bf16 autocast with ``reference`` in its place. Returns the three outputs in float32."""
+    bf16 autocast with ``reference`` in its place. Returns the three outputs in float32.
+    Each bf16 pass must call the op it compares (a pass that never reached it would compare
+    nothing)."""
     from s4fusion import S4Fusion, ops
+
+    def counted(fn, calls: list):
+        def run(*args, **kwargs):
+            calls.append(fn)
+            return fn(*args, **kwargs)
+
+        return run
 
     torch.manual_seed(0)
     model = S4Fusion().to(device).eval()
     ir, vi = torch.rand(1, 1, 61, 50, device=device), torch.rand(1, 1, 61, 50, device=device)
+    own, replacement = [], []
     with torch.no_grad():
         exact = model(ir, vi)
         with torch.autocast(device, dtype=torch.bfloat16):
+            monkeypatch.setitem(ops._loaded, (backend, kind), counted(ops._load(backend, kind), own))
             kernel = model(ir, vi).float()
-            monkeypatch.setitem(ops._loaded, (backend, kind), reference)
+            monkeypatch.setitem(ops._loaded, (backend, kind), counted(reference, replacement))
             replaced = model(ir, vi).float()
+    assert own and replacement, f"the network did not call the {kind!r} op in both passes"
     return exact, kernel, replaced
+
+
+def composed_lowrank_scan(u, low, dt_weight, A, B, C, D, delta_bias, height, width, out_dtype=None):
+    """``ops.cross_scan_lowrank`` as the up-projection op, then the scan op (what the
+    Triton backend runs where gradients are wanted), each the dispatcher's."""
+    from s4fusion import ops
+
+    out = ops.cross_scan(u, ops.dt_project(low, dt_weight), A, B, C, D, delta_bias, height, width)
+    return out.to(out_dtype or u.dtype)
 
 
 def projection_views(B: torch.Tensor, C: torch.Tensor, dt_rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,8 @@ def test_names_are_the_matrix_product_weights_of_the_default_network():
 
 def _intermediates(model, run, ir, vi, monkeypatch) -> list[torch.Tensor]:
     """Every tensor that every submodule of ``model`` returns during ``run(ir, vi)``, and
-    every tensor argument of the scan, LayerNorm and up-projection ops, in call order.
+    every tensor argument of the scan (of the low-rank delta and of the delta),
+    LayerNorm and up-projection ops, in call order.
     The ops' arguments show a float32 parameter given rounded (A, D, the delta bias,
     the norms' weights), which the bf16 values after the ops may round away."""
     seen: list[torch.Tensor] = []
@@ -45,7 +46,7 @@ def _intermediates(model, run, ir, vi, monkeypatch) -> list[torch.Tensor]:
     def keep(values) -> None:
         seen.extend(t.clone() for t in torch.utils._pytree.tree_leaves(values) if isinstance(t, torch.Tensor))
 
-    for name in ("cross_scan", "layer_norm", "dt_project"):
+    for name in ("cross_scan_lowrank", "cross_scan", "layer_norm", "dt_project"):
         op = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *args, _op=op, **kwargs: keep((args, kwargs)) or _op(*args, **kwargs))
     hooks = [m.register_forward_hook(lambda module, args, out: keep(out)) for m in model.modules()]

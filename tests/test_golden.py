@@ -158,7 +158,8 @@ def test_cross_ss2d_scan_inputs_and_output(released_path, golden_expected):
         a_x, _ = blk.branch_in(golden_expected["enc.x.1.out"][:1])
         a_y, _ = blk.branch_in(golden_expected["enc.y.1.out"][:1])
         H, W = a_x.shape[-2:]
-        u, delta, B, C = blk.scan_inputs(a_x, a_y)  # map layout
+        u, low, B, C = blk.scan_inputs(a_x, a_y)  # map layout
+        delta = blk.delta(low)
 
         def interleave(t: torch.Tensor) -> torch.Tensor:  # (1, 2, K, c, L) -> (1, K, c, 2L)
             seqs = []

@@ -175,14 +175,14 @@ def test_every_scan_gets_its_output_gradient_with_channels_innermost(topology, p
     from s4fusion.models.ablation import ablation_config
 
     strides = []
-    scan = ops.cross_scan
+    scan = ops.cross_scan_lowrank
 
     def recording_scan(*args, **kwargs):
         out = scan(*args, **kwargs)
         out.register_hook(lambda g: strides.append((tuple(g.shape), g.stride())))
         return out
 
-    monkeypatch.setattr(ops, "cross_scan", recording_scan)
+    monkeypatch.setattr(ops, "cross_scan_lowrank", recording_scan)
     torch.manual_seed(0)
     model = S4Fusion(ablation_config(preset, S4FusionConfig(topology=topology)))
     model(torch.rand(1, 1, 28, 31), torch.rand(1, 1, 28, 31)).square().mean().backward()

@@ -14,7 +14,12 @@ import torch
 
 from s4fusion import ops
 from s4fusion.ops import dt_project_ref
-from scan_helpers import assert_errors_within, bf16_network_with_and_without, errors_against_float64
+from scan_helpers import (
+    assert_errors_within,
+    bf16_network_with_and_without,
+    composed_lowrank_scan,
+    errors_against_float64,
+)
 from triton_interpreter import worst_in_interpreter
 
 triton = pytest.importorskip("triton", reason="the triton up-projection needs the triton package")
@@ -105,8 +110,11 @@ def test_dispatcher_uses_the_scan_backends_up_projection():
 @needs_cuda
 @pytest.mark.gpu
 def test_network_in_bf16_with_the_kernel_matches_the_reference_projection(monkeypatch):
-    """The default network fusing under bf16 autocast: with the kernel as with cuBLAS's
-    product (which rounds the weight to bfloat16 first), both close to float32."""
+    """The default network fusing under bf16 autocast, its scans composed of the
+    up-projection and the scan ops (as with gradients; without, the scan kernels
+    up-project the delta themselves): with the kernel as with cuBLAS's product (which
+    rounds the weight to bfloat16 first), both close to float32."""
+    monkeypatch.setitem(ops._loaded, ("triton", "lowrank"), composed_lowrank_scan)
     exact, kernel, cublas = bf16_network_with_and_without(monkeypatch, "proj", dt_project_ref)
     assert (kernel - cublas).abs().max() < 2e-2
     assert (kernel - exact).abs().max() < 5e-2 and (cublas - exact).abs().max() < 5e-2

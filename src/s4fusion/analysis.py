@@ -104,7 +104,8 @@ def capture_scan_inputs(model: S4Fusion, callback: ScanCallback) -> Iterator[Non
 
                 def scan_inputs(a_ir, a_vi, _orig=original, _i=i, _j=j, _block=block):
                     out = _orig(a_ir, a_vi)
-                    callback(_i, _j, _block, tuple(a_ir.shape[-2:]), *out)
+                    u, low, B, C = out
+                    callback(_i, _j, _block, tuple(a_ir.shape[-2:]), u, _block.delta(low), B, C)
                     return out
 
                 block.scan_inputs = scan_inputs

@@ -218,11 +218,11 @@ class FSSMBlock(nn.Module):
         a_y, z_y = self._branch_in(y)
         b, d, h, w = a_x.shape
         a_x, a_y = a_x.reshape(b, 1, d, h * w), a_y.reshape(b, 1, d, h * w)
-        delta_x, B_x, C_x = self.ir.project(a_x, self.ir.x_proj_weight[None])
-        delta_y, B_y, C_y = self.vi.project(a_y, self.vi.x_proj_weight[None])
+        low_x, B_x, C_x = self.ir.project(a_x, self.ir.x_proj_weight[None])
+        low_y, B_y, C_y = self.vi.project(a_y, self.vi.x_proj_weight[None])
         # M = 1 scans through the dispatcher; each stream driven by the other's parameters.
-        o_x = self.vi.scan(a_x, delta_y, B_y, C_y, h, w).squeeze(1)
-        o_y = self.ir.scan(a_y, delta_x, B_x, C_x, h, w).squeeze(1)
+        o_x = self.vi.scan(a_x, low_y, B_y, C_y, h, w).squeeze(1)
+        o_y = self.ir.scan(a_y, low_x, B_x, C_x, h, w).squeeze(1)
         return self._branch_out(o_x, z_x), self._branch_out(o_y, z_y)
 
 

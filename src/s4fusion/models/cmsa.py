@@ -54,19 +54,19 @@ class CMSABlock(GatedScanBranch):
         self.patch_mark = PatchMark(self.d_inner) if patch_mark else None
 
     def scan_inputs(self, a_ir: torch.Tensor, a_vi: torch.Tensor, direction: int | None = None):
-        """a_ir, a_vi (b, d, H, W) -> u (b, 2, d, L), delta (b, 2, K, d, L), B, C (b, 2, K, N, L)
-        in row-major position order (modality 0 = infrared), u and delta with their
+        """a_ir, a_vi (b, d, H, W) -> u (b, 2, d, L), the low-rank delta (b, 2, K, L, R), B, C
+        (b, 2, K, N, L) in row-major position order (modality 0 = infrared), u with its
         channels innermost in memory; with ``direction``, that direction's only (K = 1)."""
         b, d, H, W = a_ir.shape
         a = torch.stack([t.reshape(b, d, H * W).transpose(1, 2) for t in (a_ir, a_vi)], 1)  # (b, 2, L, d)
         u = a.transpose(2, 3)
-        delta, B, C = self.project(u, torch.stack([self.x_proj_weight, self.y_proj_weight]), direction)
+        low, B, C = self.project(u, torch.stack([self.x_proj_weight, self.y_proj_weight]), direction)
         if self.patch_mark is not None:
             # (from a's token-major slices: their gradients then stack into a's layout, and
             # a's gradients add up as contiguous tensors)
             mark = self.patch_mark(*(t.transpose(1, 2) for t in a.unbind(1)))  # (b, d, L), channels innermost
             u = (a + mark.transpose(1, 2)[:, None]).transpose(2, 3)
-        return u, delta, B, C
+        return u, low, B, C
 
     def cross_ss2d(self, a_ir: torch.Tensor, a_vi: torch.Tensor) -> torch.Tensor:
         """Patch Mark, Interleaving, Cross SS2D and Recovering: a_ir, a_vi (b, d, H, W)

@@ -62,24 +62,22 @@ class ScanParams(nn.Module):
         self.Ds._no_weight_decay = True
 
     def project(self, a: torch.Tensor, x_proj_weight: torch.Tensor, direction: int | None = None):
-        """a (b, M, d, L), x_proj_weight (M, K, R+2N, d) (one per modality) -> delta
-        (b, M, K, d, L), B (b, M, K, N, L), C (b, M, K, N, L), all in row-major
+        """a (b, M, d, L), x_proj_weight (M, K, R+2N, d) (one per modality) -> the low-rank
+        delta (b, M, K, L, R), B (b, M, K, N, L), C (b, M, K, N, L), all in row-major
         position order (the projections are position-wise, so no unfolding is needed
         before them); with ``direction``, that direction's only (K = 1).
 
         Computed token-major: P = a x_proj^T (b, M, L, K*rows), its rows per direction
         laid out by :func:`s4fusion.ops.projection_rows` (B and C 16-byte aligned, unused
         rows between), read as views: the low-rank delta, B and C (their gradients are
-        written into P's in one pass: :func:`s4fusion.ops.split_projection`),
-        the delta up-projected per direction (:func:`s4fusion.ops.dt_project`). delta has
-        its channels innermost in memory, B and C their states, as the GPU scan reads
-        them. With one modality the projection is a single GEMM over every token of
-        the batch (its weight gradient too)."""
+        written into P's in one pass: :func:`s4fusion.ops.split_projection`). B and C
+        have their states innermost in memory, as the GPU scan reads them. With one
+        modality the projection is a single GEMM over every token of the batch (its
+        weight gradient too). The delta is up-projected by :meth:`scan` (or by
+        :meth:`delta` for one direction)."""
         R, N = self.dt_rank, self.d_state
-        dt_weight = self.dt_projs_weight
         if direction is not None:
             x_proj_weight = x_proj_weight[:, direction : direction + 1]
-            dt_weight = dt_weight[direction : direction + 1]
         M, K, _, d = x_proj_weight.shape
         b, L = a.shape[0], a.shape[3]
         rows = ops.projection_rows(R, N)[0]
@@ -88,14 +86,28 @@ class ScanParams(nn.Module):
         w = weight.reshape(M, K * rows, d).transpose(1, 2)  # (M, d, K*rows)
         P = (a.transpose(2, 3) @ (w[0] if M == 1 else w)).view(b, M, L, K, rows)
         low, B, C = ops.split_projection(P, R, N)
-        delta = ops.dt_project(low.permute(0, 1, 3, 2, 4), dt_weight)  # (b, M, K, d, L)
-        return delta, B.permute(0, 1, 3, 4, 2), C.permute(0, 1, 3, 4, 2)
+        return low.permute(0, 1, 3, 2, 4), B.permute(0, 1, 3, 4, 2), C.permute(0, 1, 3, 4, 2)
 
-    def scan(self, u, delta, B, C, height: int, width: int) -> torch.Tensor:
-        """u (b, M, d, L), delta (b, M, K, d, L), B/C (b, M, K, N, L) -> (b, M, d, L)."""
-        return ops.cross_scan(
+    def delta(self, low: torch.Tensor, direction: int | None = None) -> torch.Tensor:
+        """The low-rank delta (b, M, K, L, R) up-projected: (b, M, K, d, L), channels
+        innermost in memory (:func:`s4fusion.ops.dt_project`); with ``direction``, that
+        direction's only (K = 1), as :meth:`project` gives it."""
+        weight = self.dt_projs_weight
+        if direction is not None:
+            weight = weight[direction : direction + 1]
+        return ops.dt_project(low, weight)
+
+    def scan(self, u, low, B, C, height: int, width: int) -> torch.Tensor:
+        """u (b, M, d, L), low (b, M, K, L, R), B/C (b, M, K, N, L) -> (b, M, d, L): the
+        scan of the delta up-projected from ``low`` (:func:`s4fusion.ops.cross_scan_lowrank`).
+        Without grad mode in float32 for lower-precision inputs (the scan's float32 sums,
+        which the output LayerNorm reads as they are: no conversion to the autocast dtype);
+        with grad mode in u's dtype (the scan's backward then reads the LayerNorm's
+        gradient in it)."""
+        return ops.cross_scan_lowrank(
             u,
-            delta,
+            low,
+            self.dt_projs_weight,
             -torch.exp(self.A_logs),
             B,
             C,
@@ -103,6 +115,7 @@ class ScanParams(nn.Module):
             self.dt_projs_bias.reshape(-1),
             height,
             width,
+            out_dtype=None if torch.is_grad_enabled() else torch.promote_types(u.dtype, torch.float32),
         )
 
 

@@ -77,7 +77,7 @@ def _branch_input(branch: GatedScanBranch, x: torch.Tensor, band_tokens: int, no
 def _scan_bands(branch: GatedScanBranch, a: list[torch.Tensor], band_inputs: Callable, band_tokens: int):
     """The four direction scans of a VSS (one ``a``) or Cross SS2D (two) block,
     swept over bands: a[m] (b, d, H, W) scan branch inputs; ``band_inputs(bands, k)``
-    gives the scan inputs (u, delta, B, C) of direction k from the bands of the a[m]
+    gives the scan inputs (u, low-rank delta, B, C) of direction k from the bands of the a[m]
     (the block's own projections, with K = 1) -> the recovered sum of the
     directions plus the D skip, (b, M, d, H, W) in float32 (float64 for float64
     inputs)."""
@@ -91,10 +91,9 @@ def _scan_bands(branch: GatedScanBranch, a: list[torch.Tensor], band_inputs: Cal
         h = torch.zeros(b, d, N, dtype=acc_dtype, device=a[0].device)
         for r0, r1, c0, c1 in direction_bands(H, W, band_tokens, k):
             hs, ws = r1 - r0, c1 - c0
-            u, delta, B, C = band_inputs([t[:, :, r0:r1, c0:c1] for t in a], k)  # u (b, M, d, L), others K = 1
-            y, h = ops.cross_scan_state(
-                u, delta[:, :, 0], A[k], B[:, :, 0], C[:, :, 0], branch.dt_projs_bias[k], hs, ws, k, h
-            )
+            u, low, B, C = band_inputs([t[:, :, r0:r1, c0:c1] for t in a], k)  # u (b, M, d, L), others K = 1
+            delta = branch.delta(low, k)[:, :, 0]
+            y, h = ops.cross_scan_state(u, delta, A[k], B[:, :, 0], C[:, :, 0], branch.dt_projs_bias[k], hs, ws, k, h)
             y = y.to(acc_dtype)
             if k == 0:
                 y = y + D[:, None] * u

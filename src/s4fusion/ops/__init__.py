@@ -1,7 +1,8 @@
 """Scan ops (with the delta up-projection and the channel LayerNorm) and their
 backends behind one dispatcher.
 
-Models call :func:`cross_scan` (and strip-wise inference :func:`cross_scan_state`),
+Models call :func:`cross_scan` or :func:`cross_scan_lowrank` (and strip-wise inference
+:func:`cross_scan_state`),
 :func:`split_projection`, :func:`dt_project`, :func:`layer_norm`, :func:`bias_silu`,
 :func:`depthwise_conv_silu` and :func:`fold_patches` only, and the loss's frozen ResNet-50
 :func:`bias_relu`; they never import a backend (:func:`split_projection` is PyTorch's own
@@ -9,6 +10,8 @@ operations on every device). A backend is a function with the signature of
 :func:`s4fusion.ops.reference.cross_scan_ref` registered under a name with the
 devices it serves and a probe saying whether it can run here, optionally with a
 function with the signature of :func:`s4fusion.ops.reference.cross_scan_state_ref`,
+one with that of :func:`s4fusion.ops.reference.cross_scan_lowrank_ref` (backends without
+one up-project the delta by their :func:`dt_project` and scan it by their :func:`cross_scan`),
 one with that of :func:`s4fusion.ops.reference.dt_project_ref`, one with that
 of :func:`s4fusion.ops.reference.layer_norm_ref` and ones with those of
 :func:`s4fusion.ops.reference.bias_silu_ref`, :func:`s4fusion.ops.reference.bias_relu_ref`,
@@ -48,6 +51,7 @@ from .grad_buffers import completable
 from .reference import (
     bias_relu_ref,
     bias_silu_ref,
+    cross_scan_lowrank_ref,
     cross_scan_ref,
     cross_scan_state_ref,
     depthwise_conv_silu_ref,
@@ -65,6 +69,8 @@ __all__ = [
     "bias_silu",
     "bias_silu_ref",
     "cross_scan",
+    "cross_scan_lowrank",
+    "cross_scan_lowrank_ref",
     "cross_scan_ref",
     "cross_scan_state",
     "cross_scan_state_ref",
@@ -110,6 +116,7 @@ class Backend:
     bias_relu_loader: Callable[[], Callable]  # returns the bias_relu function (the reference's by default)
     conv_silu_loader: Callable[[], Callable]  # returns the depthwise_conv_silu function (the reference's by default)
     fold_loader: Callable[[], Callable]  # returns the fold_patches function (the reference's by default)
+    lowrank_loader: Optional[Callable[[], Callable]]  # returns the cross_scan_lowrank function; None: composed
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -130,6 +137,7 @@ def register_backend(
     bias_relu_loader: Optional[Callable[[], Callable]] = None,
     conv_silu_loader: Optional[Callable[[], Callable]] = None,
     fold_loader: Optional[Callable[[], Callable]] = None,
+    lowrank_loader: Optional[Callable[[], Callable]] = None,
 ) -> None:
     norm_loader = norm_loader or (lambda: layer_norm_ref)
     proj_loader = proj_loader or (lambda: dt_project_ref)
@@ -140,6 +148,7 @@ def register_backend(
     _BACKENDS[name] = Backend(
         name, fn_loader, devices, probe, priority, how_to_get,
         state_loader, norm_loader, proj_loader, bias_silu_loader, bias_relu_loader, conv_silu_loader, fold_loader,
+        lowrank_loader,
     )  # fmt: skip
 
 
@@ -221,8 +230,8 @@ _loaded: dict[tuple[str, str], Callable] = {}
 
 def _load(name: str, kind: str = "fn") -> Callable:
     """Backend ``name``'s function of this kind (``fn``: cross_scan, ``state``,
-    ``norm``, ``proj``, ``bias_silu``, ``bias_relu``, ``conv_silu``, ``fold``), imported on
-    first use."""
+    ``norm``, ``proj``, ``bias_silu``, ``bias_relu``, ``conv_silu``, ``fold``, ``lowrank``),
+    imported on first use."""
     fn = _loaded.get((name, kind))
     if fn is None:
         fn = _loaded[(name, kind)] = getattr(_BACKENDS[name], f"{kind}_loader")()
@@ -431,6 +440,36 @@ def cross_scan(
 def _cross_scan_eager(u, delta, A, B, C, D, delta_bias, height, width, backend):
     name = resolve_backend(u.device, backend)
     return _load(name)(u, delta, A, B, C, D, delta_bias, height, width)
+
+
+def cross_scan_lowrank(
+    u: torch.Tensor,
+    low: torch.Tensor,
+    dt_weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    height: int,
+    width: int,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """:func:`cross_scan` of the delta :func:`dt_project` up-projects from the low-rank
+    delta ``low`` (b, M, K, L, R) by ``dt_weight`` (K, d, R), in ``out_dtype`` (default
+    u's; float32: a backend whose kernels sum in float32 returns those sums unrounded);
+    see :func:`s4fusion.ops.reference.cross_scan_lowrank_ref`. A backend may fuse the two
+    (``triton`` does without gradients: the delta is never written); otherwise, and
+    under :func:`torch.compile`, the up-projection then the scan. ``backend`` forces one
+    backend."""
+    if not torch.compiler.is_compiling():
+        name = resolve_backend(u.device, backend)
+        if _BACKENDS[name].lowrank_loader is not None:
+            return _load(name, "lowrank")(u, low, dt_weight, A, B, C, D, delta_bias, height, width, out_dtype)
+    delta = dt_project(low, dt_weight, backend=backend)
+    out = cross_scan(u, delta, A, B, C, D, delta_bias, height, width, backend=backend)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def cross_scan_state(

@@ -1,8 +1,8 @@
 """Registration of the fast scan backends (the triton one has no state op:
 :func:`s4fusion.ops.cross_scan_state` runs the CPU kernel on host copies on the
 GPU, see :func:`s4fusion.ops.resolve_state_backend`; it has a LayerNorm, a delta
-up-projection, a bias + SiLU, a depthwise convolution + SiLU and the head's patch fold of
-its own, the CPU one uses PyTorch's).
+up-projection, a scan of the low-rank delta, a bias + SiLU, a depthwise convolution + SiLU
+and the head's patch fold of its own, the CPU one uses PyTorch's).
 
 Each backend lives in its own module and is imported only when first used;
 the probe functions here only check whether it could be imported/run.
@@ -67,6 +67,12 @@ def _triton_loader():
     return cross_scan_triton
 
 
+def _triton_lowrank_loader():
+    from .triton_scan import cross_scan_lowrank_triton
+
+    return cross_scan_lowrank_triton
+
+
 def _triton_proj_loader():
     from .triton_proj import dt_project_triton
 
@@ -116,4 +122,5 @@ register_backend(
     bias_relu_loader=_triton_bias_relu_loader,
     conv_silu_loader=_triton_conv_silu_loader,
     fold_loader=_triton_fold_loader,
+    lowrank_loader=_triton_lowrank_loader,
 )

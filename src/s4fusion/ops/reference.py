@@ -307,6 +307,45 @@ def dt_project_ref(low: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (low @ weight.to(low.dtype).transpose(1, 2)).transpose(3, 4)
 
 
+def check_cross_scan_lowrank_args(
+    u, low, dt_weight, A, B, C, D, delta_bias, height: int, width: int
+) -> None:
+    """Check the shapes of a :func:`cross_scan_lowrank_ref` call (every backend shares
+    this contract); raises ValueError naming the argument, the expected and the given shape."""
+    if u.dim() != 4:
+        raise ValueError(f"cross_scan_lowrank: u must be (b, M, d, L), got shape {tuple(u.shape)}")
+    b, M, d, L = u.shape
+    if low.dim() != 5 or low.shape[:2] != (b, M) or low.shape[3] != L:
+        raise ValueError(f"cross_scan_lowrank: low must be (b, M, K, L, R) = ({b}, {M}, K, {L}, R), "
+                         f"got {tuple(low.shape)}")  # fmt: skip
+    K, R = low.shape[2], low.shape[4]
+    if tuple(dt_weight.shape) != (K, d, R):
+        raise ValueError(f"cross_scan_lowrank: dt_weight must be (K, d, R) = {(K, d, R)}, got {tuple(dt_weight.shape)}")
+    delta = torch.empty(b, M, K, d, L, device="meta")  # (the shape the up-projection gives)
+    check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height, width)
+
+
+def cross_scan_lowrank_ref(
+    u: torch.Tensor,
+    low: torch.Tensor,
+    dt_weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    height: int,
+    width: int,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`cross_scan_ref` of the delta that :func:`dt_project_ref` up-projects from
+    the low-rank delta: low (b, M, K, L, R), dt_weight (K, d, R); the other arguments
+    as :func:`cross_scan_ref`'s; the output in ``out_dtype`` (default u's)."""
+    check_cross_scan_lowrank_args(u, low, dt_weight, A, B, C, D, delta_bias, height, width)
+    out = cross_scan_ref(u, dt_project_ref(low, dt_weight), A, B, C, D, delta_bias, height, width)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast runs matrix products in on ``device_type``, None when it is off
     (the torch >= 2.4 spelling, then the older ones)."""

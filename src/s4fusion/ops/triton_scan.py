@@ -23,6 +23,10 @@ interleaving and the recovery sum are index arithmetic inside the kernels):
 * Pass 3 (``_fwd_kernel``, ``MODE_Y``): every chunk again from its start
   state; ``y = C.h + D u`` is added atomically (float32) at its row-major
   position, so the K directions sum in place.
+* Without gradients, :func:`cross_scan_lowrank_triton` runs passes 1 and 3 on the
+  low-rank delta (``LOWR``): each lane up-projects its channel's delta at every step
+  from the line's R low-rank values (read as B and C are) and its channel's R weights
+  (in registers), so the (b, M, K, d, L) delta is never materialised.
 * Backward: ``_fwd_kernel`` (``MODE_SWEEP``) walks every chunk again from its
   start state and stores the state entering each block of ``TB`` steps (in
   bfloat16 for bfloat16 inputs: ``_checkpoint_dtype``) and the
@@ -90,10 +94,11 @@ import triton
 import triton.language as tl
 
 from .grad_buffers import sibling_gradients
-from .reference import check_cross_scan_args
+from .reference import autocast_dtype, check_cross_scan_args, check_cross_scan_lowrank_args
 from .triton_grid import launch_device
+from .triton_proj import dt_project_triton
 
-__all__ = ["cross_scan_triton"]
+__all__ = ["cross_scan_lowrank_triton", "cross_scan_triton"]
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)
@@ -372,10 +377,10 @@ def _state(X, n: tl.constexpr, VEC: tl.constexpr):
 
 @triton.jit
 def _fwd_loads(
-    i0, hi, lmask, UP, DP, YP, CM, pb, pc, st_u, st_d, st_y, st_b, st_c,
-    su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m,
+    i0, hi, lmask, UP, DP, YP, CM, WR, pb, pc, st_u, st_d, st_y, st_b, st_c,
+    su_m, sd_m, sd_c, sb_m, sb_n, sc_m, sc_n, sy_m,
     M: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr, MODE: tl.constexpr, UNIT_N: tl.constexpr,
-    VEC: tl.constexpr, AHEAD: tl.constexpr,
+    VEC: tl.constexpr, AHEAD: tl.constexpr, LOWR: tl.constexpr,
 ):  # fmt: skip
     """The raw inputs of the TB steps from i0: per step and modality (delta, u, dL/dy per
     channel, zeros past hi; B, C per state, see :func:`_state`), what MODE reads. UP, DP,
@@ -383,7 +388,13 @@ def _fwd_loads(
     hi reads step i0, B and C unmasked (that step's dt is 0, so they are unused); with
     UNIT_N (state stride 1 in both) at constant offsets from one address, with VEC by
     vector loads (:func:`_vector_states`). AHEAD (the loads of the next iteration): i0
-    may lie past hi, where B and C are not read (the values are never used)."""
+    may lie past hi, where B and C are not read (the values are never used).
+    With LOWR: DP[0] points at the step's low-rank delta (LOWR values ``sd_c`` apart,
+    read as B and C are), and each channel's delta is its up-projection by the
+    channel's row of WR (``e * LOWR + r``, the weights as given), summed and kept in
+    float32: not rounded to the low-rank delta's dtype as a matrix product in that dtype
+    would round it (rounding costs two conversions per step; the unrounded delta is the
+    more accurate)."""
     if AHEAD:
         bc = i0 < hi
     else:
@@ -396,9 +407,18 @@ def _fwd_loads(
             DL = tl.tuple([])
             UU = tl.tuple([])
             GY = tl.tuple([])
+            LW = tl.tuple([])
+            for r in tl.static_range(LOWR):
+                LW = LW + (tl.load(DP[0] + (m * sd_m + o * st_d + r * sd_c), mask=bc).to(tl.float32),)
             for e in tl.static_range(CB):
                 ve = v & CM[e]
-                DL = DL + (tl.load(DP[e] + (m * sd_m + o * st_d), mask=ve, other=0.0),)
+                if LOWR == 0:
+                    DL = DL + (tl.load(DP[e] + (m * sd_m + o * st_d), mask=ve, other=0.0),)
+                else:
+                    acc = LW[0] * WR[e * LOWR]
+                    for r in tl.static_range(1, LOWR):
+                        acc += LW[r] * WR[e * LOWR + r]
+                    DL = DL + (acc,)
                 if MODE != MODE_ADJOINT:
                     UU = UU + (tl.load(UP[e] + (m * su_m + o * st_u), mask=ve, other=0.0),)
                 if MODE >= MODE_SWEEP:
@@ -430,7 +450,10 @@ def _fwd_loads(
 
 @_scan_jit
 def _fwd_kernel(
-    u_ptr, dl_ptr, a_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr,
+    u_ptr,
+    dl_ptr,  # (b, M, K, d, L): delta; with LOWR (forward modes only), (b, M, K, LOWR, L): the low-rank delta
+    a_ptr, b_ptr, c_ptr, dsk_ptr, bias_ptr,
+    w_ptr,  # with LOWR, (K, d, LOWR): the up-projection of the low-rank delta
     st_ptr,  # (b*K, NL, NS, d, N) f32: MODE_END writes chunk-local end states; the others read start states
     dts_ptr,  # (b*K, NL, NS, d) f32: MODE_END writes the chunk sums of dt
     y_ptr,  # (b, M, d, L) f32, any strides: MODE_Y adds y (zeroed before); the backward's modes read dL/dy
@@ -444,13 +467,15 @@ def _fwd_kernel(
     sy_b, sy_m, sy_c, sy_l,
     K: tl.constexpr, M: tl.constexpr, N: tl.constexpr, CB: tl.constexpr, E: tl.constexpr, TB: tl.constexpr,
     MODE: tl.constexpr, CK: tl.constexpr, CKB: tl.constexpr, PF: tl.constexpr, UNIT_N: tl.constexpr,
-    VEC: tl.constexpr,
+    VEC: tl.constexpr, LOWR: tl.constexpr,
 ):  # fmt: skip
     """One chunk (a segment of SEG steps of a line) of E (line, channel group) lanes;
     lane = one line x CB neighbouring channels, the N states of each in registers
     (MODE_ADJOINT: only the decays' products and the local adjoint); TB steps unrolled
     per iteration. CK (MODE_Y, MODE_SWEEP): store the state entering every block of CKB
-    steps (TB divides CKB, and CKB divides SEG)."""
+    steps (TB divides CKB, and CKB divides SEG). LOWR > 0: delta is computed from the
+    low-rank delta (:func:`_fwd_loads`)."""
+    tl.static_assert(LOWR == 0 or MODE < MODE_SWEEP)
     bi, k, sg, nq, j, c0, _, nlines, llen, base, line_step, pos_step, idle = _lanes(d, H, W, NS, K, E, CB, 1)
     if idle:
         return
@@ -478,12 +503,18 @@ def _fwd_kernel(
     YP = tl.tuple([])
     BIAS = tl.tuple([])
     DSK = tl.tuple([])
+    WR = tl.tuple([])  # LOWR: the lane's channels' rows of the up-projection
     for e in tl.static_range(CB):
         c = c0 + e
         cm = lmask & (c < d)
         CM = CM + (cm,)
         UP = UP + (u_ptr + bi * su_b + c * su_c + pos * su_l,)
-        DP = DP + (dl_ptr + bi * sd_b + k * sd_k + c * sd_c + pos * sd_l,)
+        if LOWR == 0:
+            DP = DP + (dl_ptr + bi * sd_b + k * sd_k + c * sd_c + pos * sd_l,)
+        else:
+            DP = DP + (dl_ptr + bi * sd_b + k * sd_k + pos * sd_l,)
+            for r in tl.static_range(LOWR):
+                WR = WR + (tl.load(w_ptr + (k * d + c) * LOWR + r, mask=cm, other=0.0).to(tl.float32),)
         YP = YP + (y_ptr + bi * sy_b + c * sy_c + pos * sy_l,)
         BIAS = BIAS + (tl.load(bias_ptr + k * d + c, mask=cm, other=0.0),)
         DSK = DSK + (tl.load(dsk_ptr + k * d + c, mask=cm, other=0.0),)
@@ -508,8 +539,8 @@ def _fwd_kernel(
     pb = b_ptr + bi * sb_b + k * sb_k + pos * sb_l
     pc = c_ptr + bi * sc_b + k * sc_k + pos * sc_l
     if PF:
-        X = _fwd_loads(lo, hi, lmask, UP, DP, YP, CM, pb, pc, st_u, st_d, st_y, st_b, st_c,
-                       su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N, VEC, True)
+        X = _fwd_loads(lo, hi, lmask, UP, DP, YP, CM, WR, pb, pc, st_u, st_d, st_y, st_b, st_c,
+                       su_m, sd_m, sd_c, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N, VEC, True, LOWR)
     for i0 in range(lo, hi, TB):
         # the next iteration's pointers
         UPn = _shifted(UP, TB * st_u, CB)
@@ -518,11 +549,12 @@ def _fwd_kernel(
         pbn = pb + TB * st_b
         pcn = pc + TB * st_c
         if PF:  # the next iteration's loads go out before this one's arithmetic
-            X_nx = _fwd_loads(i0 + TB, hi, lmask, UPn, DPn, YPn, CM, pbn, pcn, st_u, st_d, st_y, st_b, st_c,
-                              su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N, VEC, True)
+            X_nx = _fwd_loads(i0 + TB, hi, lmask, UPn, DPn, YPn, CM, WR, pbn, pcn, st_u, st_d, st_y, st_b, st_c,
+                              su_m, sd_m, sd_c, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N, VEC, True,
+                              LOWR)
         else:
-            X = _fwd_loads(i0, hi, lmask, UP, DP, YP, CM, pb, pc, st_u, st_d, st_y, st_b, st_c,
-                           su_m, sd_m, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N, VEC, False)
+            X = _fwd_loads(i0, hi, lmask, UP, DP, YP, CM, WR, pb, pc, st_u, st_d, st_y, st_b, st_c,
+                           su_m, sd_m, sd_c, sb_m, sb_n, sc_m, sc_n, sy_m, M, N, CB, TB, MODE, UNIT_N, VEC, False, LOWR)
         if CK:
             if i0 % CKB == 0:  # a block starts: store its entering state
                 blk = i0 // CKB
@@ -1029,7 +1061,12 @@ def _bwd_kernel(
 
 def _check(u, delta, A, B, C, D, delta_bias, height: int, width: int) -> None:
     check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height, width)
-    tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": delta_bias}
+    _check_tensors(u=u, delta=delta, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
+
+
+def _check_tensors(**tensors: torch.Tensor) -> None:
+    """Every tensor in a dtype the kernels read, on u's device."""
+    u = tensors["u"]
     for name, t in tensors.items():
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(
@@ -1208,45 +1245,59 @@ def _parameters(A, D, delta_bias) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return A.detach().contiguous(), D.detach().to(f32).contiguous(), delta_bias.detach().to(f32).contiguous()
 
 
+def _forward(u, dl, w, A, B, C, D, delta_bias, height, width, keep: bool):
+    """The forward passes (``MODE_END``, the chunk combine, ``MODE_Y``) -> the output in
+    float32 (b, M, d, L), and what the backward reads: the chunks' start states and dt
+    sums, the block states (with ``keep``: ``_keeps_checkpoints``) and the launch plan.
+    ``w`` None: ``dl`` is delta (b, M, K, d, L); else ``dl`` is the low-rank delta
+    (b, M, K, L, R) and ``w`` (K, d, R) its up-projection (forward only)."""
+    b, M, d, L = u.shape
+    K, N = dl.shape[2], A.shape[1]
+    H, W = int(height), int(width)
+    dev, f32 = u.device, torch.float32
+    a, dsk, bias = _parameters(A, D, delta_bias)
+    if w is None:
+        lowr, w, dl_strides = 0, a, dl.stride()  # (w_ptr unused)
+    else:
+        lowr, w, dl_strides = dl.shape[4], w.contiguous(), dl.transpose(3, 4).stride()
+    NL = max(H, W)
+    seg, ns = _segments(H, W, b, K, d, M)
+    cb = FWD_CB[M - 1]
+    grid = (triton.cdiv(NL * triton.cdiv(d, cb), FWD_LANES) * ns, b * K)
+    unit, vec = _unit_states(B, C), _state_loads(B, C)  # (the backward's sweep reads them alike)
+    tb = _steps(BWD_STEPS, M)  # (the backward's block)
+    nblk = triton.cdiv(NL, tb)
+    consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, PF=FWD_PREFETCH[M - 1], UNIT_N=unit, VEC=vec, LOWR=lowr,
+                  num_warps=max(1, FWD_LANES // 32))  # fmt: skip
+    no_ck = dict(CK=False, TB=FWD_UNROLL, CKB=FWD_UNROLL)
+    sizes = (H, W, NL, ns, seg, nblk, d)
+    out = _new_like(u, f32, zero=True)
+    strides = (*u.stride(), *dl_strides, *B.stride(), *C.stride(), *out.stride())
+    state = torch.empty(b * K, NL, ns, d, N, device=dev, dtype=f32)
+    dts = torch.empty(b * K, NL, ns, d, device=dev, dtype=f32)
+    args = (u, dl, a, B, C, dsk, bias, w)
+    _fwd_kernel[grid](*args, state, dts, out, state, state, *sizes, *strides, MODE=MODE_END, **no_ck, **consts)
+    start = _combine_chunks(state, dts, a, H, W, NL, ns, d, K, reverse=False)
+    del state
+    if keep:
+        ck = torch.empty(b * K, NL, nblk, N, d, device=dev, dtype=_checkpoint_dtype(u.dtype))
+        blocks = dict(CK=True, TB=math.gcd(FWD_UNROLL, tb), CKB=tb)
+    else:
+        ck, blocks = start, no_ck  # (ck_ptr unused without CK)
+    _fwd_kernel[grid](*args, start, dts, out, ck, start, *sizes, *strides, MODE=MODE_Y, **blocks, **consts)
+    return out, start, dts, ck, (H, W, seg, ns, unit, vec)
+
+
 class _CrossScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, delta_bias, height, width, recorded):  # type: ignore[override]
-        b, M, d, L = u.shape
-        K, N = delta.shape[2], A.shape[1]
-        H, W = int(height), int(width)
-        dev, f32 = u.device, torch.float32
-        a, dsk, bias = _parameters(A, D, delta_bias)
-        NL = max(H, W)
-        seg, ns = _segments(H, W, b, K, d, M)
-        cb = FWD_CB[M - 1]
-        grid = (triton.cdiv(NL * triton.cdiv(d, cb), FWD_LANES) * ns, b * K)
-        unit, vec = _unit_states(B, C), _state_loads(B, C)  # (the backward's sweep reads them alike)
         grads = any(ctx.needs_input_grad[:7])
         keep = recorded and grads and _keeps_checkpoints(u.dtype)  # (recorded: grad mode was on at the call)
-        tb = _steps(BWD_STEPS, M)  # (the backward's block)
-        nblk = triton.cdiv(NL, tb)
-        consts = dict(K=K, M=M, N=N, CB=cb, E=FWD_LANES, PF=FWD_PREFETCH[M - 1], UNIT_N=unit, VEC=vec,
-                      num_warps=max(1, FWD_LANES // 32))  # fmt: skip
-        no_ck = dict(CK=False, TB=FWD_UNROLL, CKB=FWD_UNROLL)
-        sizes = (H, W, NL, ns, seg, nblk, d)
-        out = _new_like(u, f32, zero=True)
-        strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *out.stride())
-        state = torch.empty(b * K, NL, ns, d, N, device=dev, dtype=f32)
-        dts = torch.empty(b * K, NL, ns, d, device=dev, dtype=f32)
-        args = (u, delta, a, B, C, dsk, bias)
-        _fwd_kernel[grid](*args, state, dts, out, state, state, *sizes, *strides, MODE=MODE_END, **no_ck, **consts)
-        start = _combine_chunks(state, dts, a, H, W, NL, ns, d, K, reverse=False)
-        del state
-        if keep:
-            ck = torch.empty(b * K, NL, nblk, N, d, device=dev, dtype=_checkpoint_dtype(u.dtype))
-            blocks = dict(CK=True, TB=math.gcd(FWD_UNROLL, tb), CKB=tb)
-        else:
-            ck, blocks = start, no_ck  # (ck_ptr unused without CK)
-        _fwd_kernel[grid](*args, start, dts, out, ck, start, *sizes, *strides, MODE=MODE_Y, **blocks, **consts)
+        out, start, dts, ck, plan = _forward(u, delta, None, A, B, C, D, delta_bias, height, width, keep)
         if grads:
             ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, start, dts, *((ck,) if keep else ()))
-            ctx.plan = (H, W, seg, ns, unit, vec)
-        return out if u.dtype == f32 else out.to(u.dtype)
+            ctx.plan = plan
+        return out if u.dtype == torch.float32 else out.to(u.dtype)
 
     @staticmethod
     def backward(ctx, gout):  # type: ignore[override]
@@ -1259,7 +1310,7 @@ class _CrossScan(torch.autograd.Function):
         NL = max(H, W)
         tb = _steps(BWD_STEPS, M)
         nblk = triton.cdiv(NL, tb)
-        args = (u, delta, a, B, C, dsk, bias)
+        args = (u, delta, a, B, C, dsk, bias, a)  # (w_ptr unused)
         sizes = (H, W, NL, ns, seg, nblk, d)
         in_strides = (*u.stride(), *delta.stride(), *B.stride(), *C.stride(), *gout.stride())
         # the adjoint every chunk passes back from its own outputs, and (unless the forward
@@ -1274,7 +1325,7 @@ class _CrossScan(torch.autograd.Function):
                           MODE=MODE_ADJOINT if kept else MODE_SWEEP, CK=not kept, CKB=tb,
                           K=K, M=M, N=N, CB=SWEEP_CB, E=FWD_LANES, TB=math.gcd(FWD_UNROLL, tb),
                           PF=bool(kept) and ADJOINT_PF[M - 1],
-                          UNIT_N=unit, VEC=vec, num_warps=max(1, FWD_LANES // 32))  # fmt: skip
+                          UNIT_N=unit, VEC=vec, LOWR=0, num_warps=max(1, FWD_LANES // 32))  # fmt: skip
         arriving = _combine_chunks(local, dts, a, H, W, NL, ns, d, K, reverse=True)
         del local
         g_delta = _new_like(delta, delta.dtype, zero=False)
@@ -1327,3 +1378,38 @@ def cross_scan_triton(
     _check(u, delta, A, B, C, D, delta_bias, height, width)
     with launch_device(u):
         return _CrossScan.apply(u, delta, A, B, C, D, delta_bias, height, width, torch.is_grad_enabled())
+
+
+def cross_scan_lowrank_triton(
+    u: torch.Tensor,
+    low: torch.Tensor,
+    dt_weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    delta_bias: torch.Tensor,
+    height: int,
+    width: int,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """:func:`cross_scan_triton` of the delta up-projected from the low-rank delta:
+    ``low`` (b, M, K, L, R), ``dt_weight`` (K, d, R); see
+    :func:`s4fusion.ops.reference.cross_scan_lowrank_ref`. Without gradients (and in
+    autocast's dtype where autocast is on) the scan kernels compute each delta from
+    ``low`` and ``dt_weight`` themselves, in float32 (neither the weight nor the delta
+    rounded to ``low``'s dtype, as the composed ops round them), so the (b, M, K, d, L)
+    delta is never written (it is the largest tensor a scan reads); otherwise
+    :func:`dt_project_triton`, then the scan. Returns (b, M, d, L) in ``out_dtype``
+    (default ``u.dtype``; float32 returns the kernels' float32 sums without a conversion)."""
+    check_cross_scan_lowrank_args(u, low, dt_weight, A, B, C, D, delta_bias, height, width)
+    lower = autocast_dtype(u.device.type)
+    inputs = (u, low, dt_weight, A, B, C, D, delta_bias)
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    if grads or (lower is not None and low.dtype != lower):
+        out = cross_scan_triton(u, dt_project_triton(low, dt_weight), A, B, C, D, delta_bias, height, width)
+    else:
+        _check_tensors(u=u, low=low, dt_weight=dt_weight, A=A, B=B, C=C, D=D, delta_bias=delta_bias)
+        with launch_device(u):
+            out = _forward(u, low, dt_weight, A, B, C, D, delta_bias, height, width, keep=False)[0]
+    return out.to(out_dtype or u.dtype)
