@@ -59,14 +59,10 @@ def make_inputs(b, M, K, d, N, R, H, W, dtype, device, layout="projection", seed
     return [u, low, dt_weight, A, B, C, D, bias]
 
 
-def reference(inputs, H, W, rounded_weight=False):
-    """The float64 reference of the same values; ``rounded_weight``: the up-projection's
-    weight rounded to the low-rank delta's dtype first, as ``dt_project_ref`` rounds it
-    (the fused kernels take it as it is)."""
-    x = [t.detach().double() for t in inputs]
-    if rounded_weight:
-        x[2] = inputs[2].detach().to(inputs[1].dtype).double()
-    return cross_scan_lowrank_ref(*x, H, W)
+def reference(inputs, H, W):
+    """The float64 reference of the same values (the fused kernels take the up-projection's
+    weight as it is, where ``dt_project_ref`` rounds it to the low-rank delta's dtype)."""
+    return cross_scan_lowrank_ref(*(t.detach().double() for t in inputs), H, W)
 
 
 # ------------------------------------------------------------------ on the CPU
