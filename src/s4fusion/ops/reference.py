@@ -55,9 +55,15 @@ def check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height: int, width: 
     b, M, d, L = u.shape
     if delta.dim() != 5 or delta.shape[:2] != (b, M) or delta.shape[3:] != (d, L):
         raise ValueError(f"cross_scan: delta must be (b, M, K, d, L) = ({b}, {M}, K, {d}, {L}), got {tuple(delta.shape)}")
-    K = delta.shape[2]
+    _check_scan_operands(u, delta.shape[2], "delta.shape[2]", A, B, C, D, delta_bias, height, width)
+
+
+def _check_scan_operands(u, K: int, K_from: str, A, B, C, D, delta_bias, height: int, width: int) -> None:
+    """The checks of a scan's arguments other than its delta, given u (b, M, d, L) and the
+    number of directions K (read from ``K_from``)."""
+    b, M, d, L = u.shape
     if not 1 <= K <= NUM_DIRECTIONS:
-        raise ValueError(f"cross_scan: K (delta.shape[2]) must be 1..{NUM_DIRECTIONS}, got {K}")
+        raise ValueError(f"cross_scan: K ({K_from}) must be 1..{NUM_DIRECTIONS}, got {K}")
     if A.dim() != 2 or A.shape[0] != K * d:
         raise ValueError(f"cross_scan: A must be (K*d, N) = ({K * d}, N), got {tuple(A.shape)}")
     N = A.shape[1]
@@ -321,8 +327,7 @@ def check_cross_scan_lowrank_args(
     K, R = low.shape[2], low.shape[4]
     if tuple(dt_weight.shape) != (K, d, R):
         raise ValueError(f"cross_scan_lowrank: dt_weight must be (K, d, R) = {(K, d, R)}, got {tuple(dt_weight.shape)}")
-    delta = torch.empty(b, M, K, d, L, device="meta")  # (the shape the up-projection gives)
-    check_cross_scan_args(u, delta, A, B, C, D, delta_bias, height, width)
+    _check_scan_operands(u, K, "low.shape[2]", A, B, C, D, delta_bias, height, width)
 
 
 def cross_scan_lowrank_ref(
