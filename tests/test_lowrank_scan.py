@@ -151,13 +151,12 @@ def _forbid_composition(monkeypatch):
 @pytest.mark.parametrize("dtype", list(TOLERANCES), ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_fused_kernels_match_the_reference_without_gradients(case, dtype, layout, monkeypatch):
-    from s4fusion.ops.triton_scan import cross_scan_lowrank_triton, cross_scan_triton
-    from s4fusion.ops.triton_proj import dt_project_triton
+    from s4fusion.ops.triton_scan import cross_scan_lowrank_triton
 
     x = make_inputs(*case, dtype, "cuda", layout)
     H, W = case[-2:]
     with torch.no_grad():
-        composed = cross_scan_triton(x[0], dt_project_triton(x[1], x[2]), *x[3:], H, W)
+        composed = composed_lowrank_scan(*x, H, W)
         _forbid_composition(monkeypatch)
         out = cross_scan_lowrank_triton(*x, H, W)
     with torch.no_grad():
